@@ -1,0 +1,374 @@
+//! The command line: subcommands, flags (each also a `SAMGATE_<FLAG>` variable), and the
+//! tolerant reading of Flowmon ADS's `--name 'value'` parameters for `samgate shim`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
+
+use crate::config::{validate_site, Config};
+use crate::logging::{self, LogFormat};
+use crate::shim::{self, ShimOptions};
+
+/// samgate: Flowmon ADS detections to Check Point quarantines, through Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "samgate", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "SAMGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `debug`, `samgate=debug,rdkafka=warn`).
+    #[arg(long, global = true, env = "SAMGATE_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read Flowmon ADS events on stdin and publish them to Kafka (install this in ADS).
+    Shim(ShimArgs),
+    /// Load and validate a configuration, then print it (secret values hidden).
+    CheckConfig(ConfigArgs),
+    /// Create the topics samgate uses, if missing, with the configured partitions.
+    CreateTopics(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Configuration file (TOML).
+    #[arg(long, env = "SAMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Flags of `samgate shim`. ADS passes them as `--name 'value'`; empty values mean "not set" and
+/// unknown names are ignored with a warning. Secrets and TLS settings belong in `--config`: ADS
+/// parameters are visible in the process list.
+#[derive(Debug, Args)]
+pub struct ShimArgs {
+    /// Kafka bootstrap servers (overrides kafka.brokers).
+    #[arg(long, env = "SAMGATE_BROKERS")]
+    pub brokers: Option<String>,
+    /// Site name of this collector (overrides shim.site).
+    #[arg(long, env = "SAMGATE_SITE")]
+    pub site: Option<String>,
+    /// Configuration file (TOML).
+    #[arg(long, env = "SAMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Events topic (overrides kafka.topics.events).
+    #[arg(long, env = "SAMGATE_TOPIC")]
+    pub topic: Option<String>,
+    /// Dead-letter topic (overrides kafka.topics.dlq).
+    #[arg(long, env = "SAMGATE_DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+    /// Spool directory (overrides shim.spool_dir).
+    #[arg(long, env = "SAMGATE_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Delivery timeout, e.g. `10s` (overrides shim.delivery_timeout).
+    #[arg(long, env = "SAMGATE_DELIVERY_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub delivery_timeout: Option<Duration>,
+    /// Also append logs to this file (overrides shim.log_file).
+    #[arg(long, env = "SAMGATE_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Deliver what earlier runs spooled and exit; reads no stdin.
+    #[arg(long)]
+    pub flush_spool: bool,
+}
+
+/// Entry point of the `samgate` binary.
+pub fn main() -> ExitCode {
+    let (args, warnings) = flowmon_args(std::env::args_os().collect());
+    let cli = Cli::parse_from(args);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(dispatch(cli, warnings))
+}
+
+async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
+    match cli.command {
+        Command::Shim(args) => run_shim(cli.log_format, &cli.log, args, warnings).await,
+        Command::CheckConfig(args) => match load_config(args.config.as_deref()) {
+            Ok(config) => {
+                println!("{}", redacted_json(&config));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string()),
+        },
+        Command::CreateTopics(args) => {
+            let config = match load_config(args.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return fail(&e.to_string()),
+            };
+            if let Err(e) = logging::init(cli.log_format, &cli.log, None) {
+                return fail(&e.to_string());
+            }
+            let t = &config.kafka.topics;
+            let topics = [t.events.as_str(), t.results.as_str(), t.dlq.as_str()];
+            let mut kafka = config.kafka.clone();
+            kafka.create_topics = true;
+            match crate::kafka::ensure_topics(&kafka, &topics, Duration::from_secs(30)).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, crate::config::ConfigError> {
+    Config::load(path)?.validate()
+}
+
+/// The effective configuration as JSON, with every librdkafka property value hidden.
+fn redacted_json(config: &Config) -> String {
+    let mut config = config.clone();
+    for value in config.kafka.properties.values_mut() {
+        *value = "***".into();
+    }
+    serde_json::to_string_pretty(&config).expect("config serializes")
+}
+
+async fn run_shim(
+    log_format: LogFormat,
+    log_filter: &str,
+    args: ShimArgs,
+    warnings: Vec<String>,
+) -> ExitCode {
+    let options = match shim_options(&args) {
+        Ok(options) => options,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = logging::init(log_format, log_filter, options.1.as_deref()) {
+        return fail(&e.to_string());
+    }
+    let options = options.0;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let result = if args.flush_spool {
+        shim::flush_spool(&options).await
+    } else {
+        shim::run(&options, std::io::BufReader::with_capacity(1 << 16, std::io::stdin())).await
+    };
+    match result {
+        Ok(report) => {
+            tracing::info!(
+                site = options.site,
+                lines = report.lines,
+                events = report.events,
+                dead_letters = report.dead_letters,
+                delivered = report.delivered,
+                spooled = report.spooled,
+                "shim run finished"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// Merges config file, environment and flags into the shim's options (and its log file).
+fn shim_options(args: &ShimArgs) -> Result<(ShimOptions, Option<PathBuf>), String> {
+    let mut config = Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(brokers) = nonempty(&args.brokers) {
+        config.kafka.brokers = brokers;
+    }
+    if let Some(site) = nonempty(&args.site) {
+        config.shim.site = Some(site);
+    }
+    if let Some(topic) = nonempty(&args.topic) {
+        config.kafka.topics.events = topic;
+    }
+    if let Some(topic) = nonempty(&args.dlq_topic) {
+        config.kafka.topics.dlq = topic;
+    }
+    if let Some(dir) = args.spool_dir.as_ref().filter(|d| !d.as_os_str().is_empty()) {
+        config.shim.spool_dir = dir.clone();
+    }
+    if let Some(timeout) = args.delivery_timeout {
+        config.shim.delivery_timeout = timeout;
+    }
+    if let Some(file) = args.log_file.as_ref().filter(|d| !d.as_os_str().is_empty()) {
+        config.shim.log_file = Some(file.clone());
+    }
+    let config = config.validate().map_err(|e| e.to_string())?;
+    let site = config
+        .shim
+        .site
+        .clone()
+        .ok_or("no site: pass --site NAME (or set shim.site in the config file)")?;
+    validate_site("shim.site", &site).map_err(|e| e.to_string())?;
+    let options = ShimOptions {
+        site,
+        collector: gethostname::gethostname().to_string_lossy().into_owned(),
+        events_topic: config.kafka.topics.events.clone(),
+        dlq_topic: config.kafka.topics.dlq.clone(),
+        spool_dir: config.shim.spool_dir.clone(),
+        delivery_timeout: config.shim.delivery_timeout,
+        max_line_bytes: config.shim.max_line_bytes,
+        kafka: config.kafka,
+    };
+    Ok((options, config.shim.log_file))
+}
+
+fn nonempty(value: &Option<String>) -> Option<String> {
+    value.as_ref().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+}
+
+fn fail(reason: &str) -> ExitCode {
+    eprintln!("samgate: {reason}");
+    ExitCode::FAILURE
+}
+
+/// Rewrites a `samgate shim …` command line the way Flowmon ADS writes it into one clap accepts:
+/// every parameter arrives as `--name 'value'`; an empty value means "not set"; a boolean flag may
+/// carry a value (`--flush-spool 'true'`); unknown names are dropped with a warning (returned, to
+/// be logged once logging is up). Other subcommands pass through untouched.
+pub fn flowmon_args(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) {
+    let Some(shim_at) = args.iter().position(|a| a == "shim") else {
+        return (args, Vec::new());
+    };
+    let command = Cli::command();
+    let shim = command
+        .find_subcommand("shim")
+        .expect("the shim subcommand exists");
+    let known: Vec<(String, bool)> = shim
+        .get_arguments()
+        .chain(command.get_arguments())
+        .filter_map(|a| {
+            let takes_value = !matches!(a.get_action(), ArgAction::SetTrue | ArgAction::Help | ArgAction::Version);
+            a.get_long().map(|l| (l.to_owned(), takes_value))
+        })
+        .collect();
+    let lookup = |name: &str| known.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+
+    let mut out: Vec<OsString> = args[..=shim_at].to_vec();
+    let mut warnings = Vec::new();
+    let rest: Vec<String> = args[shim_at + 1..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut i = 0;
+    while i < rest.len() {
+        let arg = &rest[i];
+        i += 1;
+        if arg == "-h" || arg == "--help" || arg == "-V" || arg == "--version" {
+            out.push(arg.into());
+            continue;
+        }
+        let Some(name) = arg.strip_prefix("--") else {
+            warnings.push(format!("ignoring stray argument {arg:?}"));
+            continue;
+        };
+        let (name, inline) = match name.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_owned())),
+            None => (name, None),
+        };
+        // The value is the next argument unless that is itself a parameter name.
+        let mut take_value = || match inline.clone() {
+            Some(v) => Some(v),
+            None if i < rest.len() && !rest[i].starts_with("--") => {
+                i += 1;
+                Some(rest[i - 1].clone())
+            }
+            None => None,
+        };
+        match lookup(name) {
+            Some(true) => match take_value() {
+                Some(v) if !v.trim().is_empty() => {
+                    out.push(format!("--{name}").into());
+                    out.push(v.into());
+                }
+                _ => {} // empty: not set
+            },
+            Some(false) => {
+                let on = take_value()
+                    .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "" | "1" | "true" | "yes" | "on"))
+                    .unwrap_or(true);
+                // `--flush-spool ''` from ADS reads as "not set"; on the command line it is a flag.
+                if on && inline.as_deref() != Some("") {
+                    out.push(format!("--{name}").into());
+                }
+            }
+            None => {
+                let value = take_value();
+                warnings.push(format!(
+                    "ignoring unknown parameter --{name}{}",
+                    if value.is_some() { " and its value" } else { "" }
+                ));
+            }
+        }
+    }
+    (out, warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewrite(args: &[&str]) -> (Vec<String>, Vec<String>) {
+        let (out, warnings) = flowmon_args(args.iter().map(OsString::from).collect());
+        (
+            out.into_iter().map(|a| a.into_string().unwrap()).collect(),
+            warnings,
+        )
+    }
+
+    #[test]
+    fn flowmon_parameters_become_clap_flags() {
+        let (out, warnings) = rewrite(&[
+            "samgate", "shim", "--site", "prague", "--brokers", "k:9092", "--topic", "", "--fw",
+            "192.0.2.1", "--spool-dir=/tmp/s",
+        ]);
+        assert_eq!(
+            out,
+            ["samgate", "shim", "--site", "prague", "--brokers", "k:9092", "--spool-dir", "/tmp/s"]
+        );
+        assert_eq!(warnings, ["ignoring unknown parameter --fw and its value"]);
+        Cli::try_parse_from(out).expect("clap accepts the rewrite");
+    }
+
+    #[test]
+    fn boolean_flags_accept_an_ads_value() {
+        let (out, _) = rewrite(&["samgate", "shim", "--flush-spool", "true", "--site", "a"]);
+        assert_eq!(out, ["samgate", "shim", "--flush-spool", "--site", "a"]);
+        let (out, _) = rewrite(&["samgate", "shim", "--flush-spool", "false"]);
+        assert_eq!(out, ["samgate", "shim"]);
+        let (out, _) = rewrite(&["samgate", "shim", "--flush-spool"]);
+        assert_eq!(out, ["samgate", "shim", "--flush-spool"]);
+    }
+
+    #[test]
+    fn values_that_look_odd_are_kept_verbatim() {
+        let (out, _) = rewrite(&["samgate", "shim", "--site", "a b;$(x)"]);
+        assert_eq!(out[3], "a b;$(x)", "validation, not rewriting, rejects it later");
+    }
+
+    #[test]
+    fn other_subcommands_pass_through() {
+        let args = ["samgate", "check-config", "--config", "x", "--bogus"];
+        let (out, warnings) = rewrite(&args);
+        assert_eq!(out, args);
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn redacted_config_hides_property_values() {
+        let mut config = Config::default();
+        config
+            .kafka
+            .properties
+            .insert("sasl.password".into(), "hunter2".into());
+        let json = redacted_json(&config);
+        assert!(!json.contains("hunter2"));
+        assert!(json.contains("sasl.password"));
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

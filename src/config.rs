@@ -1,0 +1,375 @@
+//! Configuration: one TOML file, overridden by `SAMGATE_<SECTION>__<FIELD>` environment variables,
+//! checked by [`Config::validate`] before anything starts.
+//!
+//! Command-line flags (each also readable from a `SAMGATE_<FLAG>` variable, single underscore) are
+//! applied on top by the subcommand that owns them. `samgate.example.toml` documents every field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Every setting samgate reads. Each section has defaults that work on one machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka connection, topics and client properties.
+    pub kafka: KafkaConfig,
+    /// `samgate shim`, the program Flowmon ADS runs.
+    pub shim: ShimConfig,
+}
+
+/// Kafka connection, topics and client properties.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// `client.id` of every samgate client (shows in broker logs and quotas).
+    pub client_id: String,
+    /// Topic names.
+    pub topics: TopicsConfig,
+    /// Create missing topics at start with the settings below. Turn off where topics are managed
+    /// elsewhere (then a missing topic is reported by name).
+    pub create_topics: bool,
+    /// Partitions of topics samgate creates. Partitions bound the number of useful `samgate run`
+    /// replicas; 12 divides evenly among 1, 2, 3, 4 and 6 replicas.
+    pub partitions: i32,
+    /// Replication factor of topics samgate creates; -1 takes the broker's default.
+    pub replication_factor: i32,
+    /// Any librdkafka property (`security.protocol`, `sasl.mechanism`, `sasl.username`,
+    /// `sasl.password`, `ssl.ca.location`, …), passed through unchanged. Values are never logged.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            client_id: "samgate".into(),
+            topics: TopicsConfig::default(),
+            create_topics: true,
+            partitions: 12,
+            replication_factor: -1,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// Topic names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Flowmon events, keyed `<site>/<source ip>`.
+    pub events: String,
+    /// One result message per decision, keyed by idempotency key.
+    pub results: String,
+    /// Inputs samgate could not use, with the reason.
+    pub dlq: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            events: "samgate.events".into(),
+            results: "samgate.results".into(),
+            dlq: "samgate.dlq".into(),
+        }
+    }
+}
+
+/// `samgate shim`, the program Flowmon ADS runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShimConfig {
+    /// The site this collector belongs to (letters, digits, `.`, `_`, `-`). Usually passed by ADS
+    /// as `--site`.
+    pub site: Option<String>,
+    /// Where undelivered messages wait for the next run. Must be on local disk; on a Flowmon
+    /// appliance `/data/components/apps/` is writable by scripts.
+    pub spool_dir: PathBuf,
+    /// How long one run may spend delivering to Kafka before it spools what is left and exits.
+    /// ADS waits for the script, so keep this well under a minute.
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// Longest accepted input line in bytes; longer lines go to the dead-letter topic (cut).
+    pub max_line_bytes: usize,
+    /// Also write logs to this file (appended), e.g. `/data/components/apps/log/samgate.log`.
+    pub log_file: Option<PathBuf>,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        Self {
+            site: None,
+            spool_dir: "/data/components/apps/samgate/spool".into(),
+            delivery_timeout: Duration::from_secs(10),
+            max_line_bytes: 64 * 1024,
+            log_file: None,
+        }
+    }
+}
+
+/// Why a configuration was refused. Every variant names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: cannot read it: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Parse(Box<figment::Error>),
+    #[error("config field `{field}`: {problem}; {fix}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+        fix: &'static str,
+    },
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>, fix: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        problem: problem.into(),
+        fix,
+    }
+}
+
+/// librdkafka properties samgate sets itself; overriding them would break its guarantees.
+const OWNED_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set kafka.brokers instead"),
+    ("client.id", "set kafka.client_id instead"),
+    ("enable.idempotence", "samgate always produces idempotently"),
+    ("acks", "samgate always waits for all in-sync replicas"),
+    ("group.id", "set the consumer group of `samgate run` instead"),
+    ("enable.auto.commit", "samgate commits offsets only after results are acknowledged"),
+    ("enable.auto.offset.store", "samgate stores offsets only after results are acknowledged"),
+];
+
+impl Config {
+    /// Loads defaults, then the file (if given), then `SAMGATE_<SECTION>__<FIELD>` variables.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            // figment ignores a missing file; a typo in --config must not silently mean defaults.
+            std::fs::metadata(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(
+            Env::prefixed("SAMGATE_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+        figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))
+    }
+
+    /// Parses a TOML document (no environment), for tests and `config check`.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))
+    }
+
+    /// Checks every field; the error names the field and the fix.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        let k = &self.kafka;
+        validate_brokers(&k.brokers)?;
+        if k.client_id.trim().is_empty() {
+            return Err(invalid("kafka.client_id", "is empty", "set a name, e.g. \"samgate\""));
+        }
+        let topics = [
+            ("kafka.topics.events", &k.topics.events),
+            ("kafka.topics.results", &k.topics.results),
+            ("kafka.topics.dlq", &k.topics.dlq),
+        ];
+        for (field, name) in topics {
+            validate_topic(field, name)?;
+        }
+        for (i, (field, name)) in topics.iter().enumerate() {
+            if let Some((other, _)) = topics[..i].iter().find(|(_, n)| n == name) {
+                return Err(ConfigError::Invalid {
+                    field,
+                    problem: format!("topic {name:?} is also {other}"),
+                    fix: "give each topic its own name",
+                });
+            }
+        }
+        if !(1..=10_000).contains(&k.partitions) {
+            return Err(invalid(
+                "kafka.partitions",
+                format!("{} is out of range", k.partitions),
+                "use 1 to 10000",
+            ));
+        }
+        if k.replication_factor == 0 || k.replication_factor < -1 {
+            return Err(invalid(
+                "kafka.replication_factor",
+                format!("{} is not a replication factor", k.replication_factor),
+                "use -1 (broker default) or a positive number",
+            ));
+        }
+        for key in k.properties.keys() {
+            if let Some((_, fix)) = OWNED_PROPERTIES.iter().find(|(owned, _)| owned == key) {
+                return Err(ConfigError::Invalid {
+                    field: "kafka.properties",
+                    problem: format!("`{key}` is set by samgate"),
+                    fix,
+                });
+            }
+        }
+        let s = &self.shim;
+        if let Some(site) = &s.site {
+            validate_site("shim.site", site)?;
+        }
+        if s.spool_dir.as_os_str().is_empty() {
+            return Err(invalid("shim.spool_dir", "is empty", "set a directory on local disk"));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&s.delivery_timeout) {
+            return Err(invalid(
+                "shim.delivery_timeout",
+                format!("{} is out of range", humantime::format_duration(s.delivery_timeout)),
+                "use 1s to 5m (ADS waits for the shim; 10s is a good value)",
+            ));
+        }
+        if !(1024..=256 * 1024).contains(&s.max_line_bytes) {
+            return Err(invalid(
+                "shim.max_line_bytes",
+                format!("{} is out of range", s.max_line_bytes),
+                "use 1024 to 262144 (an event must fit a Kafka message)",
+            ));
+        }
+        Ok(self)
+    }
+}
+
+fn validate_brokers(brokers: &str) -> Result<(), ConfigError> {
+    let fix = "use host:port[,host:port…], e.g. \"kafka-0:9092,kafka-1:9092\"";
+    if brokers.trim().is_empty() {
+        return Err(invalid("kafka.brokers", "is empty", fix));
+    }
+    for broker in brokers.split(',').map(str::trim) {
+        let port = broker.rsplit_once(':').map(|(host, port)| (host, port.parse::<u16>()));
+        match port {
+            Some((host, Ok(port))) if !host.is_empty() && port != 0 => {}
+            _ => return Err(invalid("kafka.brokers", format!("{broker:?} is not host:port"), fix)),
+        }
+    }
+    Ok(())
+}
+
+/// Kafka's own rule: 1–249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
+fn validate_topic(field: &'static str, name: &str) -> Result<(), ConfigError> {
+    let legal = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if name.is_empty() || name.len() > 249 || !legal || name == "." || name == ".." {
+        return Err(invalid(
+            field,
+            format!("{name:?} is not a legal Kafka topic name"),
+            "use 1-249 characters of letters, digits, '.', '_' and '-'",
+        ));
+    }
+    Ok(())
+}
+
+/// Site names go into message keys (`<site>/<ip>`) and metric labels: keep them plain.
+pub fn validate_site(field: &'static str, site: &str) -> Result<(), ConfigError> {
+    let legal = site.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if site.is_empty() || site.len() > 64 || !legal {
+        return Err(invalid(
+            field,
+            format!("{site:?} is not a site name"),
+            "use 1-64 characters of letters, digits, '.', '_' and '-'",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(err: ConfigError) -> &'static str {
+        match err {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("expected a field error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_name_the_standard_topics() {
+        let c = Config::default().validate().unwrap();
+        assert_eq!(c.kafka.topics.events, "samgate.events");
+        assert_eq!(c.kafka.topics.results, "samgate.results");
+        assert_eq!(c.kafka.topics.dlq, "samgate.dlq");
+    }
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let text = include_str!("../samgate.example.toml");
+        Config::from_toml(text).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let err = Config::from_toml("[kafka]\nbrokerz = \"x:1\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("brokerz"), "{text}");
+    }
+
+    #[test]
+    fn durations_are_typed() {
+        let c = Config::from_toml("[shim]\ndelivery_timeout = \"2s 500ms\"\n").unwrap();
+        assert_eq!(c.shim.delivery_timeout, Duration::from_millis(2500));
+        let err = Config::from_toml("[shim]\ndelivery_timeout = \"soon\"\n").unwrap_err();
+        assert!(err.to_string().contains("delivery_timeout"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_each_bad_field() {
+        let cases: Vec<(&str, &str)> = vec![
+            ("[kafka]\nbrokers = \"\"", "kafka.brokers"),
+            ("[kafka]\nbrokers = \"kafka\"", "kafka.brokers"),
+            ("[kafka]\nbrokers = \"a:9092,b:0\"", "kafka.brokers"),
+            ("[kafka.topics]\nevents = \"bad topic\"", "kafka.topics.events"),
+            ("[kafka.topics]\ndlq = \"samgate.events\"", "kafka.topics.dlq"),
+            ("[kafka]\npartitions = 0", "kafka.partitions"),
+            ("[kafka]\nreplication_factor = 0", "kafka.replication_factor"),
+            ("[kafka.properties]\n\"enable.idempotence\" = \"false\"", "kafka.properties"),
+            ("[shim]\nsite = \"a/b\"", "shim.site"),
+            ("[shim]\ndelivery_timeout = \"10m\"", "shim.delivery_timeout"),
+            ("[shim]\nmax_line_bytes = 10", "shim.max_line_bytes"),
+        ];
+        for (toml, field) in cases {
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
+            let text = err.to_string();
+            assert_eq!(field_of(err), field, "{toml}");
+            assert!(text.contains(field), "{text}");
+        }
+    }
+
+    #[test]
+    fn arbitrary_librdkafka_properties_pass_through() {
+        let c = Config::from_toml(
+            "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error_not_defaults() {
+        let err = Config::load(Some(Path::new("/nonexistent/samgate.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+}

@@ -1,0 +1,210 @@
+//! The messages the shim writes to Kafka: `samgate.event.v1` events and `samgate.dlq.v1`
+//! dead letters. JSON Schemas: `docs/schemas/`.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::flowmon::{FlowmonEvent, RawLine};
+
+/// Schema id carried by every event message.
+pub const EVENT_SCHEMA: &str = "samgate.event.v1";
+/// Schema id carried by every dead-letter message.
+pub const DEAD_LETTER_SCHEMA: &str = "samgate.dlq.v1";
+/// How much of a bad line a dead letter keeps: enough to diagnose, small enough for any broker.
+pub const DEAD_LETTER_RAW_LIMIT: usize = 64 * 1024;
+
+/// One Flowmon detection, as published to the events topic (key: [`Event::key`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Always [`EVENT_SCHEMA`].
+    pub schema: String,
+    /// Stable id: the same line from the same collector and site always has the same id, so a
+    /// replay (spool, redelivery) is recognisable downstream.
+    pub id: String,
+    /// The site (Flowmon installation) this event came from; the unit of routing.
+    pub site: String,
+    /// Host name of the machine the shim ran on (the Flowmon collector).
+    pub collector: String,
+    /// When the shim read the line (UTC).
+    #[serde(with = "rfc3339_millis")]
+    pub received_at: DateTime<Utc>,
+    /// 1-based line number within the ADS run that delivered it.
+    pub line: u64,
+    /// The parsed fields.
+    pub flowmon: FlowmonEvent,
+    /// The line exactly as received (terminator stripped, decoded as UTF-8 lossily).
+    pub raw: String,
+}
+
+impl Event {
+    pub fn new(
+        site: &str,
+        collector: &str,
+        received_at: DateTime<Utc>,
+        line: &RawLine,
+        flowmon: FlowmonEvent,
+    ) -> Self {
+        Self {
+            schema: EVENT_SCHEMA.to_owned(),
+            id: event_id(site, collector, &line.bytes),
+            site: site.to_owned(),
+            collector: collector.to_owned(),
+            received_at,
+            line: line.number,
+            flowmon,
+            raw: String::from_utf8_lossy(&line.bytes).into_owned(),
+        }
+    }
+
+    /// The Kafka key: `<site>/<source ip>`, so one partition (one consumer) owns an IP per site.
+    pub fn key(&self) -> String {
+        event_key(&self.site, self.flowmon.source)
+    }
+}
+
+/// `<site>/<canonical ip>`.
+pub fn event_key(site: &str, source: IpAddr) -> String {
+    format!("{site}/{source}")
+}
+
+fn event_id(site: &str, collector: &str, raw: &[u8]) -> String {
+    let mut hash = Sha256::new();
+    for part in [site.as_bytes(), collector.as_bytes(), raw] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    hash.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Where in samgate an input was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterStage {
+    /// The shim could not parse a Flowmon line.
+    Shim,
+    /// The pipeline could not decode a message from the events topic.
+    Decode,
+    /// The pipeline gave up on an action after its retries.
+    Enforce,
+}
+
+/// An input samgate could not use, with the reason; written to the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Always [`DEAD_LETTER_SCHEMA`].
+    pub schema: String,
+    pub stage: DeadLetterStage,
+    /// A short, stable error code (`field_count`, `invalid_source`, …).
+    pub error: String,
+    /// The full, human-readable reason.
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub site: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub collector: Option<String>,
+    #[serde(with = "rfc3339_millis")]
+    pub at: DateTime<Utc>,
+    /// 1-based line number within the ADS run (shim stage).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub line: Option<u64>,
+    /// The input, decoded as UTF-8 lossily, cut at [`DEAD_LETTER_RAW_LIMIT`] bytes.
+    pub raw: String,
+    /// The input's full length in bytes.
+    pub raw_len: usize,
+    /// True when `raw` holds only the first part of the input.
+    pub raw_truncated: bool,
+}
+
+impl DeadLetter {
+    pub fn new(stage: DeadLetterStage, error: &str, reason: String, raw: &[u8], raw_len: usize) -> Self {
+        let kept = &raw[..raw.len().min(DEAD_LETTER_RAW_LIMIT)];
+        Self {
+            schema: DEAD_LETTER_SCHEMA.to_owned(),
+            stage,
+            error: error.to_owned(),
+            reason,
+            site: None,
+            collector: None,
+            at: Utc::now(),
+            line: None,
+            raw: String::from_utf8_lossy(kept).into_owned(),
+            raw_len,
+            raw_truncated: raw_len > kept.len(),
+        }
+    }
+}
+
+/// RFC 3339 with milliseconds and a `Z`, the one timestamp format of every samgate message.
+pub mod rfc3339_millis {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flowmon::LineReader;
+
+    fn line(text: &str) -> RawLine {
+        LineReader::new(text.as_bytes(), 1 << 16)
+            .next_line()
+            .unwrap()
+            .unwrap()
+    }
+
+    const LINE: &str = "1\t2026-11-20 10:13:02\t \tSCANS\tPort scanning\tSec\tHigh\t \t \t \t2001:db8:0:0::1\t \t \t \t ";
+
+    #[test]
+    fn key_is_site_and_canonical_ip_and_id_is_stable() {
+        let raw = line(LINE);
+        let parsed = raw.parse(1 << 16).unwrap().unwrap();
+        let t = Utc::now();
+        let a = Event::new("prague", "fm1", t, &raw, parsed.clone());
+        let b = Event::new("prague", "fm1", t, &raw, parsed.clone());
+        let c = Event::new("brno", "fm1", t, &raw, parsed);
+        assert_eq!(a.key(), "prague/2001:db8::1");
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        assert_eq!(a.id.len(), 32);
+        assert_eq!(a.schema, EVENT_SCHEMA);
+    }
+
+    #[test]
+    fn event_round_trips_through_json() {
+        let raw = line(LINE);
+        let parsed = raw.parse(1 << 16).unwrap().unwrap();
+        let e = Event::new("prague", "fm1", Utc::now(), &raw, parsed);
+        let json = serde_json::to_string(&e).unwrap();
+        let back: Event = serde_json::from_str(&json).unwrap();
+        // Milliseconds are the message precision.
+        assert_eq!(back.received_at.timestamp_millis(), e.received_at.timestamp_millis());
+        assert_eq!(back.flowmon, e.flowmon);
+        assert_eq!(back.raw, LINE);
+    }
+
+    #[test]
+    fn dead_letter_cuts_huge_input_and_says_so() {
+        let raw = vec![b'x'; DEAD_LETTER_RAW_LIMIT + 10];
+        let d = DeadLetter::new(DeadLetterStage::Shim, "line_too_long", "too long".into(), &raw, raw.len());
+        assert_eq!(d.raw.len(), DEAD_LETTER_RAW_LIMIT);
+        assert!(d.raw_truncated);
+        assert_eq!(d.raw_len, DEAD_LETTER_RAW_LIMIT + 10);
+    }
+}

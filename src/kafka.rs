@@ -1,0 +1,152 @@
+//! Kafka plumbing shared by every subcommand: client configuration from [`KafkaConfig`], and
+//! making sure the topics samgate needs exist.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+use tracing::{info, warn};
+
+use crate::config::KafkaConfig;
+
+/// Kafka failures, with the topic or broker they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    #[error("cannot create a Kafka client: {0}")]
+    Client(#[source] KafkaError),
+    #[error("Kafka at {brokers} did not answer within {timeout:?}: {source}")]
+    Unreachable {
+        brokers: String,
+        timeout: Duration,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("topic {topic:?} does not exist; create it, or set kafka.create_topics = true")]
+    TopicMissing { topic: String },
+    #[error("cannot create topic {topic:?}: {reason}")]
+    CreateTopic { topic: String, reason: String },
+}
+
+/// The settings every client shares: brokers, client id, and the operator's properties.
+pub fn base_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("client.id", &kafka.client_id);
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
+    config
+}
+
+/// An idempotent producer that waits for all in-sync replicas and gives up on a message after
+/// `delivery_timeout` (so a caller with a deadline can spool or retry instead of hanging).
+pub fn producer(
+    kafka: &KafkaConfig,
+    delivery_timeout: Duration,
+) -> Result<FutureProducer, KafkaSetupError> {
+    let timeout_ms = delivery_timeout.as_millis().max(1).to_string();
+    base_config(kafka)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", &timeout_ms)
+        .set("linger.ms", "5")
+        .create()
+        .map_err(KafkaSetupError::Client)
+}
+
+/// Makes sure `topics` exist: looks them up, creates the missing ones when
+/// `kafka.create_topics` allows it, and otherwise names the first one missing.
+pub async fn ensure_topics(
+    kafka: &KafkaConfig,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<(), KafkaSetupError> {
+    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
+        base_config(kafka)
+            .set("socket.timeout.ms", timeout.as_millis().max(10).to_string())
+            .create()
+            .map_err(KafkaSetupError::Client)?,
+    );
+    let missing = missing_topics(admin.clone(), kafka, topics, timeout).await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !kafka.create_topics {
+        return Err(KafkaSetupError::TopicMissing {
+            topic: missing[0].clone(),
+        });
+    }
+    let new_topics: Vec<NewTopic> = missing
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                t,
+                kafka.partitions,
+                TopicReplication::Fixed(kafka.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|source| KafkaSetupError::Unreachable {
+            brokers: kafka.brokers.clone(),
+            timeout,
+            source,
+        })?;
+    for result in results {
+        match result {
+            Ok(topic) => info!(topic, partitions = kafka.partitions, "created topic"),
+            // Another replica or shim created it first: that is the outcome we wanted.
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                info!(topic, "topic already exists")
+            }
+            Err((topic, code)) => {
+                return Err(KafkaSetupError::CreateTopic {
+                    topic,
+                    reason: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn missing_topics(
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    kafka: &KafkaConfig,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<Vec<String>, KafkaSetupError> {
+    // fetch_metadata blocks; keep it off the async workers.
+    let metadata = tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
+        .await
+        .expect("metadata task panicked")
+        .map_err(|source| KafkaSetupError::Unreachable {
+            brokers: kafka.brokers.clone(),
+            timeout,
+            source,
+        })?;
+    let present: Vec<&str> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name())
+        .collect();
+    let missing: Vec<String> = topics
+        .iter()
+        .filter(|t| !present.contains(t))
+        .map(|t| t.to_string())
+        .collect();
+    if !missing.is_empty() {
+        warn!(?missing, "topics missing");
+    }
+    Ok(missing)
+}

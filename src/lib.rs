@@ -1,0 +1,20 @@
+//! samgate turns Flowmon ADS detections into Check Point SAM quarantines, through Kafka.
+//!
+//! Module map, in the order data flows:
+//! - [`flowmon`]: Flowmon ADS/IDS stdin lines (TSV 14/15/16/17 fields, JSON) → [`flowmon::FlowmonEvent`]; pure.
+//! - [`event`]: the Kafka message formats: `samgate.event.v1` events and `samgate.dlq.v1` dead letters.
+//! - [`shim`]: `samgate shim`, stdin → spool → Kafka, run by ADS as a custom script.
+//! - [`spool`]: the shim's durable local spool (segments, lock, settle).
+//! - [`kafka`]: client configuration and topic set-up shared by every subcommand.
+//! - [`config`]: the typed configuration (TOML + `SAMGATE_*` env) and its validation.
+//! - [`cli`]: subcommands and flags, and ADS's `--name 'value'` parameter style.
+//! - [`logging`]: text or JSON logs to stderr and an optional file.
+
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod flowmon;
+pub mod kafka;
+pub mod logging;
+pub mod shim;
+pub mod spool;
