@@ -17,7 +17,13 @@ use crate::shim::{self, ShimOptions};
 #[command(name = "samgate", version, about, propagate_version = true)]
 pub struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "SAMGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "SAMGATE_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     /// Log filter (`info`, `debug`, `samgate=debug,rdkafka=warn`).
     #[arg(long, global = true, env = "SAMGATE_LOG", default_value = "info")]
@@ -151,7 +157,11 @@ async fn run_shim(
     let result = if args.flush_spool {
         shim::flush_spool(&options).await
     } else {
-        shim::run(&options, std::io::BufReader::with_capacity(1 << 16, std::io::stdin())).await
+        shim::run(
+            &options,
+            std::io::BufReader::with_capacity(1 << 16, std::io::stdin()),
+        )
+        .await
     };
     match result {
         Ok(report) => {
@@ -185,7 +195,11 @@ fn shim_options(args: &ShimArgs) -> Result<(ShimOptions, Option<PathBuf>), Strin
     if let Some(topic) = nonempty(&args.dlq_topic) {
         config.kafka.topics.dlq = topic;
     }
-    if let Some(dir) = args.spool_dir.as_ref().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = args
+        .spool_dir
+        .as_ref()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
         config.shim.spool_dir = dir.clone();
     }
     if let Some(timeout) = args.delivery_timeout {
@@ -215,7 +229,10 @@ fn shim_options(args: &ShimArgs) -> Result<(ShimOptions, Option<PathBuf>), Strin
 }
 
 fn nonempty(value: &Option<String>) -> Option<String> {
-    value.as_ref().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    value
+        .as_ref()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 fn fail(reason: &str) -> ExitCode {
@@ -239,7 +256,10 @@ pub fn flowmon_args(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) {
         .get_arguments()
         .chain(command.get_arguments())
         .filter_map(|a| {
-            let takes_value = !matches!(a.get_action(), ArgAction::SetTrue | ArgAction::Help | ArgAction::Version);
+            let takes_value = !matches!(
+                a.get_action(),
+                ArgAction::SetTrue | ArgAction::Help | ArgAction::Version
+            );
             a.get_long().map(|l| (l.to_owned(), takes_value))
         })
         .collect();
@@ -286,7 +306,12 @@ pub fn flowmon_args(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) {
             },
             Some(false) => {
                 let on = take_value()
-                    .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "" | "1" | "true" | "yes" | "on"))
+                    .map(|v| {
+                        matches!(
+                            v.trim().to_ascii_lowercase().as_str(),
+                            "" | "1" | "true" | "yes" | "on"
+                        )
+                    })
                     .unwrap_or(true);
                 // `--flush-spool ''` from ADS reads as "not set"; on the command line it is a flag.
                 if on && inline.as_deref() != Some("") {
@@ -297,7 +322,11 @@ pub fn flowmon_args(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) {
                 let value = take_value();
                 warnings.push(format!(
                     "ignoring unknown parameter --{name}{}",
-                    if value.is_some() { " and its value" } else { "" }
+                    if value.is_some() {
+                        " and its value"
+                    } else {
+                        ""
+                    }
                 ));
             }
         }
@@ -320,12 +349,30 @@ mod tests {
     #[test]
     fn flowmon_parameters_become_clap_flags() {
         let (out, warnings) = rewrite(&[
-            "samgate", "shim", "--site", "prague", "--brokers", "k:9092", "--topic", "", "--fw",
-            "192.0.2.1", "--spool-dir=/tmp/s",
+            "samgate",
+            "shim",
+            "--site",
+            "prague",
+            "--brokers",
+            "k:9092",
+            "--topic",
+            "",
+            "--fw",
+            "192.0.2.1",
+            "--spool-dir=/tmp/s",
         ]);
         assert_eq!(
             out,
-            ["samgate", "shim", "--site", "prague", "--brokers", "k:9092", "--spool-dir", "/tmp/s"]
+            [
+                "samgate",
+                "shim",
+                "--site",
+                "prague",
+                "--brokers",
+                "k:9092",
+                "--spool-dir",
+                "/tmp/s"
+            ]
         );
         assert_eq!(warnings, ["ignoring unknown parameter --fw and its value"]);
         Cli::try_parse_from(out).expect("clap accepts the rewrite");
@@ -344,7 +391,10 @@ mod tests {
     #[test]
     fn values_that_look_odd_are_kept_verbatim() {
         let (out, _) = rewrite(&["samgate", "shim", "--site", "a b;$(x)"]);
-        assert_eq!(out[3], "a b;$(x)", "validation, not rewriting, rejects it later");
+        assert_eq!(
+            out[3], "a b;$(x)",
+            "validation, not rewriting, rejects it later"
+        );
     }
 
     #[test]

@@ -145,9 +145,18 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
     ("client.id", "set kafka.client_id instead"),
     ("enable.idempotence", "samgate always produces idempotently"),
     ("acks", "samgate always waits for all in-sync replicas"),
-    ("group.id", "set the consumer group of `samgate run` instead"),
-    ("enable.auto.commit", "samgate commits offsets only after results are acknowledged"),
-    ("enable.auto.offset.store", "samgate stores offsets only after results are acknowledged"),
+    (
+        "group.id",
+        "set the consumer group of `samgate run` instead",
+    ),
+    (
+        "enable.auto.commit",
+        "samgate commits offsets only after results are acknowledged",
+    ),
+    (
+        "enable.auto.offset.store",
+        "samgate stores offsets only after results are acknowledged",
+    ),
 ];
 
 impl Config {
@@ -185,7 +194,11 @@ impl Config {
         let k = &self.kafka;
         validate_brokers(&k.brokers)?;
         if k.client_id.trim().is_empty() {
-            return Err(invalid("kafka.client_id", "is empty", "set a name, e.g. \"samgate\""));
+            return Err(invalid(
+                "kafka.client_id",
+                "is empty",
+                "set a name, e.g. \"samgate\"",
+            ));
         }
         let topics = [
             ("kafka.topics.events", &k.topics.events),
@@ -232,12 +245,19 @@ impl Config {
             validate_site("shim.site", site)?;
         }
         if s.spool_dir.as_os_str().is_empty() {
-            return Err(invalid("shim.spool_dir", "is empty", "set a directory on local disk"));
+            return Err(invalid(
+                "shim.spool_dir",
+                "is empty",
+                "set a directory on local disk",
+            ));
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&s.delivery_timeout) {
             return Err(invalid(
                 "shim.delivery_timeout",
-                format!("{} is out of range", humantime::format_duration(s.delivery_timeout)),
+                format!(
+                    "{} is out of range",
+                    humantime::format_duration(s.delivery_timeout)
+                ),
                 "use 1s to 5m (ADS waits for the shim; 10s is a good value)",
             ));
         }
@@ -258,10 +278,18 @@ fn validate_brokers(brokers: &str) -> Result<(), ConfigError> {
         return Err(invalid("kafka.brokers", "is empty", fix));
     }
     for broker in brokers.split(',').map(str::trim) {
-        let port = broker.rsplit_once(':').map(|(host, port)| (host, port.parse::<u16>()));
+        let port = broker
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()));
         match port {
             Some((host, Ok(port))) if !host.is_empty() && port != 0 => {}
-            _ => return Err(invalid("kafka.brokers", format!("{broker:?} is not host:port"), fix)),
+            _ => {
+                return Err(invalid(
+                    "kafka.brokers",
+                    format!("{broker:?} is not host:port"),
+                    fix,
+                ))
+            }
         }
     }
     Ok(())
@@ -269,7 +297,9 @@ fn validate_brokers(brokers: &str) -> Result<(), ConfigError> {
 
 /// Kafka's own rule: 1–249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
 fn validate_topic(field: &'static str, name: &str) -> Result<(), ConfigError> {
-    let legal = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let legal = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if name.is_empty() || name.len() > 249 || !legal || name == "." || name == ".." {
         return Err(invalid(
             field,
@@ -282,7 +312,9 @@ fn validate_topic(field: &'static str, name: &str) -> Result<(), ConfigError> {
 
 /// Site names go into message keys (`<site>/<ip>`) and metric labels: keep them plain.
 pub fn validate_site(field: &'static str, site: &str) -> Result<(), ConfigError> {
-    let legal = site.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let legal = site
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if site.is_empty() || site.len() > 64 || !legal {
         return Err(invalid(
             field,
@@ -339,13 +371,28 @@ mod tests {
             ("[kafka]\nbrokers = \"\"", "kafka.brokers"),
             ("[kafka]\nbrokers = \"kafka\"", "kafka.brokers"),
             ("[kafka]\nbrokers = \"a:9092,b:0\"", "kafka.brokers"),
-            ("[kafka.topics]\nevents = \"bad topic\"", "kafka.topics.events"),
-            ("[kafka.topics]\ndlq = \"samgate.events\"", "kafka.topics.dlq"),
+            (
+                "[kafka.topics]\nevents = \"bad topic\"",
+                "kafka.topics.events",
+            ),
+            (
+                "[kafka.topics]\ndlq = \"samgate.events\"",
+                "kafka.topics.dlq",
+            ),
             ("[kafka]\npartitions = 0", "kafka.partitions"),
-            ("[kafka]\nreplication_factor = 0", "kafka.replication_factor"),
-            ("[kafka.properties]\n\"enable.idempotence\" = \"false\"", "kafka.properties"),
+            (
+                "[kafka]\nreplication_factor = 0",
+                "kafka.replication_factor",
+            ),
+            (
+                "[kafka.properties]\n\"enable.idempotence\" = \"false\"",
+                "kafka.properties",
+            ),
             ("[shim]\nsite = \"a/b\"", "shim.site"),
-            ("[shim]\ndelivery_timeout = \"10m\"", "shim.delivery_timeout"),
+            (
+                "[shim]\ndelivery_timeout = \"10m\"",
+                "shim.delivery_timeout",
+            ),
             ("[shim]\nmax_line_bytes = 10", "shim.max_line_bytes"),
         ];
         for (toml, field) in cases {

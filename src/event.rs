@@ -122,7 +122,13 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    pub fn new(stage: DeadLetterStage, error: &str, reason: String, raw: &[u8], raw_len: usize) -> Self {
+    pub fn new(
+        stage: DeadLetterStage,
+        error: &str,
+        reason: String,
+        raw: &[u8],
+        raw_len: usize,
+    ) -> Self {
         let kept = &raw[..raw.len().min(DEAD_LETTER_RAW_LIMIT)];
         Self {
             schema: DEAD_LETTER_SCHEMA.to_owned(),
@@ -194,7 +200,10 @@ mod tests {
         let json = serde_json::to_string(&e).unwrap();
         let back: Event = serde_json::from_str(&json).unwrap();
         // Milliseconds are the message precision.
-        assert_eq!(back.received_at.timestamp_millis(), e.received_at.timestamp_millis());
+        assert_eq!(
+            back.received_at.timestamp_millis(),
+            e.received_at.timestamp_millis()
+        );
         assert_eq!(back.flowmon, e.flowmon);
         assert_eq!(back.raw, LINE);
     }
@@ -202,7 +211,13 @@ mod tests {
     #[test]
     fn dead_letter_cuts_huge_input_and_says_so() {
         let raw = vec![b'x'; DEAD_LETTER_RAW_LIMIT + 10];
-        let d = DeadLetter::new(DeadLetterStage::Shim, "line_too_long", "too long".into(), &raw, raw.len());
+        let d = DeadLetter::new(
+            DeadLetterStage::Shim,
+            "line_too_long",
+            "too long".into(),
+            &raw,
+            raw.len(),
+        );
         assert_eq!(d.raw.len(), DEAD_LETTER_RAW_LIMIT);
         assert!(d.raw_truncated);
         assert_eq!(d.raw_len, DEAD_LETTER_RAW_LIMIT + 10);

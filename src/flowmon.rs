@@ -236,7 +236,9 @@ pub struct FlowmonEvent {
 /// Why a line could not be read as an event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("expected 14, 15, 16 or 17 tab-separated fields or a JSON object, found {found} field(s)")]
+    #[error(
+        "expected 14, 15, 16 or 17 tab-separated fields or a JSON object, found {found} field(s)"
+    )]
     FieldCount { found: usize },
     #[error("the event has no source address")]
     MissingSource,
@@ -749,7 +751,11 @@ mod tests {
         assert_eq!(e.source_name, None);
         assert_eq!(e.user_identity.as_deref(), Some("alice"));
         let first = e.first_flow.unwrap();
-        assert_eq!(first.utc.unwrap().timestamp(), 1_763_633_460, "epoch seconds");
+        assert_eq!(
+            first.utc.unwrap().timestamp(),
+            1_763_633_460,
+            "epoch seconds"
+        );
     }
 
     #[test]
@@ -847,10 +853,7 @@ mod tests {
 
     #[test]
     fn hostile_lines_are_typed_errors() {
-        assert_eq!(
-            parse("a\tb\tc"),
-            Err(ParseError::FieldCount { found: 3 })
-        );
+        assert_eq!(parse("a\tb\tc"), Err(ParseError::FieldCount { found: 3 }));
         assert_eq!(
             parse(&standard("999.1.1.1")),
             Err(ParseError::InvalidSource {
@@ -859,11 +862,18 @@ mod tests {
         );
         assert_eq!(parse(&standard(" ")), Err(ParseError::MissingSource));
         assert!(matches!(parse("{nope"), Err(ParseError::InvalidJson(_))));
-        assert!(matches!(parse("{\"timestamp\":1}"), Err(ParseError::MissingSource)));
+        assert!(matches!(
+            parse("{\"timestamp\":1}"),
+            Err(ParseError::MissingSource)
+        ));
         let mut fourteen = vec!["x"; 14];
         fourteen[3] = "SCANS";
         assert_eq!(parse(&join(&fourteen)), Err(ParseError::AmbiguousFourteen));
-        assert_eq!(parse_line(b"   \r\n"), Ok(None), "blank lines are not events");
+        assert_eq!(
+            parse_line(b"   \r\n"),
+            Ok(None),
+            "blank lines are not events"
+        );
     }
 
     #[test]
@@ -879,7 +889,10 @@ mod tests {
     #[test]
     fn shell_metacharacters_are_kept_as_inert_text() {
         let evil = "$(reboot);`id`|&&>/tmp/x'\"\\";
-        let mut fields: Vec<String> = standard("192.0.2.11").split('\t').map(String::from).collect();
+        let mut fields: Vec<String> = standard("192.0.2.11")
+            .split('\t')
+            .map(String::from)
+            .collect();
         for (i, f) in fields.iter_mut().enumerate() {
             if i != 10 {
                 *f = evil.to_string();
@@ -899,7 +912,10 @@ mod tests {
     #[test]
     fn priority_names_and_order() {
         assert_eq!(Priority::from_ads(Some("CRITICAL")), Priority::Critical);
-        assert_eq!(Priority::from_ads(Some("Informational")), Priority::Informational);
+        assert_eq!(
+            Priority::from_ads(Some("Informational")),
+            Priority::Informational
+        );
         assert_eq!(Priority::from_ads(Some("7")), Priority::Unknown);
         assert_eq!(Priority::from_ids_severity(Some("3")), Priority::Low);
         assert!(Priority::Critical > Priority::High);

@@ -114,7 +114,13 @@ fn write_input<R: BufRead>(
             Ok(None) => continue,
             Ok(Some(parsed)) => {
                 report.events += 1;
-                let event = Event::new(&options.site, &options.collector, received_at, &line, parsed);
+                let event = Event::new(
+                    &options.site,
+                    &options.collector,
+                    received_at,
+                    &line,
+                    parsed,
+                );
                 SpoolRecord {
                     topic: options.events_topic.clone(),
                     key: event.key(),
@@ -283,4 +289,76 @@ fn remaining(deadline: Instant) -> Duration {
     deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(100))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Fast, in-process: librdkafka's mock cluster stands in for Kafka. The end-to-end tests in
+    //! `tests/shim.rs` run the binary against a real broker.
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    fn options(brokers: String, spool: &Path) -> ShimOptions {
+        ShimOptions {
+            kafka: KafkaConfig {
+                brokers,
+                ..KafkaConfig::default()
+            },
+            site: "lab".into(),
+            collector: "test-host".into(),
+            events_topic: "events".into(),
+            dlq_topic: "dlq".into(),
+            spool_dir: spool.to_owned(),
+            delivery_timeout: Duration::from_secs(2),
+            max_line_bytes: 4096,
+        }
+    }
+
+    fn lines(n: u32) -> Vec<u8> {
+        (0..n)
+            .map(|i| {
+                let mut f = vec![" "; 15];
+                let id = i.to_string();
+                let ip = format!("10.9.{}.{}", i / 250, i % 250 + 1);
+                f[0] = &id;
+                f[3] = "SCANS";
+                f[10] = &ip;
+                f.join("\t") + "\n"
+            })
+            .collect::<String>()
+            .into_bytes()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn delivers_everything_and_spools_while_the_cluster_is_down() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("events", 3, 1).unwrap();
+        cluster.create_topic("dlq", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let options = options(cluster.bootstrap_servers(), dir.path());
+
+        let mut input = lines(500);
+        input.extend_from_slice(b"not an event\n");
+        let report = run(&options, std::io::Cursor::new(input)).await.unwrap();
+        assert_eq!(
+            (
+                report.lines,
+                report.events,
+                report.dead_letters,
+                report.delivered,
+                report.spooled
+            ),
+            (501, 500, 1, 501, 0)
+        );
+
+        cluster.broker_down(1).unwrap();
+        let report = run(&options, std::io::Cursor::new(lines(20)))
+            .await
+            .unwrap();
+        assert_eq!((report.delivered, report.spooled), (0, 20), "{report:?}");
+
+        cluster.broker_up(1).unwrap();
+        let report = flush_spool(&options).await.unwrap();
+        assert_eq!((report.lines, report.delivered, report.spooled), (0, 20, 0));
+    }
 }

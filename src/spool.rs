@@ -136,7 +136,10 @@ impl Spool {
         if remaining.is_empty() {
             fs::remove_file(segment)?;
         } else {
-            let name = segment.file_name().and_then(|n| n.to_str()).unwrap_or("segment");
+            let name = segment
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("segment");
             let tmp = self.dir.join(format!(".{name}.rewrite.tmp"));
             let mut out = BufWriter::new(File::create(&tmp)?);
             for record in remaining {
@@ -189,7 +192,9 @@ pub fn read_segment(path: &Path) -> std::io::Result<Vec<SpoolRecord>> {
         let line = line?;
         match serde_json::from_str(&line) {
             Ok(record) => records.push(record),
-            Err(e) => warn!(segment = %path.display(), line = i + 1, error = %e, "skipping undecodable spool line"),
+            Err(e) => {
+                warn!(segment = %path.display(), line = i + 1, error = %e, "skipping undecodable spool line")
+            }
         }
     }
     Ok(records)
@@ -224,7 +229,10 @@ mod tests {
         second.push(&record(2)).unwrap();
         second.push(&record(3)).unwrap();
         let second = second.commit().unwrap().unwrap();
-        assert_eq!(spool.segments(&lock).unwrap(), vec![first.clone(), second.clone()]);
+        assert_eq!(
+            spool.segments(&lock).unwrap(),
+            vec![first.clone(), second.clone()]
+        );
         assert_eq!(spool.pending(&lock).unwrap(), 3);
 
         spool.settle(&lock, &first, &[]).unwrap();

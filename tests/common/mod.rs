@@ -1,0 +1,197 @@
+//! Helpers for end-to-end tests: the real broker started by `scripts/test`, unique names, the
+//! built `samgate` binary, and JSON Schema checks.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+/// The broker `scripts/test` (or `scripts/local-kafka start`) runs.
+pub fn brokers() -> String {
+    std::env::var("SAMGATE_TEST_BROKERS").expect(
+        "SAMGATE_TEST_BROKERS is not set: run the tests with scripts/test, or start a broker with \
+         scripts/local-kafka start and set SAMGATE_TEST_BROKERS=127.0.0.1:9092",
+    )
+}
+
+/// A name no other test (or earlier run against the same broker) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A loopback address nothing listens on (bound, then released).
+pub fn dead_broker() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    addr.to_string()
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    results[0].as_ref().expect("topic created");
+}
+
+/// A received message: partition, key and value as text.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub partition: i32,
+    pub key: String,
+    pub value: serde_json::Value,
+}
+
+/// Reads `topic` from the beginning of every partition until `expected` messages arrived, then
+/// keeps reading briefly to catch extras (duplicates are a failure the caller checks for).
+pub fn read_topic(topic: &str, expected: usize) -> Vec<Received> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        assignment
+            .add_partition_offset(topic, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    assert!(assignment.count() > 0, "topic {topic} has no partitions");
+    consumer.assign(&assignment).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet_until: Option<Instant> = None;
+    while Instant::now() < deadline {
+        if let Some(q) = quiet_until {
+            if Instant::now() > q {
+                break;
+            }
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let key = String::from_utf8(m.key().unwrap_or_default().to_vec()).unwrap();
+                let value = serde_json::from_slice(m.payload().unwrap_or_default())
+                    .expect("every message is JSON");
+                out.push(Received {
+                    partition: m.partition(),
+                    key,
+                    value,
+                });
+                if out.len() >= expected && quiet_until.is_none() {
+                    quiet_until = Some(Instant::now() + Duration::from_secs(2));
+                }
+            }
+            Some(Err(e)) => panic!("consume error on {topic}: {e}"),
+            None if expected == 0 && quiet_until.is_none() => {
+                quiet_until = Some(Instant::now() + Duration::from_secs(2))
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// Runs the built `samgate` binary with `args`, `stdin` as its input and no inherited
+/// `SAMGATE_*` variables; fails the test if it runs for more than two minutes (a hang).
+pub fn samgate(args: &[&str], stdin: &[u8]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_samgate"));
+    command
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SAMGATE_") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command.spawn().expect("samgate runs");
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let started = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("samgate {args:?} hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writer.join().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Records waiting in a spool directory (complete segments only).
+pub fn spooled(dir: &Path) -> Vec<serde_json::Value> {
+    let mut segments: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    segments.retain(|p: &std::path::PathBuf| {
+        p.extension().is_some_and(|e| e == "jsonl")
+            && !p.file_name().unwrap().to_string_lossy().starts_with('.')
+    });
+    segments.sort();
+    segments
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Validates `value` against a schema in `docs/schemas/`, with formats checked.
+pub fn assert_schema(schema_file: &str, value: &serde_json::Value) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs/schemas")
+        .join(schema_file);
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    assert!(errors.is_empty(), "{schema_file}: {errors:?}\n{value:#}");
+}
