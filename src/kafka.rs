@@ -34,7 +34,16 @@ pub enum KafkaSetupError {
 
 /// The settings every client shares: brokers, client id, and the operator's properties.
 pub fn base_config(kafka: &KafkaConfig) -> ClientConfig {
+    with_defaults(kafka, &[])
+}
+
+/// `defaults` first, so the operator's `kafka.properties` can tune them; then the operator's
+/// properties; then brokers and client id. Settings samgate relies on are set after this.
+fn with_defaults(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut config = ClientConfig::new();
+    for (key, value) in defaults {
+        config.set(*key, *value);
+    }
     config
         .set("bootstrap.servers", &kafka.brokers)
         .set("client.id", &kafka.client_id);
@@ -51,11 +60,17 @@ pub fn producer(
     delivery_timeout: Duration,
 ) -> Result<FutureProducer, KafkaSetupError> {
     let timeout_ms = delivery_timeout.as_millis().max(1).to_string();
-    base_config(kafka)
+    // A bounded queue keeps memory flat however much is produced: callers wait for the oldest
+    // delivery when it is full.
+    let defaults = [
+        ("linger.ms", "5"),
+        ("queue.buffering.max.messages", "10000"),
+        ("queue.buffering.max.kbytes", "16384"),
+    ];
+    with_defaults(kafka, &defaults)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.timeout.ms", &timeout_ms)
-        .set("linger.ms", "5")
         .create()
         .map_err(KafkaSetupError::Client)
 }

@@ -18,7 +18,7 @@ use crate::config::KafkaConfig;
 use crate::event::{DeadLetter, DeadLetterStage, Event};
 use crate::flowmon::LineReader;
 use crate::kafka;
-use crate::spool::{read_segment, Spool, SpoolLock, SpoolRecord};
+use crate::spool::{segment_records, Spool, SpoolLock, SpoolRecord};
 
 /// Everything one shim run needs, already validated.
 #[derive(Debug, Clone)]
@@ -192,9 +192,9 @@ async fn deliver_spool(options: &ShimOptions, spool: &Spool) -> Result<ShimRepor
     let mut in_flight: VecDeque<(usize, usize, DeliveryFuture)> = VecDeque::new();
     let mut failed: Vec<HashSet<usize>> = vec![HashSet::new(); segments.len()];
     for (s, segment) in segments.iter().enumerate() {
-        let records = read_segment(segment).map_err(spool_err)?;
-        for (r, record) in records.iter().enumerate() {
-            let future = send(&producer, record, &mut in_flight, &mut failed, &mut report).await;
+        for (r, record) in segment_records(segment).map_err(spool_err)?.enumerate() {
+            let record = record.map_err(spool_err)?;
+            let future = send(&producer, &record, &mut in_flight, &mut failed, &mut report).await;
             match future {
                 Some(future) => in_flight.push_back((s, r, future)),
                 None => {
@@ -269,12 +269,11 @@ fn settle_segments(
         let remaining: Vec<SpoolRecord> = if failed.is_empty() {
             Vec::new()
         } else {
-            read_segment(segment)?
-                .into_iter()
+            segment_records(segment)?
                 .enumerate()
                 .filter(|(i, _)| failed.contains(i))
                 .map(|(_, r)| r)
-                .collect()
+                .collect::<std::io::Result<_>>()?
         };
         report.spooled += remaining.len() as u64;
         spool.settle(lock, segment, &remaining)?;

@@ -121,7 +121,10 @@ impl Spool {
     pub fn pending(&self, lock: &SpoolLock) -> std::io::Result<usize> {
         let mut n = 0;
         for segment in self.segments(lock)? {
-            n += read_segment(&segment)?.len();
+            for record in segment_records(&segment)? {
+                record?;
+                n += 1;
+            }
         }
         Ok(n)
     }
@@ -183,21 +186,32 @@ fn write_record(out: &mut impl Write, record: &SpoolRecord) -> std::io::Result<(
     out.write_all(b"\n")
 }
 
-/// Reads a segment. A line that does not decode (which a whole-or-absent segment should never
-/// have) is reported and skipped rather than blocking the spool forever.
-pub fn read_segment(path: &Path) -> std::io::Result<Vec<SpoolRecord>> {
+/// Streams a segment's records, in order, without holding the segment in memory. A line that
+/// does not decode (which a whole-or-absent segment should never have) is reported and skipped
+/// rather than blocking the spool forever.
+pub fn segment_records(
+    path: &Path,
+) -> std::io::Result<impl Iterator<Item = std::io::Result<SpoolRecord>>> {
     let reader = BufReader::new(File::open(path)?);
-    let mut records = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line?;
-        match serde_json::from_str(&line) {
-            Ok(record) => records.push(record),
-            Err(e) => {
-                warn!(segment = %path.display(), line = i + 1, error = %e, "skipping undecodable spool line")
-            }
-        }
-    }
-    Ok(records)
+    let path = path.to_owned();
+    Ok(reader
+        .lines()
+        .enumerate()
+        .filter_map(move |(i, line)| match line {
+            Err(e) => Some(Err(e)),
+            Ok(line) => match serde_json::from_str(&line) {
+                Ok(record) => Some(Ok(record)),
+                Err(e) => {
+                    warn!(segment = %path.display(), line = i + 1, error = %e, "skipping undecodable spool line");
+                    None
+                }
+            },
+        }))
+}
+
+/// Reads a whole segment (small segments and tests).
+pub fn read_segment(path: &Path) -> std::io::Result<Vec<SpoolRecord>> {
+    segment_records(path)?.collect()
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
