@@ -12,6 +12,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::secret::Secret;
+
 /// Every setting samgate reads. Each section has defaults that work on one machine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -20,6 +22,96 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// `samgate shim`, the program Flowmon ADS runs.
     pub shim: ShimConfig,
+    /// Check Point management servers samgate acts through.
+    pub checkpoint: CheckpointConfig,
+}
+
+/// Check Point management servers samgate acts through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Management servers by name (the name is used in logs, metrics and routing).
+    pub servers: BTreeMap<String, ManagementServerConfig>,
+}
+
+/// One Check Point management server (or one domain of a Multi-Domain Server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagementServerConfig {
+    /// `https://host[:port]`, with `/<cloud-mgmt-id>` appended for Smart-1 Cloud.
+    pub url: String,
+    /// API administrator name (with `password`); or use `api_key`.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// API key of an administrator with API-key authentication (R80.40+).
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Domain name or UID on a Multi-Domain Server; omit on a single management server.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Idle time after which the server drops the session (10s to 1h); samgate keeps it alive.
+    #[serde(default = "default_session_timeout", with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Pin the API version in every URL (e.g. "1.8"); default: what the server announces at login.
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// Logins samgate may make per minute. R81+ allows 3 per admin and domain.
+    #[serde(default = "default_logins_per_minute")]
+    pub logins_per_minute: u32,
+    /// Longest wait for one HTTP answer.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Longest wait for a run-script task to finish.
+    #[serde(default = "default_task_timeout", with = "humantime_serde")]
+    pub task_timeout: Duration,
+    /// How the server's certificate is checked.
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_logins_per_minute() -> u32 {
+    3
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_task_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+/// Certificate checking. Default: verify against the system's public CAs (plus `ca_file`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Extra CA certificate (PEM), e.g. the management server's internal CA.
+    pub ca_file: Option<PathBuf>,
+    /// Accept exactly the certificate with this SHA-256 fingerprint (hex; colons and case
+    /// ignored), instead of CA verification. Fails closed on any other certificate.
+    pub fingerprint_sha256: Option<String>,
+    /// Accept any certificate. For labs only; samgate warns at every start.
+    pub insecure_skip_verify: bool,
+}
+
+impl TlsConfig {
+    /// The pinned fingerprint as 64 lower-case hex digits, if one is set and well-formed.
+    pub fn normalized_fingerprint(&self) -> Option<String> {
+        self.fingerprint_sha256
+            .as_deref()
+            .map(normalize_fingerprint)
+    }
+}
+
+/// Removes colons and spaces and lower-cases a hex fingerprint.
+pub fn normalize_fingerprint(text: &str) -> String {
+    text.chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase()
 }
 
 /// Kafka connection, topics and client properties.
@@ -268,8 +360,90 @@ impl Config {
                 "use 1024 to 262144 (an event must fit a Kafka message)",
             ));
         }
+        for (name, server) in &self.checkpoint.servers {
+            validate_server(name, server)?;
+        }
         Ok(self)
     }
+}
+
+fn validate_server(name: &str, s: &ManagementServerConfig) -> Result<(), ConfigError> {
+    let field = "checkpoint.servers";
+    let named = |problem: String| format!("server {name:?}: {problem}");
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(invalid(
+            field,
+            named("is not a plain name".into()),
+            "use letters, digits, '.', '_' and '-'",
+        ));
+    }
+    match url::Url::parse(&s.url) {
+        Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
+        _ => {
+            return Err(invalid(
+                "checkpoint.servers.url",
+                named(format!("{:?} is not an https:// URL", s.url)),
+                "use https://host[:port]",
+            ))
+        }
+    }
+    match (&s.user, &s.password, &s.api_key) {
+        (Some(_), Some(_), None) | (None, None, Some(_)) => {}
+        _ => {
+            return Err(invalid(
+                "checkpoint.servers.api_key",
+                named("needs either user and password, or api_key".into()),
+                "set user + password, or api_key (not both)",
+            ))
+        }
+    }
+    if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&s.session_timeout) {
+        return Err(invalid(
+            "checkpoint.servers.session_timeout",
+            named(format!(
+                "{} is out of range",
+                humantime::format_duration(s.session_timeout)
+            )),
+            "use 10s to 1h (the server's own limits)",
+        ));
+    }
+    if !(1..=60).contains(&s.logins_per_minute) {
+        return Err(invalid(
+            "checkpoint.servers.logins_per_minute",
+            named(format!("{} is out of range", s.logins_per_minute)),
+            "use 1 to 60 (R81+ allows 3)",
+        ));
+    }
+    if let Some(fp) = s.tls.normalized_fingerprint() {
+        if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(
+                "checkpoint.servers.tls.fingerprint_sha256",
+                named("is not a SHA-256 fingerprint".into()),
+                "use 64 hex digits (colons allowed), as `samgate simulate` or openssl x509 -fingerprint -sha256 prints it",
+            ));
+        }
+        if s.tls.insecure_skip_verify {
+            return Err(invalid(
+                "checkpoint.servers.tls.insecure_skip_verify",
+                named("contradicts fingerprint_sha256".into()),
+                "keep the fingerprint and drop insecure_skip_verify",
+            ));
+        }
+    }
+    if let Some(v) = &s.api_version {
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(invalid(
+                "checkpoint.servers.api_version",
+                named(format!("{v:?} is not an API version")),
+                "use a version such as \"1.8\" or leave it unset",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_brokers(brokers: &str) -> Result<(), ConfigError> {

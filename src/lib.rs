@@ -6,15 +6,21 @@
 //! - [`shim`]: `samgate shim`, stdin → spool → Kafka, run by ADS as a custom script.
 //! - [`spool`]: the shim's durable local spool (segments, lock, settle).
 //! - [`kafka`]: client configuration and topic set-up shared by every subcommand.
+//! - [`checkpoint`]: the Check Point Management API client and the `fw sam` / `fw samp` commands it sends.
+//! - [`simulator`]: a Check Point management server and gateways, for tests, demos and labs.
+//! - [`secret`]: the redacted type for passwords, API keys and session ids.
 //! - [`config`]: the typed configuration (TOML + `SAMGATE_*` env) and its validation.
 //! - [`cli`]: subcommands and flags, and ADS's `--name 'value'` parameter style.
 //! - [`logging`]: text or JSON logs to stderr and an optional file.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod event;
 pub mod flowmon;
 pub mod kafka;
 pub mod logging;
+pub mod secret;
 pub mod shim;
+pub mod simulator;
 pub mod spool;

@@ -1,0 +1,723 @@
+//! SAM rules and the gateway commands that carry them, as pure code.
+//!
+//! A [`SamRule`] holds only typed values (an address or network, an integer timeout, enums and a
+//! hex [`RuleKey`]), so nothing taken from an event can reach a script: there is no string field
+//! to smuggle text through. Rendering follows the `fw sam` CLI reference and the `fw samp`
+//! (SAM policy, R80.20+) forms in `docs/checkpoint.md`; IPv6 rules use `fw6`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// What a rule does to matching connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamAction {
+    /// Drop matching connections silently.
+    Drop,
+    /// Reject matching connections (the peer is told).
+    Reject,
+    /// Only log matching connections.
+    Notify,
+}
+
+/// Which connections a rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "match", content = "value")]
+pub enum Criteria {
+    /// Connections from this address.
+    Src(IpAddr),
+    /// Connections to this address.
+    Dst(IpAddr),
+    /// Connections from or to this address.
+    Any(IpAddr),
+    /// Connections from this network.
+    SubSrc(IpNet),
+    /// Connections to this network.
+    SubDst(IpNet),
+    /// Connections from or to this network.
+    SubAny(IpNet),
+}
+
+impl Criteria {
+    fn is_ipv6(&self) -> bool {
+        match self {
+            Self::Src(ip) | Self::Dst(ip) | Self::Any(ip) => ip.is_ipv6(),
+            Self::SubSrc(net) | Self::SubDst(net) | Self::SubAny(net) => {
+                matches!(net, IpNet::V6(_))
+            }
+        }
+    }
+
+    /// The `fw sam` criteria words: `src 192.0.2.1`, `subsrc 192.0.2.0 255.255.255.0`, …
+    fn fw_sam_words(&self) -> String {
+        match self {
+            Self::Src(ip) => format!("src {ip}"),
+            Self::Dst(ip) => format!("dst {ip}"),
+            Self::Any(ip) => format!("any {ip}"),
+            Self::SubSrc(net) => format!("subsrc {} {}", net.network(), net.netmask()),
+            Self::SubDst(net) => format!("subdst {} {}", net.network(), net.netmask()),
+            Self::SubAny(net) => format!("subany {} {}", net.network(), net.netmask()),
+        }
+    }
+}
+
+impl fmt::Display for Criteria {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.fw_sam_words())
+    }
+}
+
+/// How enforcement is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogType {
+    /// No log.
+    None,
+    /// A log entry per matching connection.
+    #[default]
+    Log,
+    /// An alert per matching connection.
+    Alert,
+}
+
+impl LogType {
+    fn fw_sam(self) -> &'static str {
+        match self {
+            Self::None => "nolog",
+            Self::Log => "long_noalert",
+            Self::Alert => "long_alert",
+        }
+    }
+}
+
+/// A rule's idempotency key: exactly 32 lower-case hex digits (so it is safe in any script).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleKey([u8; 16]);
+
+impl RuleKey {
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    /// Parses 32 hex digits.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.len() != 32 {
+            return None;
+        }
+        let mut bytes = [0u8; 16];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok()?;
+        }
+        Some(Self(bytes))
+    }
+
+    /// The rule name samgate gives this key on the gateway.
+    pub fn rule_name(&self) -> String {
+        format!("samgate-{}", &self.to_string()[..16])
+    }
+}
+
+impl fmt::Display for RuleKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for RuleKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for RuleKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).ok_or_else(|| serde::de::Error::custom("expected 32 hex digits"))
+    }
+}
+
+/// The originator tag on every rule samgate creates.
+pub const ORIGINATOR: &str = "samgate";
+
+/// One SAM rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SamRule {
+    pub action: SamAction,
+    /// Also close connections already open (`-I`/`-J`; `-C` in `fw samp`).
+    pub close_connections: bool,
+    pub criteria: Criteria,
+    /// Seconds until the gateway drops the rule; `None` = until cancelled.
+    pub timeout_secs: Option<u32>,
+    pub log: LogType,
+    /// Tags the rule as samgate's (name, comment, originator) when present.
+    pub key: Option<RuleKey>,
+}
+
+/// Why a rule cannot be expressed in a command form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("`fw samp` ip rules match a source or a destination, not either (`{0}`); use fw_sam mode or src/dst criteria")]
+    SampAnyUnsupported(Criteria),
+    #[error(
+        "`fw samp` rules are removed by uid: list them with `fw samp get` and send `fw samp del`"
+    )]
+    SampUnblockNeedsUid,
+}
+
+impl SamRule {
+    fn fw(&self) -> &'static str {
+        if self.criteria.is_ipv6() {
+            "fw6"
+        } else {
+            "fw"
+        }
+    }
+
+    fn fw_sam_action_flag(&self) -> &'static str {
+        match (self.action, self.close_connections) {
+            (SamAction::Notify, _) => "-n",
+            (SamAction::Reject, false) => "-i",
+            (SamAction::Reject, true) => "-I",
+            (SamAction::Drop, false) => "-j",
+            (SamAction::Drop, true) => "-J",
+        }
+    }
+
+    /// `-e name=…+comment=…+originator=samgate` when the rule has a key.
+    fn fw_sam_tags(&self) -> String {
+        match self.key {
+            Some(key) => format!(
+                " -e name={}+comment=samgate:{key}+originator={ORIGINATOR}",
+                key.rule_name()
+            ),
+            None => String::new(),
+        }
+    }
+
+    /// `fw sam [-t T] -l LOG [-e tags] -J src 192.0.2.1`.
+    pub fn fw_sam(&self) -> String {
+        let timeout = self
+            .timeout_secs
+            .map(|t| format!(" -t {t}"))
+            .unwrap_or_default();
+        format!(
+            "{} sam{timeout} -l {}{} {} {}",
+            self.fw(),
+            self.log.fw_sam(),
+            self.fw_sam_tags(),
+            self.fw_sam_action_flag(),
+            self.criteria.fw_sam_words()
+        )
+    }
+
+    /// The cancel of [`Self::fw_sam`]: the same flags without `-t`, plus `-C`.
+    pub fn fw_sam_cancel(&self) -> String {
+        format!(
+            "{} sam -l {}{} -C {} {}",
+            self.fw(),
+            self.log.fw_sam(),
+            self.fw_sam_tags(),
+            self.fw_sam_action_flag(),
+            self.criteria.fw_sam_words()
+        )
+    }
+
+    /// The arguments after `fw samp add` (also a `fw samp batch` line after `add`).
+    fn samp_add_args(&self) -> Result<String, RenderError> {
+        let action = match self.action {
+            SamAction::Drop => "d",
+            SamAction::Reject => "r",
+            SamAction::Notify => "n",
+        };
+        let mut args = format!("-a {action}");
+        match self.log {
+            LogType::None => {}
+            LogType::Log => args.push_str(" -l r"),
+            LogType::Alert => args.push_str(" -l a"),
+        }
+        if let Some(t) = self.timeout_secs {
+            args.push_str(&format!(" -t {t}"));
+        }
+        if let Some(key) = self.key {
+            args.push_str(&format!(
+                " -n {} -c samgate:{key} -o {ORIGINATOR}",
+                key.rule_name()
+            ));
+        }
+        args.push_str(" ip");
+        if self.close_connections {
+            args.push_str(" -C");
+        }
+        let filter = match self.criteria {
+            Criteria::Src(ip) => format!(" -s {ip}"),
+            Criteria::Dst(ip) => format!(" -d {ip}"),
+            Criteria::SubSrc(net) => format!(" -s {} -m {}", net.network(), net.netmask()),
+            Criteria::SubDst(net) => format!(" -d {} -M {}", net.network(), net.netmask()),
+            any @ (Criteria::Any(_) | Criteria::SubAny(_)) => {
+                return Err(RenderError::SampAnyUnsupported(any))
+            }
+        };
+        args.push_str(&filter);
+        Ok(args)
+    }
+
+    /// `fw samp add -a d -l r -t 3600 -n samgate-… -c samgate:KEY -o samgate ip -C -s 192.0.2.1`.
+    pub fn fw_samp_add(&self) -> Result<String, RenderError> {
+        Ok(format!("{} samp add {}", self.fw(), self.samp_add_args()?))
+    }
+}
+
+/// `fw samp del '<uid>'` for a rule uid as `fw samp get` printed it.
+pub fn fw_samp_del(uid: &SampUid, ipv6: bool) -> String {
+    format!("{} samp del '{uid}'", if ipv6 { "fw6" } else { "fw" })
+}
+
+/// `fw samp get` (every rule, one per line).
+pub fn fw_samp_get(ipv6: bool) -> String {
+    format!("{} samp get", if ipv6 { "fw6" } else { "fw" })
+}
+
+/// The flush-only rule that makes `fw samp` changes take effect at once (mandatory after `del`).
+pub const FW_SAMP_FLUSH: &str = "fw samp add -t 2 quota flush true";
+
+/// `fw samp batch` with `add` lines, in one heredoc.
+pub fn fw_samp_batch(rules: &[SamRule]) -> Result<String, RenderError> {
+    let mut script = String::from("fw samp batch <<'SAMGATE_BATCH'\n");
+    for rule in rules {
+        script.push_str(&format!("add {}\n", rule.samp_add_args()?));
+    }
+    script.push_str("SAMGATE_BATCH\n");
+    Ok(script)
+}
+
+/// A `fw samp` rule uid: `<5ac3965f,00000000,3403a8c0,0000264a>` (four 8-digit hex words).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SampUid(String);
+
+impl SampUid {
+    /// Accepts only the documented shape, so a uid read back from a gateway is safe to send.
+    pub fn parse(text: &str) -> Option<Self> {
+        let inner = text.strip_prefix('<')?.strip_suffix('>')?;
+        let words: Vec<&str> = inner.split(',').collect();
+        let ok = words.len() == 4
+            && words
+                .iter()
+                .all(|w| w.len() == 8 && w.bytes().all(|b| b.is_ascii_hexdigit()));
+        ok.then(|| Self(text.to_ascii_lowercase()))
+    }
+}
+
+impl fmt::Display for SampUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which command form carries rules to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamMode {
+    /// Legacy `fw sam`: immediate, everywhere; cancel by repeating the flags with `-C`.
+    FwSam,
+    /// `fw samp` (R80.20+): persistent across reboot, named and tagged.
+    FwSamp,
+}
+
+/// What to do with each rule of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Block,
+    Unblock,
+}
+
+/// The marker each batch line prints: `samgate-rule <index> <exit status>`.
+pub const OUTCOME_MARKER: &str = "samgate-rule";
+
+/// One script for a batch of rules: each rule's command followed by an `echo` of its index and
+/// exit status, so one `run-script` yields a result per rule. `fw samp` batches end with the
+/// flush rule. Unblocking in `fw_samp` mode needs the rule uids, see [`fw_samp_del`].
+pub fn batch_script(
+    rules: &[SamRule],
+    mode: SamMode,
+    operation: Operation,
+) -> Result<String, RenderError> {
+    let mut script = format!("# samgate: {} rule(s)\n", rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        let command = match (mode, operation) {
+            (SamMode::FwSam, Operation::Block) => rule.fw_sam(),
+            (SamMode::FwSam, Operation::Unblock) => rule.fw_sam_cancel(),
+            (SamMode::FwSamp, Operation::Block) => rule.fw_samp_add()?,
+            (SamMode::FwSamp, Operation::Unblock) => return Err(RenderError::SampUnblockNeedsUid),
+        };
+        script.push_str(&format!("{command}; echo \"{OUTCOME_MARKER} {i} $?\"\n"));
+    }
+    if mode == SamMode::FwSamp {
+        script.push_str(FW_SAMP_FLUSH);
+        script.push_str(" >/dev/null\n");
+    }
+    Ok(script)
+}
+
+/// The exit status of each of `count` rules from a batch script's output (`None`: no line, e.g.
+/// the script was cut short).
+pub fn parse_outcomes(output: &str, count: usize) -> Vec<Option<i32>> {
+    let mut outcomes = vec![None; count];
+    for line in output.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some(OUTCOME_MARKER) {
+            continue;
+        }
+        let index = words.next().and_then(|w| w.parse::<usize>().ok());
+        let status = words.next().and_then(|w| w.parse::<i32>().ok());
+        if let (Some(index), Some(status)) = (index, status) {
+            if let Some(slot) = outcomes.get_mut(index) {
+                *slot = Some(status);
+            }
+        }
+    }
+    outcomes
+}
+
+/// One line of `fw samp get`: `operation=add uid=<…> target=all timeout=300 action=notify …`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampEntry {
+    pub uid: Option<SampUid>,
+    /// Every `key=value` of the line, `\ ` unescaped.
+    pub fields: BTreeMap<String, String>,
+}
+
+impl SampEntry {
+    /// The samgate key in the rule's comment (`samgate:<key>`), if samgate made it.
+    pub fn samgate_key(&self) -> Option<RuleKey> {
+        self.fields
+            .get("comment")
+            .and_then(|c| c.strip_prefix("samgate:"))
+            .and_then(RuleKey::parse)
+    }
+}
+
+/// Parses `fw samp get` output (default format, one rule per line).
+pub fn parse_samp_get(output: &str) -> Vec<SampEntry> {
+    output
+        .lines()
+        .filter(|l| l.contains("uid="))
+        .map(|line| {
+            let fields: BTreeMap<String, String> = split_escaped(line)
+                .into_iter()
+                .filter_map(|word| {
+                    word.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                })
+                .collect();
+            SampEntry {
+                uid: fields.get("uid").and_then(|u| SampUid::parse(u)),
+                fields,
+            }
+        })
+        .collect()
+}
+
+/// Splits on spaces that are not backslash-escaped, unescaping `\ `.
+fn split_escaped(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            ' ' | '\t' => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+/// One active `fw sam` rule as `fw sam -M` lists it. The real listing format is undocumented; the
+/// simulator (and this parser) use the SAM log record formats of the CLI reference:
+/// `<type>,<actions>,<expire>,<ipaddr>` and `<type>,<actions>,<expire>,<src>,<dst>,<dport>,<ip_p>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SamMonitorEntry {
+    pub kind: String,
+    pub actions: String,
+    /// Unix time the rule expires, `None` for "never".
+    pub expires: Option<i64>,
+    pub addresses: Vec<String>,
+}
+
+/// Parses `fw sam -M` output (see [`SamMonitorEntry`]); other lines are ignored.
+pub fn parse_sam_monitor(output: &str) -> Vec<SamMonitorEntry> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let parts: Vec<&str> = line.trim().split(',').map(str::trim).collect();
+            if parts.len() != 4 && parts.len() != 7 {
+                return None;
+            }
+            let expires = match parts[2] {
+                "never" | "0" => None,
+                t => Some(t.parse().ok()?),
+            };
+            Some(SamMonitorEntry {
+                kind: parts[0].to_owned(),
+                actions: parts[1].to_owned(),
+                expires,
+                addresses: parts[3..].iter().map(|s| s.to_string()).collect(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(action: SamAction, close: bool, criteria: Criteria) -> SamRule {
+        SamRule {
+            action,
+            close_connections: close,
+            criteria,
+            timeout_secs: Some(3600),
+            log: LogType::Log,
+            key: None,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn fw_sam_action_flags_and_criteria_follow_the_cli_reference() {
+        let cases = [
+            (
+                SamAction::Drop,
+                true,
+                Criteria::Src(ip("192.0.2.1")),
+                "fw sam -t 3600 -l long_noalert -J src 192.0.2.1",
+            ),
+            (
+                SamAction::Drop,
+                false,
+                Criteria::Dst(ip("192.0.2.1")),
+                "fw sam -t 3600 -l long_noalert -j dst 192.0.2.1",
+            ),
+            (
+                SamAction::Reject,
+                true,
+                Criteria::Any(ip("192.0.2.1")),
+                "fw sam -t 3600 -l long_noalert -I any 192.0.2.1",
+            ),
+            (
+                SamAction::Reject,
+                false,
+                Criteria::SubSrc(net("10.1.0.0/16")),
+                "fw sam -t 3600 -l long_noalert -i subsrc 10.1.0.0 255.255.0.0",
+            ),
+            (
+                SamAction::Notify,
+                false,
+                Criteria::SubDst(net("10.1.2.0/24")),
+                "fw sam -t 3600 -l long_noalert -n subdst 10.1.2.0 255.255.255.0",
+            ),
+            (
+                SamAction::Notify,
+                true,
+                Criteria::SubAny(net("10.0.0.0/8")),
+                "fw sam -t 3600 -l long_noalert -n subany 10.0.0.0 255.0.0.0",
+            ),
+            (
+                SamAction::Drop,
+                true,
+                Criteria::Src(ip("2001:db8::7")),
+                "fw6 sam -t 3600 -l long_noalert -J src 2001:db8::7",
+            ),
+            (
+                SamAction::Drop,
+                true,
+                Criteria::SubSrc(net("2001:db8::/48")),
+                "fw6 sam -t 3600 -l long_noalert -J subsrc 2001:db8:: ffff:ffff:ffff::",
+            ),
+        ];
+        for (action, close, criteria, expected) in cases {
+            assert_eq!(rule(action, close, criteria).fw_sam(), expected);
+        }
+    }
+
+    #[test]
+    fn no_timeout_log_types_and_tags() {
+        let key = RuleKey::parse("00112233445566778899aabbccddeeff").unwrap();
+        let mut r = rule(SamAction::Drop, true, Criteria::Src(ip("192.0.2.9")));
+        r.timeout_secs = None;
+        r.log = LogType::Alert;
+        r.key = Some(key);
+        assert_eq!(
+            r.fw_sam(),
+            "fw sam -l long_alert -e name=samgate-0011223344556677+comment=samgate:00112233445566778899aabbccddeeff+originator=samgate -J src 192.0.2.9"
+        );
+        r.log = LogType::None;
+        assert!(r.fw_sam().contains("-l nolog"));
+    }
+
+    #[test]
+    fn cancel_repeats_the_block_flags_without_the_timeout() {
+        let mut r = rule(SamAction::Reject, true, Criteria::Any(ip("198.51.100.4")));
+        r.key = RuleKey::parse("ffffffffffffffffffffffffffffffff");
+        let block = r.fw_sam();
+        let cancel = r.fw_sam_cancel();
+        assert_eq!(cancel.replace(" -C", ""), block.replace(" -t 3600", ""));
+        assert!(cancel.contains(" -C -I any 198.51.100.4"));
+    }
+
+    #[test]
+    fn fw_samp_add_forms() {
+        let key = RuleKey::parse("0123456789abcdef0123456789abcdef").unwrap();
+        let mut r = rule(SamAction::Drop, true, Criteria::Src(ip("192.0.2.1")));
+        r.key = Some(key);
+        assert_eq!(
+            r.fw_samp_add().unwrap(),
+            "fw samp add -a d -l r -t 3600 -n samgate-0123456789abcdef -c samgate:0123456789abcdef0123456789abcdef -o samgate ip -C -s 192.0.2.1"
+        );
+        let r = rule(
+            SamAction::Notify,
+            false,
+            Criteria::SubDst(net("10.0.0.0/8")),
+        );
+        assert_eq!(
+            r.fw_samp_add().unwrap(),
+            "fw samp add -a n -l r -t 3600 ip -d 10.0.0.0 -M 255.0.0.0"
+        );
+        let r = rule(SamAction::Reject, false, Criteria::Src(ip("2001:db8::1")));
+        assert_eq!(
+            r.fw_samp_add().unwrap(),
+            "fw6 samp add -a r -l r -t 3600 ip -s 2001:db8::1"
+        );
+        let r = rule(SamAction::Drop, false, Criteria::Any(ip("192.0.2.1")));
+        assert!(r.fw_samp_add().is_err());
+    }
+
+    #[test]
+    fn samp_batch_and_del() {
+        let rules = [
+            rule(SamAction::Drop, false, Criteria::Src(ip("192.0.2.1"))),
+            rule(SamAction::Drop, false, Criteria::Src(ip("192.0.2.2"))),
+        ];
+        assert_eq!(
+            fw_samp_batch(&rules).unwrap(),
+            "fw samp batch <<'SAMGATE_BATCH'\nadd -a d -l r -t 3600 ip -s 192.0.2.1\nadd -a d -l r -t 3600 ip -s 192.0.2.2\nSAMGATE_BATCH\n"
+        );
+        let uid = SampUid::parse("<5ac3965f,00000000,3403a8c0,0000264a>").unwrap();
+        assert_eq!(
+            fw_samp_del(&uid, false),
+            "fw samp del '<5ac3965f,00000000,3403a8c0,0000264a>'"
+        );
+        assert!(SampUid::parse("<5ac3965f,0000,3403a8c0,0000264a>").is_none());
+        assert!(SampUid::parse("<5ac3965f,00000000,3403a8c0,0000264a>;reboot").is_none());
+    }
+
+    #[test]
+    fn batch_script_reports_each_rule() {
+        let rules: Vec<SamRule> = (1..=3)
+            .map(|i| {
+                rule(
+                    SamAction::Drop,
+                    true,
+                    Criteria::Src(ip(&format!("192.0.2.{i}"))),
+                )
+            })
+            .collect();
+        let script = batch_script(&rules, SamMode::FwSam, Operation::Block).unwrap();
+        assert_eq!(script.lines().count(), 4);
+        assert!(script.contains(
+            "fw sam -t 3600 -l long_noalert -J src 192.0.2.2; echo \"samgate-rule 1 $?\""
+        ));
+        let samp = batch_script(&rules, SamMode::FwSamp, Operation::Block).unwrap();
+        assert!(samp.ends_with("fw samp add -t 2 quota flush true >/dev/null\n"));
+        let output = "samgate-rule 0 0\nsome stderr\nsamgate-rule 2 1\nsamgate-rule 9 0\n";
+        assert_eq!(parse_outcomes(output, 3), vec![Some(0), None, Some(1)]);
+    }
+
+    #[test]
+    fn samp_get_listing_parses_escaped_fields() {
+        let out = "operation=add uid=<5ac3965f,00000000,3403a8c0,0000264a> target=all timeout=300 action=notify log=log name=Test\\ Rule comment=samgate:0123456789abcdef0123456789abcdef originator=John\\ Doe src_ip_addr=1.1.1.1 req_tpe=ip\n";
+        let entries = parse_samp_get(out);
+        assert_eq!(entries.len(), 1);
+        let e = &entries[0];
+        assert_eq!(e.fields["name"], "Test Rule");
+        assert_eq!(e.fields["originator"], "John Doe");
+        assert_eq!(e.fields["src_ip_addr"], "1.1.1.1");
+        assert_eq!(
+            e.uid.as_ref().unwrap().to_string(),
+            "<5ac3965f,00000000,3403a8c0,0000264a>"
+        );
+        assert_eq!(
+            e.samgate_key().unwrap().to_string(),
+            "0123456789abcdef0123456789abcdef"
+        );
+    }
+
+    #[test]
+    fn sam_monitor_listing_parses_both_record_forms() {
+        let out = "src,drop|close,1763640000,192.0.2.1\nsrv,reject,never,192.0.2.1,192.0.2.2,22,6\nnoise\n";
+        let entries = parse_sam_monitor(out);
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].expires, Some(1_763_640_000));
+        assert_eq!(entries[1].expires, None);
+        assert_eq!(entries[1].addresses.len(), 4);
+    }
+
+    #[test]
+    fn keys_parse_only_hex() {
+        assert!(RuleKey::parse("0123456789abcdef0123456789abcdeF").is_some());
+        assert!(RuleKey::parse("0123456789abcdef0123456789abcde;").is_none());
+        assert!(RuleKey::parse("short").is_none());
+    }
+
+    proptest::proptest! {
+        /// Whatever text an attacker controls, it can only choose among typed values; every
+        /// script samgate renders is made of a fixed alphabet with no shell metacharacters
+        /// beyond the ones the template itself uses.
+        #[test]
+        fn arbitrary_text_cannot_reach_a_script(text in ".*", bits in proptest::num::u128::ANY, prefix in 0u8..=128, t in proptest::option::of(proptest::num::u32::ANY)) {
+            // The only way event text can influence a rule is through parsing into typed values.
+            let address: Option<IpAddr> = text.trim().parse().ok();
+            let v6 = std::net::Ipv6Addr::from(bits);
+            let net = IpNet::new(IpAddr::V6(v6), prefix).unwrap().trunc();
+            let key = RuleKey::from_bytes(bits.to_be_bytes());
+            let mut rules = vec![SamRule { action: SamAction::Drop, close_connections: true, criteria: Criteria::SubSrc(net), timeout_secs: t, log: LogType::Alert, key: Some(key) }];
+            if let Some(address) = address {
+                rules.push(SamRule { action: SamAction::Reject, close_connections: false, criteria: Criteria::Src(address), timeout_secs: t, log: LogType::None, key: None });
+            }
+            for mode in [SamMode::FwSam, SamMode::FwSamp] {
+                let script = batch_script(&rules, mode, Operation::Block).unwrap();
+                for line in script.lines().skip(1) {
+                    let (command, echo) = line.split_once("; echo").unwrap_or((line, ""));
+                    proptest::prop_assert!(echo.is_empty() || echo.starts_with(" \"samgate-rule "));
+                    // Commands are words of [A-Za-z0-9.:_+=/-] separated by single spaces.
+                    let command = command.trim_end_matches(" >/dev/null");
+                    proptest::prop_assert!(
+                        command.bytes().all(|b| b.is_ascii_alphanumeric() || b" .:_+=/-".contains(&b)),
+                        "unsafe byte in {:?}", command
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,778 @@
+//! A Check Point management server and its gateways, faithful enough for tests, the demo,
+//! benchmarks and labs (`samgate simulate checkpoint`). It follows §7 of the protocol reference:
+//! versioned `/web_api` paths, login by password or API key with a per-admin login limit, idle
+//! session expiry and a session cap, `run-script` as tasks that progress over time, `show-task`
+//! with base64 output, the documented error bodies, and faults on demand. Scripts run on
+//! [`gateway::Gateway`]s, which interpret `fw sam` and `fw samp` for real.
+//!
+//! `GET /sim/state` shows everything the firewall was asked and what it holds; `POST /sim/faults`
+//! switches faults on and off at runtime.
+
+pub mod gateway;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use gateway::Gateway;
+
+/// API versions this simulator understands in URLs (the official table, R80 to R82).
+pub const API_VERSIONS: &[&str] = &[
+    "1", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.6.1", "1.7", "1.7.1", "1.8", "1.8.1", "1.9",
+    "1.9.1", "2", "2.0.1",
+];
+
+/// How the simulated management server behaves.
+#[derive(Debug, Clone)]
+pub struct SimulatorConfig {
+    pub listen: SocketAddr,
+    /// Serve HTTPS with a fresh self-signed certificate (else plain HTTP).
+    pub tls: bool,
+    /// Administrators with passwords.
+    pub users: Vec<(String, String)>,
+    /// The API key accepted at login (an API-key administrator named `api-admin`).
+    pub api_key: String,
+    pub gateways: Vec<String>,
+    /// What `login` announces as `api-server-version`.
+    pub api_version: String,
+    /// Most concurrent sessions (the real server allows 100).
+    pub max_sessions: usize,
+    /// Logins per minute per (administrator, domain); R81+ allows 3.
+    pub logins_per_minute: u32,
+    /// HTTP status of an `err_too_many_requests` answer (unconfirmed on real servers).
+    pub login_limit_status: u16,
+    /// How long a run-script task stays `in progress`.
+    pub task_duration: Duration,
+    pub faults: Faults,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: true,
+            users: vec![("admin".into(), "admin123".into())],
+            api_key: random_token(24),
+            gateways: vec!["gw-1".into(), "gw-2".into()],
+            api_version: "1.8".into(),
+            max_sessions: 100,
+            logins_per_minute: 3,
+            login_limit_status: 429,
+            task_duration: Duration::from_millis(1000),
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// Faults on demand. Counters (`*_next`) apply to that many upcoming API calls, then clear.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Added before every API answer.
+    pub latency_ms: u64,
+    /// Answer the next N calls with an nginx-style HTML 502.
+    pub html_502_next: u32,
+    /// Answer the next N calls with an HTML 403 (API access not allowed from this address).
+    pub html_403_next: u32,
+    /// Answer the next N calls with HTTP 500 `generic_internal_error`.
+    pub http_500_next: u32,
+    /// Make every run-script task end with this status (`failed`, `partially succeeded`, …).
+    pub task_status: Option<String>,
+    /// Gateways that answer as unknown targets (404 `generic_err_object_not_found`).
+    pub unknown_targets: Vec<String>,
+}
+
+/// A partial update of [`Faults`] (`POST /sim/faults`); `expire_sessions` drops every session.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultsUpdate {
+    pub latency_ms: Option<u64>,
+    pub html_502_next: Option<u32>,
+    pub html_403_next: Option<u32>,
+    pub http_500_next: Option<u32>,
+    pub task_status: Option<Option<String>>,
+    pub unknown_targets: Option<Vec<String>>,
+    pub logins_per_minute: Option<u32>,
+    pub expire_sessions: bool,
+    /// Clear every fault.
+    pub clear: bool,
+}
+
+#[derive(Debug)]
+struct SimSession {
+    uid: String,
+    admin: String,
+    timeout: Duration,
+    last_seen: Instant,
+}
+
+#[derive(Debug)]
+struct SimTask {
+    target: String,
+    gateway_uid: String,
+    created: Instant,
+    duration: Duration,
+    outcome: gateway::ScriptOutcome,
+    status_override: Option<String>,
+    transaction: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ScriptRecord {
+    at: i64,
+    name: String,
+    targets: Vec<String>,
+    script: String,
+}
+
+#[derive(Debug, Serialize)]
+struct SimGateway {
+    uid: String,
+    #[serde(flatten)]
+    tables: Gateway,
+}
+
+struct SimState {
+    config: SimulatorConfig,
+    sessions: HashMap<String, SimSession>,
+    login_log: HashMap<String, VecDeque<Instant>>,
+    tasks: HashMap<String, SimTask>,
+    gateways: BTreeMap<String, SimGateway>,
+    logins: u64,
+    failed_logins: u64,
+    rate_limited_logins: u64,
+    calls: BTreeMap<String, u64>,
+    scripts: VecDeque<ScriptRecord>,
+    scripts_total: u64,
+    faults: Faults,
+}
+
+/// Scripts kept for `/sim/state` (the newest); `scripts_total` counts all.
+const KEPT_SCRIPTS: usize = 1000;
+
+type Shared = Arc<Mutex<SimState>>;
+
+/// A running simulator.
+pub struct RunningSimulator {
+    pub addr: SocketAddr,
+    /// `https://127.0.0.1:PORT` (or `http://`).
+    pub url: String,
+    /// SHA-256 fingerprint of the certificate (HTTPS only), colon-separated hex.
+    pub fingerprint: Option<String>,
+    pub api_key: String,
+    handle: axum_server::Handle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningSimulator {
+    /// Stops serving and waits for the server to end.
+    pub async fn stop(self) {
+        self.handle.shutdown();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts a simulator; returns once it listens.
+pub async fn start(config: SimulatorConfig) -> anyhow::Result<RunningSimulator> {
+    let listener = TcpListener::bind(config.listen)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let gateways = config
+        .gateways
+        .iter()
+        .map(|name| {
+            let uid = uuid_like(&format!("gateway/{name}"));
+            (
+                name.clone(),
+                SimGateway {
+                    uid,
+                    tables: Gateway::default(),
+                },
+            )
+        })
+        .collect();
+    let state: Shared = Arc::new(Mutex::new(SimState {
+        faults: config.faults.clone(),
+        config: config.clone(),
+        sessions: HashMap::new(),
+        login_log: HashMap::new(),
+        tasks: HashMap::new(),
+        gateways,
+        logins: 0,
+        failed_logins: 0,
+        rate_limited_logins: 0,
+        calls: BTreeMap::new(),
+        scripts: VecDeque::new(),
+        scripts_total: 0,
+    }));
+    let app = Router::new()
+        .route("/sim/state", get(sim_state))
+        .route("/sim/faults", post(sim_faults))
+        .route("/{*path}", post(api))
+        .with_state(state);
+    let handle = axum_server::Handle::new();
+    let (url, fingerprint, task) = if config.tls {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
+        let der = certified.cert.der().clone();
+        let fingerprint = crate::checkpoint::tls::fingerprint(der.as_ref());
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()),
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![der], key)?;
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(server));
+        let server = axum_server::from_tcp_rustls(listener, tls).handle(handle.clone());
+        let task = tokio::spawn(server.serve(app.into_make_service()));
+        (format!("https://{addr}"), Some(fingerprint), task)
+    } else {
+        let server = axum_server::from_tcp(listener).handle(handle.clone());
+        let task = tokio::spawn(server.serve(app.into_make_service()));
+        (format!("http://{addr}"), None, task)
+    };
+    Ok(RunningSimulator {
+        addr,
+        url,
+        fingerprint,
+        api_key: config.api_key,
+        handle,
+        task,
+    })
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
+}
+
+fn posix(t: SystemTime) -> Value {
+    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    let iso = chrono::DateTime::<chrono::Utc>::from(t)
+        .format("%Y-%m-%dT%H:%M%z")
+        .to_string();
+    json!({"posix": ms, "iso-8601": iso})
+}
+
+/// Random-looking text (URL-safe base64 of a hash of time, process and a counter).
+fn random_token(bytes: usize) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = Vec::new();
+    while out.len() < bytes {
+        let seed = format!(
+            "{:?}/{}/{}/{}",
+            SystemTime::now(),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            out.len()
+        );
+        out.extend_from_slice(&Sha256::digest(seed.as_bytes()));
+    }
+    out.truncate(bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
+}
+
+fn uuid_like(seed: &str) -> String {
+    let h = Sha256::digest(format!("{seed}/{}", random_token(8)).as_bytes());
+    let hex: String = h.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+fn error(status: u16, code: &str, message: impl Into<String>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    (
+        status,
+        Json(json!({"code": code, "message": message.into()})),
+    )
+        .into_response()
+}
+
+fn html(status: StatusCode, title: &str) -> Response {
+    let body = format!("<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n");
+    (status, [("content-type", "text/html")], body).into_response()
+}
+
+async fn sim_state(State(state): State<Shared>) -> Json<Value> {
+    let mut s = state.lock().expect("sim state");
+    let now = now_unix();
+    for gw in s.gateways.values_mut() {
+        gw.tables.expire(now);
+    }
+    let live = Instant::now();
+    s.sessions
+        .retain(|_, sess| live.duration_since(sess.last_seen) < sess.timeout);
+    Json(json!({
+        "api_version": s.config.api_version,
+        "gateways": s.gateways,
+        "logins": s.logins,
+        "failed_logins": s.failed_logins,
+        "rate_limited_logins": s.rate_limited_logins,
+        "active_sessions": s.sessions.len(),
+        "calls": s.calls,
+        "scripts_total": s.scripts_total,
+        "scripts": s.scripts,
+        "tasks_total": s.tasks.len(),
+        "faults": s.faults,
+        "logins_per_minute": s.config.logins_per_minute,
+    }))
+}
+
+async fn sim_faults(State(state): State<Shared>, Json(update): Json<FaultsUpdate>) -> Json<Faults> {
+    let mut s = state.lock().expect("sim state");
+    if update.clear {
+        s.faults = Faults::default();
+    }
+    let f = &mut s.faults;
+    if let Some(v) = update.latency_ms {
+        f.latency_ms = v;
+    }
+    if let Some(v) = update.html_502_next {
+        f.html_502_next = v;
+    }
+    if let Some(v) = update.html_403_next {
+        f.html_403_next = v;
+    }
+    if let Some(v) = update.http_500_next {
+        f.http_500_next = v;
+    }
+    if let Some(v) = update.task_status {
+        f.task_status = v;
+    }
+    if let Some(v) = update.unknown_targets {
+        f.unknown_targets = v;
+    }
+    if let Some(v) = update.logins_per_minute {
+        s.config.logins_per_minute = v;
+    }
+    if update.expire_sessions {
+        s.sessions.clear();
+    }
+    Json(s.faults.clone())
+}
+
+/// Every `POST …/web_api[/vX]/<command>`.
+async fn api(
+    State(state): State<Shared>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let latency = state.lock().expect("sim state").faults.latency_ms;
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let mut s = state.lock().expect("sim state");
+    if s.faults.html_502_next > 0 {
+        s.faults.html_502_next -= 1;
+        return html(StatusCode::BAD_GATEWAY, "502 Bad Gateway");
+    }
+    if s.faults.html_403_next > 0 {
+        s.faults.html_403_next -= 1;
+        return html(StatusCode::FORBIDDEN, "403 Forbidden");
+    }
+    if s.faults.http_500_next > 0 {
+        s.faults.http_500_next -= 1;
+        return error(
+            500,
+            "generic_internal_error",
+            "Internal error. Please try again later.",
+        );
+    }
+    // [<cloud-id>/]web_api[/v<version>]/<command>
+    let segments: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let Some(at) = segments.iter().position(|p| *p == "web_api") else {
+        return error(
+            404,
+            "generic_err_command_not_found",
+            format!("Unknown path /{path}"),
+        );
+    };
+    let (version, command) = match &segments[at + 1..] {
+        [command] => (None, *command),
+        [version, command] if version.starts_with('v') => (Some(&version[1..]), *command),
+        _ => {
+            return error(
+                404,
+                "generic_err_command_not_found",
+                format!("Unknown path /{path}"),
+            )
+        }
+    };
+    if let Some(v) = version {
+        if !API_VERSIONS.contains(&v) {
+            return error(
+                400,
+                "err_unknown_api_version",
+                format!("Unknown API version: {v}"),
+            );
+        }
+    }
+    let request: Value = if body.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                return error(
+                    400,
+                    "generic_err_invalid_syntax",
+                    "Invalid syntax: the request body must be a JSON object",
+                )
+            }
+        }
+    };
+    const COMMANDS: &[&str] = &[
+        "login",
+        "logout",
+        "keepalive",
+        "discard",
+        "run-script",
+        "show-task",
+        "show-session",
+        "show-api-versions",
+        "show-gateways-and-servers",
+        "publish",
+    ];
+    if !COMMANDS.contains(&command) {
+        return error(
+            404,
+            "generic_err_command_not_found",
+            format!("Command not found: {command}"),
+        );
+    }
+    *s.calls.entry(command.to_owned()).or_default() += 1;
+    if command == "login" {
+        return login(&mut s, &request);
+    }
+    let sid = match headers.get("x-chkp-sid").and_then(|v| v.to_str().ok()) {
+        Some(sid) => sid.to_owned(),
+        None => {
+            return error(
+                400,
+                "generic_err_missing_required_header",
+                "Missing header: [X-chkp-sid]",
+            )
+        }
+    };
+    let now = Instant::now();
+    let fresh = match s.sessions.get_mut(&sid) {
+        Some(session) if now.duration_since(session.last_seen) < session.timeout => {
+            session.last_seen = now;
+            true
+        }
+        _ => false,
+    };
+    if !fresh {
+        s.sessions.remove(&sid);
+        return error(401, "generic_err_wrong_session_id", "Wrong session id [***]. Session may be expired. Please check session id and resend the request");
+    }
+    match command {
+        "keepalive" => Json(json!({"message": "OK"})).into_response(),
+        "logout" => {
+            s.sessions.remove(&sid);
+            Json(json!({"message": "OK"})).into_response()
+        }
+        "discard" => {
+            Json(json!({"message": "OK", "number-of-discarded-changes": 0})).into_response()
+        }
+        "publish" => Json(json!({"task-id": uuid_like("publish")})).into_response(),
+        "show-session" => {
+            let session = &s.sessions[&sid];
+            Json(json!({"uid": session.uid, "type": "session", "user-name": session.admin,
+                "domain": {"name": "SMC User", "domain-type": "domain", "uid": "41e821a0-3720-11e3-aa6e-0800200c9fde"},
+                "expired-session": false, "state": "open"})).into_response()
+        }
+        "show-api-versions" => Json(
+            json!({"current-version": s.config.api_version, "supported-versions": API_VERSIONS}),
+        )
+        .into_response(),
+        "show-gateways-and-servers" => {
+            let objects: Vec<Value> = s
+                .gateways
+                .iter()
+                .map(|(name, gw)| {
+                    json!({"uid": gw.uid, "name": name, "type": "simple-gateway",
+                "domain": {"name": "SMC User", "domain-type": "domain"}})
+                })
+                .collect();
+            let total = objects.len();
+            Json(json!({"objects": objects, "from": 1, "to": total, "total": total}))
+                .into_response()
+        }
+        "run-script" => run_script(&mut s, &request),
+        "show-task" => show_task(&s, &request),
+        _ => error(
+            404,
+            "generic_err_command_not_found",
+            format!("Command not found: {command}"),
+        ),
+    }
+}
+
+fn login(s: &mut SimState, request: &Value) -> Response {
+    let admin = match (
+        request["user"].as_str(),
+        request["password"].as_str(),
+        request["api-key"].as_str(),
+    ) {
+        (Some(user), Some(password), None)
+            if s.config
+                .users
+                .iter()
+                .any(|(u, p)| u == user && p == password) =>
+        {
+            user.to_owned()
+        }
+        (None, None, Some(key)) if key == s.config.api_key => "api-admin".to_owned(),
+        _ => {
+            s.failed_logins += 1;
+            return error(400, "err_login_failed", "Authentication to server failed.");
+        }
+    };
+    let domain = request["domain"].as_str().unwrap_or("SMC User").to_owned();
+    let now = Instant::now();
+    let per_minute = s.config.logins_per_minute as usize;
+    let log = s.login_log.entry(format!("{admin}/{domain}")).or_default();
+    while log
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+    {
+        log.pop_front();
+    }
+    if log.len() >= per_minute {
+        s.rate_limited_logins += 1;
+        return error(
+            s.config.login_limit_status,
+            "err_too_many_requests",
+            "Too many requests in a given amount of time",
+        );
+    }
+    let timeout = match request.get("session-timeout") {
+        None => 600,
+        Some(t) => match t.as_u64() {
+            Some(t) if (10..=3600).contains(&t) => t,
+            _ => return error(
+                400,
+                "generic_err_invalid_parameter",
+                "Invalid parameter for [session-timeout]. The value must be between 10 and 3600",
+            ),
+        },
+    };
+    s.sessions
+        .retain(|_, sess| now.duration_since(sess.last_seen) < sess.timeout);
+    if s.sessions.len() >= s.config.max_sessions {
+        return error(
+            400,
+            "err_login_failed_more_than_one_opened_session",
+            "Maximum number of concurrent sessions reached",
+        );
+    }
+    log.push_back(now);
+    s.logins += 1;
+    let sid = random_token(32);
+    let uid = uuid_like("session");
+    s.sessions.insert(
+        sid.clone(),
+        SimSession {
+            uid: uid.clone(),
+            admin,
+            timeout: Duration::from_secs(timeout),
+            last_seen: now,
+        },
+    );
+    Json(json!({
+        "uid": uid,
+        "sid": sid,
+        "url": format!("https://127.0.0.1/web_api"),
+        "session-timeout": timeout,
+        "last-login-was-at": posix(SystemTime::now()),
+        "read-only": false,
+        "api-server-version": s.config.api_version,
+    }))
+    .into_response()
+}
+
+fn run_script(s: &mut SimState, request: &Value) -> Response {
+    let script = match (
+        request["script"].as_str(),
+        request["script-base64"].as_str(),
+    ) {
+        (Some(script), _) => script.to_owned(),
+        (None, Some(encoded)) => match base64::engine::general_purpose::STANDARD.decode(encoded) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(_) => {
+                return error(
+                    400,
+                    "generic_err_invalid_parameter",
+                    "Invalid parameter for [script-base64]",
+                )
+            }
+        },
+        (None, None) => {
+            return error(
+                400,
+                "generic_err_missing_required_parameters",
+                "Missing parameter: [script]",
+            )
+        }
+    };
+    let targets: Vec<String> = match &request["targets"] {
+        Value::String(t) => vec![t.clone()],
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    };
+    if targets.is_empty() {
+        return error(
+            400,
+            "generic_err_missing_required_parameters",
+            "Missing parameter: [targets]",
+        );
+    }
+    for target in &targets {
+        if !s.gateways.contains_key(target) || s.faults.unknown_targets.contains(target) {
+            return error(
+                404,
+                "generic_err_object_not_found",
+                format!("Requested object [{target}] not found"),
+            );
+        }
+    }
+    let name = request["script-name"].as_str().unwrap_or("").to_owned();
+    s.scripts_total += 1;
+    s.scripts.push_back(ScriptRecord {
+        at: now_unix(),
+        name: name.clone(),
+        targets: targets.clone(),
+        script: script.clone(),
+    });
+    while s.scripts.len() > KEPT_SCRIPTS {
+        s.scripts.pop_front();
+    }
+    let now = now_unix();
+    let mut tasks = Vec::new();
+    for target in targets {
+        let gw = s.gateways.get_mut(&target).expect("checked above");
+        let outcome = gw.tables.run_script(&script, now);
+        let gateway_uid = gw.uid.clone();
+        let task_id = uuid_like("task");
+        let transaction = s.scripts_total;
+        s.tasks.insert(
+            task_id.clone(),
+            SimTask {
+                target: target.clone(),
+                gateway_uid,
+                created: Instant::now(),
+                duration: s.config.task_duration,
+                outcome,
+                status_override: s.faults.task_status.clone(),
+                transaction,
+            },
+        );
+        tasks.push(json!({"target": target, "task-id": task_id}));
+    }
+    Json(json!({"tasks": tasks})).into_response()
+}
+
+fn show_task(s: &SimState, request: &Value) -> Response {
+    let ids: Vec<String> = match &request["task-id"] {
+        Value::String(id) => vec![id.clone()],
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect(),
+        _ => {
+            return error(
+                400,
+                "generic_err_missing_required_parameters",
+                "Missing parameter: [task-id]",
+            )
+        }
+    };
+    let full = request["details-level"].as_str() == Some("full");
+    let mut tasks = Vec::new();
+    for id in ids {
+        let Some(task) = s.tasks.get(&id) else {
+            return error(
+                404,
+                "generic_err_object_not_found",
+                format!("Requested object [{id}] not found"),
+            );
+        };
+        let elapsed = task.created.elapsed();
+        let done = elapsed >= task.duration;
+        let progress = if done {
+            100
+        } else {
+            (elapsed.as_millis() * 100 / task.duration.as_millis().max(1)).min(99) as u64
+        };
+        let status = if !done {
+            "in progress".to_owned()
+        } else if let Some(status) = &task.status_override {
+            status.clone()
+        } else if task.outcome.exit == 0 {
+            "succeeded".to_owned()
+        } else {
+            "failed".to_owned()
+        };
+        let name = format!("{} - run-script", task.target);
+        let mut value = json!({"task-id": id, "task-name": name, "name": name, "status": status,
+            "progress-percentage": progress, "suppressed": false, "type": "CdmTaskNotification",
+            "comments": if done { "Completed" } else { "" }});
+        if full {
+            let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+            let (message, err) = if done {
+                (b64(&task.outcome.stdout), b64(&task.outcome.stderr))
+            } else {
+                (String::new(), String::new())
+            };
+            let code = if !done {
+                "in progress"
+            } else if status == "succeeded" {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            let description = if done && task.outcome.exit != 0 {
+                format!("Script exited with code {}", task.outcome.exit)
+            } else {
+                String::new()
+            };
+            value["task-details"] = json!([{
+                "statusCode": code, "statusDescription": description,
+                "responseMessage": message, "responseError": err,
+                "gatewayId": task.gateway_uid, "gatewayName": task.target,
+                "transactionId": task.transaction, "name": null, "display-name": "", "color": "black",
+            }]);
+        }
+        tasks.push(value);
+    }
+    Json(json!({"tasks": tasks})).into_response()
+}
