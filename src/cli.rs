@@ -40,6 +40,64 @@ pub enum Command {
     CheckConfig(ConfigArgs),
     /// Create the topics samgate uses, if missing, with the configured partitions.
     CreateTopics(ConfigArgs),
+    /// Run a simulator of a system samgate talks to.
+    #[command(subcommand)]
+    Simulate(Simulate),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Simulate {
+    /// A Check Point management server with gateways (HTTPS, self-signed; prints its fingerprint).
+    Checkpoint(SimulateCheckpointArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateCheckpointArgs {
+    /// Address to listen on.
+    #[arg(long, env = "SAMGATE_SIM_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: std::net::SocketAddr,
+    /// Serve plain HTTP instead of HTTPS.
+    #[arg(long, env = "SAMGATE_SIM_HTTP")]
+    pub http: bool,
+    /// A gateway name (repeat for several).
+    #[arg(long = "gateway", env = "SAMGATE_SIM_GATEWAYS", value_delimiter = ',', default_values_t = vec!["gw-1".to_string(), "gw-2".to_string()])]
+    pub gateways: Vec<String>,
+    /// Administrator name.
+    #[arg(long, env = "SAMGATE_SIM_USER", default_value = "admin")]
+    pub user: String,
+    /// Administrator password.
+    #[arg(long, env = "SAMGATE_SIM_PASSWORD", default_value = "admin123")]
+    pub password: String,
+    /// API key accepted at login (default: a random one, printed at start).
+    #[arg(long, env = "SAMGATE_SIM_API_KEY")]
+    pub api_key: Option<String>,
+    /// API version announced at login.
+    #[arg(long, env = "SAMGATE_SIM_API_VERSION", default_value = "1.8")]
+    pub api_version: String,
+    /// How long each run-script task stays in progress.
+    #[arg(long, env = "SAMGATE_SIM_TASK_DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub task_duration: Duration,
+    /// Latency added to every API answer.
+    #[arg(long, env = "SAMGATE_SIM_LATENCY", value_parser = humantime::parse_duration, default_value = "0ms")]
+    pub latency: Duration,
+    /// Logins allowed per minute per administrator and domain.
+    #[arg(long, env = "SAMGATE_SIM_LOGINS_PER_MINUTE", default_value_t = 3)]
+    pub logins_per_minute: u32,
+    /// Most concurrent sessions.
+    #[arg(long, env = "SAMGATE_SIM_MAX_SESSIONS", default_value_t = 100)]
+    pub max_sessions: usize,
+    /// HTTP status of a login refused by the login limit.
+    #[arg(long, env = "SAMGATE_SIM_LOGIN_LIMIT_STATUS", default_value_t = 429)]
+    pub login_limit_status: u16,
+    /// Fault: end every task with this status (`failed`, `partially succeeded`).
+    #[arg(long, env = "SAMGATE_SIM_TASK_STATUS")]
+    pub task_status: Option<String>,
+    /// Fault: answer the first N calls with an HTML 502.
+    #[arg(long, env = "SAMGATE_SIM_HTML_502", default_value_t = 0)]
+    pub html_502: u32,
+    /// Fault: answer the first N calls with HTTP 500.
+    #[arg(long, env = "SAMGATE_SIM_HTTP_500", default_value_t = 0)]
+    pub http_500: u32,
 }
 
 #[derive(Debug, Args)]
@@ -104,6 +162,15 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             }
             Err(e) => fail(&e.to_string()),
         },
+        Command::Simulate(Simulate::Checkpoint(args)) => {
+            if let Err(e) = logging::init(cli.log_format, &cli.log, None) {
+                return fail(&e.to_string());
+            }
+            match simulate_checkpoint(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("simulator: {e:#}")),
+            }
+        }
         Command::CreateTopics(args) => {
             let config = match load_config(args.config.as_deref()) {
                 Ok(c) => c,
@@ -121,6 +188,64 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
                 Err(e) => fail(&e.to_string()),
             }
         }
+    }
+}
+
+async fn simulate_checkpoint(args: SimulateCheckpointArgs) -> anyhow::Result<()> {
+    use crate::simulator::{self, Faults, SimulatorConfig};
+    let defaults = SimulatorConfig::default();
+    let config = SimulatorConfig {
+        listen: args.listen,
+        tls: !args.http,
+        users: vec![(args.user.clone(), args.password.clone())],
+        api_key: args.api_key.unwrap_or(defaults.api_key),
+        gateways: args.gateways.clone(),
+        api_version: args.api_version,
+        max_sessions: args.max_sessions,
+        logins_per_minute: args.logins_per_minute,
+        login_limit_status: args.login_limit_status,
+        task_duration: args.task_duration,
+        faults: Faults {
+            latency_ms: args.latency.as_millis() as u64,
+            html_502_next: args.html_502,
+            http_500_next: args.http_500,
+            task_status: args.task_status,
+            ..Faults::default()
+        },
+    };
+    let running = simulator::start(config).await?;
+    println!("Check Point management API simulator");
+    println!("  web_api      {}/web_api", running.url);
+    println!("  user         {} / {}", args.user, args.password);
+    println!("  api-key      {}", running.api_key);
+    println!("  gateways     {}", args.gateways.join(", "));
+    if let Some(fp) = &running.fingerprint {
+        println!("  fingerprint  SHA-256 {fp}");
+    }
+    println!(
+        "  state        GET {}/sim/state   faults: POST {}/sim/faults",
+        running.url, running.url
+    );
+    shutdown_signal().await;
+    running.stop().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
     }
 }
 
