@@ -568,6 +568,12 @@ mod tests {
                 "shim.delivery_timeout",
             ),
             ("[shim]\nmax_line_bytes = 10", "shim.max_line_bytes"),
+            ("[checkpoint.servers.a]\nurl = \"ftp://x\"\napi_key = \"k\"", "checkpoint.servers.url"),
+            ("[checkpoint.servers.a]\nurl = \"https://x\"", "checkpoint.servers.api_key"),
+            ("[checkpoint.servers.a]\nurl = \"https://x\"\nuser = \"u\"\npassword = \"p\"\napi_key = \"k\"", "checkpoint.servers.api_key"),
+            ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nlogins_per_minute = 0", "checkpoint.servers.logins_per_minute"),
+            ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nsession_timeout = \"2h\"", "checkpoint.servers.session_timeout"),
+            ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\n[checkpoint.servers.a.tls]\nfingerprint_sha256 = \"AB:CD\"", "checkpoint.servers.tls.fingerprint_sha256"),
         ];
         for (toml, field) in cases {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
@@ -575,6 +581,25 @@ mod tests {
             assert_eq!(field_of(err), field, "{toml}");
             assert!(text.contains(field), "{text}");
         }
+    }
+
+    #[test]
+    fn a_management_server_validates_and_its_secrets_never_print() {
+        let c = Config::from_toml(
+            "[checkpoint.servers.hq]\nurl = \"https://mgmt.example.net\"\nuser = \"samgate\"\npassword = \"hunter2\"\n[checkpoint.servers.hq.tls]\nfingerprint_sha256 = \"ab:CD:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let hq = &c.checkpoint.servers["hq"];
+        assert_eq!(hq.logins_per_minute, 3);
+        assert_eq!(hq.session_timeout, Duration::from_secs(600));
+        assert_eq!(
+            hq.tls.normalized_fingerprint().unwrap(),
+            "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!serde_json::to_string(&c).unwrap().contains("hunter2"));
     }
 
     #[test]

@@ -478,3 +478,29 @@ fn logs_and_errors_never_contain_a_secret() {
         .find(|w| w.len() == 43);
     assert_eq!(sid_like, None, "a session id leaked");
 }
+
+#[tokio::test]
+async fn keepalive_holds_the_session_and_shutdown_logs_out() {
+    let sim = simulator(|_| {}).await;
+    let mut config = server_config(&sim);
+    config.session_timeout = Duration::from_secs(10); // the server's minimum
+    let client = Arc::new(client(&config));
+    client.call("keepalive", &json!({})).await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let keeper = tokio::spawn({
+        let client = client.clone();
+        let cancel = cancel.clone();
+        async move { client.run_keepalive(cancel).await }
+    });
+    // Longer than the idle timeout, with no calls of our own.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    client.call("keepalive", &json!({})).await.unwrap();
+    let s = state(&sim).await;
+    assert_eq!(s["logins"], 1, "the session never idled out");
+    assert!(s["calls"]["keepalive"].as_u64().unwrap() >= 3);
+    cancel.cancel();
+    keeper.await.unwrap();
+    let s = state(&sim).await;
+    assert_eq!(s["calls"]["logout"], 1);
+    assert_eq!(s["active_sessions"], 0);
+}
