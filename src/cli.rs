@@ -36,6 +36,8 @@ pub struct Cli {
 pub enum Command {
     /// Read Flowmon ADS events on stdin and publish them to Kafka (install this in ADS).
     Shim(ShimArgs),
+    /// The enforcement pipeline: consume events, decide, block on Check Point, report.
+    Run(RunArgs),
     /// Load and validate a configuration, then print it (secret values hidden).
     CheckConfig(ConfigArgs),
     /// Create the topics samgate uses, if missing, with the configured partitions.
@@ -101,6 +103,16 @@ pub struct SimulateCheckpointArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long, env = "SAMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Decide and report, but never call a firewall (overrides run.dry_run).
+    #[arg(long, env = "SAMGATE_DRY_RUN")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct ConfigArgs {
     /// Configuration file (TOML).
     #[arg(long, env = "SAMGATE_CONFIG")]
@@ -162,6 +174,31 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             }
             Err(e) => fail(&e.to_string()),
         },
+        Command::Run(args) => {
+            let mut config = match Config::load(args.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => return fail(&e.to_string()),
+            };
+            config.run.dry_run |= args.dry_run;
+            let config = match config.validate() {
+                Ok(c) => c,
+                Err(e) => return fail(&e.to_string()),
+            };
+            if let Err(e) = logging::init(cli.log_format, &cli.log, None) {
+                return fail(&e.to_string());
+            }
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let on_signal = cancel.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("signal received");
+                on_signal.cancel();
+            });
+            match crate::pipeline::run(config, cancel, |_| {}).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("run: {e:#}")),
+            }
+        }
         Command::Simulate(Simulate::Checkpoint(args)) => {
             if let Err(e) = logging::init(cli.log_format, &cli.log, None) {
                 return fail(&e.to_string());

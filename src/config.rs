@@ -24,6 +24,192 @@ pub struct Config {
     pub shim: ShimConfig,
     /// Check Point management servers samgate acts through.
     pub checkpoint: CheckpointConfig,
+    /// `samgate run`: the consumer group, batching, retries and the HTTP listener.
+    pub run: RunConfig,
+    /// What is acted on, and for how long.
+    pub policy: PolicyConfig,
+    /// Sites (Flowmon installations) and where their blocks go.
+    pub sites: BTreeMap<String, SiteConfig>,
+    /// Enforcement targets: a management server, its gateways, and how rules look.
+    pub targets: BTreeMap<String, TargetConfig>,
+}
+
+/// A duration written as text (`"1h"`, `"7d"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HumanDuration(#[serde(with = "humantime_serde")] pub Duration);
+
+/// `samgate run`: the consumer group, batching, retries and the HTTP listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Consumer group of every `samgate run` replica.
+    pub group_id: String,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub http_listen: std::net::SocketAddr,
+    /// Decide and report, but never call a firewall (outcome `dry_run`).
+    pub dry_run: bool,
+    /// Most events between consumption and their result (the backpressure bound).
+    pub max_in_flight: usize,
+    /// Most rules in one run-script.
+    pub batch_max_rules: usize,
+    /// Longest a rule waits for its batch to fill.
+    #[serde(with = "humantime_serde")]
+    pub batch_max_delay: Duration,
+    /// Concurrent run-script batches per management server.
+    pub server_concurrency: usize,
+    /// API calls per second per management server.
+    pub server_calls_per_second: u32,
+    /// First retry delay of a failed rule (doubles, with jitter).
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// After this long a rule that still fails is reported `failed` (and dead-lettered).
+    #[serde(with = "humantime_serde")]
+    pub retry_deadline: Duration,
+    /// On SIGTERM/SIGINT or revoke, how long in-flight work may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Most blocks remembered for dedupe and escalation (oldest expired first out).
+    pub max_tracked_blocks: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            group_id: "samgate".into(),
+            http_listen: std::net::SocketAddr::from(([0, 0, 0, 0], 9464)),
+            dry_run: false,
+            max_in_flight: 10_000,
+            batch_max_rules: 200,
+            batch_max_delay: Duration::from_millis(250),
+            server_concurrency: 2,
+            server_calls_per_second: 20,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            retry_deadline: Duration::from_secs(300),
+            shutdown_timeout: Duration::from_secs(30),
+            max_tracked_blocks: 1_000_000,
+        }
+    }
+}
+
+/// What is acted on, and for how long.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// ADS methods acted on, as `METHOD` or `METHOD/Subtype`. The default is the set Flowmon
+    /// recommends for blocking; DOS, SRVNA, REFLECTDOS, BROKENSEN, NATDET… are left out on
+    /// purpose: their "source" is a victim or infrastructure.
+    pub methods: Vec<String>,
+    /// Act on Flowmon IDS (signature) events too.
+    pub ids_events: bool,
+    /// Lowest priority acted on.
+    pub min_priority: crate::flowmon::Priority,
+    /// Act on events without a priority (ADS "Initiate response" by an analyst).
+    pub act_on_unknown_priority: bool,
+    /// Perspectives acted on; empty means any.
+    pub perspectives: Vec<String>,
+    /// Networks never blocked, at any site. The management servers' and collectors' addresses
+    /// are always added.
+    pub never_block: Vec<ipnet::IpNet>,
+    /// Block durations: the first block of a source takes the first step, each repeat within
+    /// `escalation_window` the next one, up to the last.
+    pub durations: Vec<HumanDuration>,
+    /// Critical events start one step up the ladder.
+    pub critical_skips_a_step: bool,
+    /// How long a block is remembered for escalation after it was made.
+    #[serde(with = "humantime_serde")]
+    pub escalation_window: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        let hours = |h: u64| HumanDuration(Duration::from_secs(h * 3600));
+        Self {
+            methods: [
+                "SCANS",
+                "RANDOMDOMAIN",
+                "BPATTERNS",
+                "DICTATTACK",
+                "SSHDICT",
+                "RDPDICT",
+                "BLACKLIST/BotnetActivities",
+                "BLACKLIST/MalwareDomains",
+                "BLACKLIST/BotnetDomains",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ids_events: false,
+            min_priority: crate::flowmon::Priority::Medium,
+            act_on_unknown_priority: false,
+            perspectives: Vec::new(),
+            never_block: Vec::new(),
+            durations: vec![hours(1), hours(6), hours(24), hours(24 * 7)],
+            critical_skips_a_step: true,
+            escalation_window: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// A site: one Flowmon installation (or several collectors of one network).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Targets (names under `[targets]`) that enforce this site's blocks.
+    pub targets: Vec<String>,
+    /// Networks never blocked for this site (in addition to `policy.never_block`).
+    #[serde(default)]
+    pub never_block: Vec<ipnet::IpNet>,
+    /// Addresses of this site's Flowmon collectors: never blocked.
+    #[serde(default)]
+    pub collectors: Vec<std::net::IpAddr>,
+}
+
+/// Where and how a block is enforced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// A server under `[checkpoint.servers]`.
+    pub server: String,
+    /// Gateway (or cluster member) names the rule goes to, in one run-script.
+    pub gateways: Vec<String>,
+    /// `fw_sam` (immediate, everywhere) or `fw_samp` (R80.20+, persistent, named).
+    #[serde(default = "default_mode")]
+    pub mode: crate::checkpoint::sam::SamMode,
+    #[serde(default = "default_action")]
+    pub action: crate::checkpoint::sam::SamAction,
+    /// Also close the source's open connections.
+    #[serde(default = "default_true")]
+    pub close_connections: bool,
+    #[serde(default)]
+    pub log: crate::checkpoint::sam::LogType,
+    /// `src` blocks what the source initiates; `any` also connections to it (fw_sam only).
+    #[serde(default = "default_match")]
+    pub criteria: CriteriaKind,
+}
+
+/// How the event source becomes a rule's criteria.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CriteriaKind {
+    Src,
+    Any,
+}
+
+fn default_mode() -> crate::checkpoint::sam::SamMode {
+    crate::checkpoint::sam::SamMode::FwSam
+}
+fn default_action() -> crate::checkpoint::sam::SamAction {
+    crate::checkpoint::sam::SamAction::Drop
+}
+fn default_true() -> bool {
+    true
+}
+fn default_match() -> CriteriaKind {
+    CriteriaKind::Src
 }
 
 /// Check Point management servers samgate acts through.
@@ -161,6 +347,8 @@ pub struct TopicsConfig {
     pub results: String,
     /// Inputs samgate could not use, with the reason.
     pub dlq: String,
+    /// Active blocks, compacted, keyed by idempotency key; partitioned like `events`.
+    pub state: String,
 }
 
 impl Default for TopicsConfig {
@@ -169,6 +357,7 @@ impl Default for TopicsConfig {
             events: "samgate.events".into(),
             results: "samgate.results".into(),
             dlq: "samgate.dlq".into(),
+            state: "samgate.state".into(),
         }
     }
 }
@@ -296,6 +485,7 @@ impl Config {
             ("kafka.topics.events", &k.topics.events),
             ("kafka.topics.results", &k.topics.results),
             ("kafka.topics.dlq", &k.topics.dlq),
+            ("kafka.topics.state", &k.topics.state),
         ];
         for (field, name) in topics {
             validate_topic(field, name)?;
@@ -363,7 +553,137 @@ impl Config {
         for (name, server) in &self.checkpoint.servers {
             validate_server(name, server)?;
         }
+        self.validate_run()?;
         Ok(self)
+    }
+}
+
+impl Config {
+    fn validate_run(&self) -> Result<(), ConfigError> {
+        let r = &self.run;
+        if r.group_id.trim().is_empty() {
+            return Err(invalid(
+                "run.group_id",
+                "is empty",
+                "set a consumer group name",
+            ));
+        }
+        for (field, value, min, max) in [
+            ("run.max_in_flight", r.max_in_flight, 1, 1_000_000),
+            ("run.batch_max_rules", r.batch_max_rules, 1, 5_000),
+            ("run.server_concurrency", r.server_concurrency, 1, 64),
+            (
+                "run.max_tracked_blocks",
+                r.max_tracked_blocks,
+                1_000,
+                100_000_000,
+            ),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    field,
+                    problem: format!("{value} is out of range"),
+                    fix: "see samgate.example.toml for the allowed range",
+                });
+            }
+        }
+        if r.server_calls_per_second == 0 {
+            return Err(invalid(
+                "run.server_calls_per_second",
+                "is 0",
+                "use a positive number",
+            ));
+        }
+        if r.retry_initial.is_zero() || r.retry_max < r.retry_initial {
+            return Err(invalid(
+                "run.retry_max",
+                "is below run.retry_initial",
+                "make retry_max >= retry_initial > 0",
+            ));
+        }
+        let p = &self.policy;
+        if p.durations.is_empty() || p.durations.iter().any(|d| d.0.is_zero()) {
+            return Err(invalid(
+                "policy.durations",
+                "is empty or has a zero step",
+                "list positive durations, e.g. [\"1h\", \"6h\", \"24h\", \"7d\"]",
+            ));
+        }
+        if p.durations.windows(2).any(|w| w[1].0 < w[0].0) {
+            return Err(invalid(
+                "policy.durations",
+                "is not ascending",
+                "order the steps from shortest to longest",
+            ));
+        }
+        if p.durations
+            .iter()
+            .any(|d| d.0.as_secs() > u64::from(u32::MAX))
+        {
+            return Err(invalid(
+                "policy.durations",
+                "has a step too long for a SAM timeout",
+                "keep steps under 136 years",
+            ));
+        }
+        for m in &p.methods {
+            if m.is_empty()
+                || !m
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'_')
+            {
+                return Err(invalid(
+                    "policy.methods",
+                    format!("{m:?} is not METHOD or METHOD/Subtype"),
+                    "use ADS method codes such as \"SCANS\" or \"BLACKLIST/BotnetDomains\"",
+                ));
+            }
+        }
+        for (site, config) in &self.sites {
+            validate_site("sites", site)?;
+            if config.targets.is_empty() {
+                return Err(invalid(
+                    "sites.targets",
+                    format!("site {site:?} has no targets"),
+                    "name at least one [targets.<name>]",
+                ));
+            }
+            for target in &config.targets {
+                if !self.targets.contains_key(target) {
+                    return Err(invalid(
+                        "sites.targets",
+                        format!("site {site:?} names unknown target {target:?}"),
+                        "define it under [targets]",
+                    ));
+                }
+            }
+        }
+        for (name, target) in &self.targets {
+            if !self.checkpoint.servers.contains_key(&target.server) {
+                return Err(invalid(
+                    "targets.server",
+                    format!("target {name:?} names unknown server {:?}", target.server),
+                    "define it under [checkpoint.servers]",
+                ));
+            }
+            if target.gateways.is_empty() {
+                return Err(invalid(
+                    "targets.gateways",
+                    format!("target {name:?} has no gateways"),
+                    "list the gateway object names",
+                ));
+            }
+            if target.mode == crate::checkpoint::sam::SamMode::FwSamp
+                && target.criteria == CriteriaKind::Any
+            {
+                return Err(invalid(
+                    "targets.criteria",
+                    format!("target {name:?}: fw_samp rules cannot match `any`"),
+                    "use criteria = \"src\" or mode = \"fw_sam\"",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

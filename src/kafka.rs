@@ -165,3 +165,86 @@ async fn missing_topics(
     }
     Ok(missing)
 }
+
+/// Partitions of `topic` (which must exist).
+pub async fn partition_count(
+    kafka: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<i32, KafkaSetupError> {
+    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
+        base_config(kafka)
+            .create()
+            .map_err(KafkaSetupError::Client)?,
+    );
+    let name = topic.to_owned();
+    let metadata =
+        tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(Some(&name), timeout))
+            .await
+            .expect("metadata task panicked")
+            .map_err(|source| KafkaSetupError::Unreachable {
+                brokers: kafka.brokers.clone(),
+                timeout,
+                source,
+            })?;
+    let count = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len() as i32)
+        .unwrap_or(0);
+    if count == 0 {
+        return Err(KafkaSetupError::TopicMissing {
+            topic: topic.to_owned(),
+        });
+    }
+    Ok(count)
+}
+
+/// The block-state topic: compacted, with exactly as many partitions as the events topic (a
+/// state record goes to the partition number of its event). Created when missing and allowed.
+pub async fn ensure_state_topic(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Result<(), KafkaSetupError> {
+    match partition_count(kafka, topic, timeout).await {
+        Ok(n) if n >= partitions => return Ok(()),
+        Ok(n) => {
+            return Err(KafkaSetupError::CreateTopic {
+                topic: topic.to_owned(),
+                reason: format!("it has {n} partitions but the events topic has {partitions}; give it at least as many"),
+            })
+        }
+        Err(KafkaSetupError::TopicMissing { .. }) if kafka.create_topics => {}
+        Err(e) => return Err(e),
+    }
+    let admin: AdminClient<DefaultClientContext> = base_config(kafka)
+        .create()
+        .map_err(KafkaSetupError::Client)?;
+    let new_topic = NewTopic::new(
+        topic,
+        partitions,
+        TopicReplication::Fixed(kafka.replication_factor),
+    )
+    .set("cleanup.policy", "compact");
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    let results = admin
+        .create_topics([&new_topic], &options)
+        .await
+        .map_err(|source| KafkaSetupError::Unreachable {
+            brokers: kafka.brokers.clone(),
+            timeout,
+            source,
+        })?;
+    match results.into_iter().next() {
+        Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => {
+            info!(topic, partitions, "state topic ready (compacted)");
+            Ok(())
+        }
+        Some(Err((topic, code))) => Err(KafkaSetupError::CreateTopic {
+            topic,
+            reason: code.to_string(),
+        }),
+    }
+}

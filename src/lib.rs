@@ -3,6 +3,8 @@
 //! Module map, in the order data flows:
 //! - [`flowmon`]: Flowmon ADS/IDS stdin lines (TSV 14/15/16/17 fields, JSON) → [`flowmon::FlowmonEvent`]; pure.
 //! - [`event`]: the Kafka message formats: `samgate.event.v1` events and `samgate.dlq.v1` dead letters.
+//! - [`pipeline`]: `samgate run`: consume → decode → policy → dedupe → batch → enforce → report.
+//! - [`metrics`]: the one catalogue of Prometheus metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`shim`]: `samgate shim`, stdin → spool → Kafka, run by ADS as a custom script.
 //! - [`spool`]: the shim's durable local spool (segments, lock, settle).
 //! - [`kafka`]: client configuration and topic set-up shared by every subcommand.
@@ -18,8 +20,11 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod flowmon;
+pub mod http;
 pub mod kafka;
 pub mod logging;
+pub mod metrics;
+pub mod pipeline;
 pub mod secret;
 pub mod shim;
 pub mod simulator;

@@ -193,6 +193,7 @@ pub struct ManagementClient {
     logins: Mutex<LoginWindow>,
     login_count: AtomicU64,
     generation: AtomicU64,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for ManagementClient {
@@ -235,7 +236,14 @@ impl ManagementClient {
             }),
             login_count: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            metrics: None,
         })
+    }
+
+    /// Records requests, latency and logins in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Overrides how `show-task` is polled.
@@ -455,6 +463,9 @@ impl ManagementClient {
             last_used: Mutex::new(Instant::now()),
         });
         self.login_count.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.logins.with_label_values(&[&self.name]).inc();
+        }
         info!(
             server = self.name,
             api_version = api_version.as_deref().unwrap_or("latest"),
@@ -472,6 +483,29 @@ impl ManagementClient {
     }
 
     async fn post(
+        &self,
+        session: Option<&Session>,
+        command: &str,
+        body: &Value,
+    ) -> Result<Value, ApiError> {
+        let started = std::time::Instant::now();
+        let result = self.post_unmeasured(session, command, body).await;
+        if let Some(m) = &self.metrics {
+            let status = match &result {
+                Ok(_) => "ok",
+                Err(e) => e.kind(),
+            };
+            m.api_requests
+                .with_label_values(&[&self.name, command, status])
+                .inc();
+            m.api_latency
+                .with_label_values(&[&self.name, command])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn post_unmeasured(
         &self,
         session: Option<&Session>,
         command: &str,

@@ -195,3 +195,17 @@ pub fn assert_schema(schema_file: &str, value: &serde_json::Value) {
         .collect();
     assert!(errors.is_empty(), "{schema_file}: {errors:?}\n{value:#}");
 }
+
+/// Produces one raw message and waits for its acknowledgement.
+pub fn produce(topic: &str, key: &str, payload: &[u8]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    producer
+        .send(BaseRecord::to(topic).key(key).payload(payload))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+}

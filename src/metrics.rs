@@ -1,0 +1,152 @@
+//! The one catalogue of samgate's Prometheus metrics. Names follow
+//! `samgate_<noun>_<unit>[_total]`; label values are bounded (configured sites and servers,
+//! outcomes, commands), never an IP, an event id or a key.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Events taken from the events topic, by site and input format.
+    pub events_consumed: IntCounterVec,
+    /// Decisions (result messages), by outcome.
+    pub decisions: IntCounterVec,
+    /// Dead-letter messages written, by stage.
+    pub dead_letters: IntCounterVec,
+    /// Management API requests, by server, command and status (`ok` or an error kind).
+    pub api_requests: IntCounterVec,
+    /// Management API request latency, by server and command.
+    pub api_latency: HistogramVec,
+    /// Successful logins, by server.
+    pub logins: IntCounterVec,
+    /// Rules per run-script batch.
+    pub batch_rules: Histogram,
+    /// From detection (ADS time, else shim receipt) to the rule being confirmed on the gateways.
+    pub detection_to_enforcement: Histogram,
+    /// Blocks active now (in this replica's partitions).
+    pub active_blocks: IntGauge,
+    /// Events consumed whose result is not yet acknowledged.
+    pub in_flight: IntGauge,
+    /// Messages behind the end of the events topic, over this replica's partitions.
+    pub consumer_lag: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let seconds = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ];
+        let events_consumed = counter(
+            "samgate_events_consumed_total",
+            "Events taken from the events topic.",
+            &["site", "format"],
+        );
+        let decisions = counter(
+            "samgate_decisions_total",
+            "Decisions (one result message each), by outcome.",
+            &["outcome"],
+        );
+        let dead_letters = counter(
+            "samgate_dead_letters_total",
+            "Messages written to the dead-letter topic, by stage.",
+            &["stage"],
+        );
+        let api_requests = counter(
+            "samgate_firewall_api_requests_total",
+            "Check Point Management API requests.",
+            &["server", "command", "status"],
+        );
+        let logins = counter(
+            "samgate_firewall_logins_total",
+            "Successful logins to a management server.",
+            &["server"],
+        );
+        let api_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "samgate_firewall_api_request_duration_seconds",
+                "Management API request latency.",
+            )
+            .buckets(seconds.clone()),
+            &["server", "command"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(api_latency.clone()))
+            .expect("unique metric");
+        let batch_rules = Histogram::with_opts(
+            HistogramOpts::new("samgate_batch_rules", "Rules per run-script batch.").buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
+            ]),
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(batch_rules.clone()))
+            .expect("unique metric");
+        let detection_to_enforcement = Histogram::with_opts(
+            HistogramOpts::new(
+                "samgate_detection_to_enforcement_seconds",
+                "From detection to the rule confirmed on the gateways.",
+            )
+            .buckets(seconds),
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(detection_to_enforcement.clone()))
+            .expect("unique metric");
+        Self {
+            events_consumed,
+            decisions,
+            dead_letters,
+            api_requests,
+            api_latency,
+            logins,
+            batch_rules,
+            detection_to_enforcement,
+            active_blocks: gauge(
+                "samgate_active_blocks",
+                "Blocks active now in this replica's partitions.",
+            ),
+            in_flight: gauge(
+                "samgate_enforcement_queue_depth",
+                "Events consumed whose result is not yet acknowledged.",
+            ),
+            consumer_lag: gauge(
+                "samgate_consumer_lag_messages",
+                "Messages behind the end of the events topic.",
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding");
+        String::from_utf8(out).expect("UTF-8 metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

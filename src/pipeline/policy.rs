@@ -1,0 +1,432 @@
+//! Decide, as pure code: which events are acted on, where their blocks go, for how long, and
+//! which addresses are never blocked.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::sam::{Criteria, LogType, RuleKey, SamAction, SamMode, SamRule};
+use crate::config::{Config, CriteriaKind};
+use crate::event::Event;
+use crate::flowmon::Priority;
+
+/// An enforcement target, resolved from config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub name: String,
+    pub server: String,
+    pub gateways: Vec<String>,
+    pub mode: SamMode,
+    pub action: SamAction,
+    pub close_connections: bool,
+    pub log: LogType,
+    pub criteria: CriteriaKind,
+}
+
+impl Target {
+    /// The rule for `source`, lasting `duration`, tagged with `key`.
+    pub fn rule(&self, source: IpAddr, duration: Duration, key: RuleKey) -> SamRule {
+        SamRule {
+            action: self.action,
+            close_connections: self.close_connections,
+            criteria: match self.criteria {
+                CriteriaKind::Src => Criteria::Src(source),
+                CriteriaKind::Any => Criteria::Any(source),
+            },
+            timeout_secs: Some(duration.as_secs().clamp(1, u64::from(u32::MAX)) as u32),
+            log: self.log,
+            key: Some(key),
+        }
+    }
+
+    pub fn action_name(&self) -> &'static str {
+        match self.action {
+            SamAction::Drop => "drop",
+            SamAction::Reject => "reject",
+            SamAction::Notify => "notify",
+        }
+    }
+}
+
+/// Why an event is not acted on (`filtered` results carry the code and the detail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filtered {
+    pub code: &'static str,
+    pub detail: String,
+}
+
+/// The policy, compiled from config.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    methods: HashSet<String>,
+    ids_events: bool,
+    min_priority: Priority,
+    act_on_unknown_priority: bool,
+    perspectives: HashSet<String>,
+    global_never_block: Vec<IpNet>,
+    site_never_block: BTreeMap<String, Vec<IpNet>>,
+    routes: BTreeMap<String, Vec<Arc<Target>>>,
+    targets: BTreeMap<String, Arc<Target>>,
+    durations: Vec<Duration>,
+    critical_skips_a_step: bool,
+    pub escalation_window: Duration,
+}
+
+impl Policy {
+    /// Compiles a validated config. `server_addresses` are the management servers' addresses,
+    /// always never-blocked.
+    pub fn new(config: &Config, server_addresses: &[IpAddr]) -> Self {
+        let p = &config.policy;
+        let mut global_never_block = p.never_block.clone();
+        global_never_block.extend(server_addresses.iter().map(|ip| IpNet::from(*ip)));
+        let targets: BTreeMap<String, Arc<Target>> = config
+            .targets
+            .iter()
+            .map(|(name, t)| {
+                (
+                    name.clone(),
+                    Arc::new(Target {
+                        name: name.clone(),
+                        server: t.server.clone(),
+                        gateways: t.gateways.clone(),
+                        mode: t.mode,
+                        action: t.action,
+                        close_connections: t.close_connections,
+                        log: t.log,
+                        criteria: t.criteria,
+                    }),
+                )
+            })
+            .collect();
+        let mut site_never_block = BTreeMap::new();
+        let mut routes = BTreeMap::new();
+        for (site, s) in &config.sites {
+            let mut nets = s.never_block.clone();
+            nets.extend(s.collectors.iter().map(|ip| IpNet::from(*ip)));
+            site_never_block.insert(site.clone(), nets);
+            routes.insert(
+                site.clone(),
+                s.targets.iter().map(|t| targets[t].clone()).collect(),
+            );
+        }
+        Self {
+            methods: p.methods.iter().cloned().collect(),
+            ids_events: p.ids_events,
+            min_priority: p.min_priority,
+            act_on_unknown_priority: p.act_on_unknown_priority,
+            perspectives: p.perspectives.iter().cloned().collect(),
+            global_never_block,
+            site_never_block,
+            routes,
+            targets,
+            durations: p.durations.iter().map(|d| d.0).collect(),
+            critical_skips_a_step: p.critical_skips_a_step,
+            escalation_window: p.escalation_window,
+        }
+    }
+
+    /// A target by name.
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.get(name).map(|t| t.as_ref())
+    }
+
+    /// The targets an event's block goes to, or why it is not acted on. Checks, in order: the
+    /// site is routed, the method (or IDS) is allowed, the priority, the perspective.
+    pub fn route(&self, event: &Event) -> Result<&[Arc<Target>], Filtered> {
+        let f = &event.flowmon;
+        let targets = self.routes.get(&event.site).ok_or_else(|| Filtered {
+            code: "unknown_site",
+            detail: format!("site {:?} has no [sites] entry", event.site),
+        })?;
+        if f.format.is_ids() {
+            if !self.ids_events {
+                return Err(Filtered {
+                    code: "ids_not_enabled",
+                    detail: "IDS events are not acted on (policy.ids_events = false)".into(),
+                });
+            }
+        } else {
+            let method = f.method.as_deref().unwrap_or("");
+            let with_subtype = f.subtype.as_deref().map(|s| format!("{method}/{s}"));
+            let allowed = self.methods.contains(method)
+                || with_subtype
+                    .as_ref()
+                    .is_some_and(|m| self.methods.contains(m));
+            if !allowed {
+                return Err(Filtered {
+                    code: "method_not_allowed",
+                    detail: format!(
+                        "method {} is not in policy.methods",
+                        with_subtype.as_deref().unwrap_or(if method.is_empty() {
+                            "(none)"
+                        } else {
+                            method
+                        })
+                    ),
+                });
+            }
+        }
+        match f.priority {
+            Priority::Unknown if !self.act_on_unknown_priority => {
+                return Err(Filtered {
+                    code: "priority_unknown",
+                    detail: "the event has no priority (policy.act_on_unknown_priority = false)"
+                        .into(),
+                })
+            }
+            Priority::Unknown => {}
+            p if p < self.min_priority => {
+                return Err(Filtered {
+                    code: "priority_below_minimum",
+                    detail: format!(
+                        "priority {} is below {}",
+                        p.as_str(),
+                        self.min_priority.as_str()
+                    ),
+                })
+            }
+            _ => {}
+        }
+        if !self.perspectives.is_empty() {
+            let perspective = f.perspective.as_deref().unwrap_or("");
+            if !self.perspectives.contains(perspective) {
+                return Err(Filtered {
+                    code: "perspective_not_allowed",
+                    detail: format!("perspective {perspective:?} is not in policy.perspectives"),
+                });
+            }
+        }
+        Ok(targets)
+    }
+
+    /// The never-block network that covers `ip` at `site`, if any. Called immediately before a
+    /// command is built, for every block.
+    pub fn never_block(&self, site: &str, ip: IpAddr) -> Option<IpNet> {
+        let site_nets = self
+            .site_never_block
+            .get(site)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        self.global_never_block
+            .iter()
+            .chain(site_nets)
+            .find(|net| net.contains(&ip))
+            .copied()
+    }
+
+    /// Block duration for a source's `level`-th block (0 = first) at `priority`, capped at the
+    /// last step.
+    pub fn duration(&self, priority: Priority, level: u32) -> Duration {
+        let skip = usize::from(self.critical_skips_a_step && priority == Priority::Critical);
+        let step = (level as usize + skip).min(self.durations.len() - 1);
+        self.durations[step]
+    }
+}
+
+/// Idempotency key: a hash of site, target, criteria and action. One key = one rule on the
+/// target's gateways.
+pub fn idempotency_key(site: &str, target: &Target, source: IpAddr) -> RuleKey {
+    let criteria = match target.criteria {
+        CriteriaKind::Src => "src",
+        CriteriaKind::Any => "any",
+    };
+    let mut hash = Sha256::new();
+    for part in [
+        site,
+        &target.name,
+        criteria,
+        &source.to_string(),
+        target.action_name(),
+    ] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    RuleKey::from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flowmon::{FlowmonEvent, InputFormat};
+
+    fn config() -> Config {
+        Config::from_toml(
+            r#"
+            [policy]
+            never_block = ["10.99.0.0/16"]
+            [checkpoint.servers.hq]
+            url = "https://192.0.2.250"
+            api_key = "k"
+            [targets.hq-edge]
+            server = "hq"
+            gateways = ["gw-1"]
+            [sites.prague]
+            targets = ["hq-edge"]
+            never_block = ["10.1.0.0/24"]
+            collectors = ["10.2.0.5"]
+            "#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap()
+    }
+
+    fn event(method: &str, priority: Priority, source: &str) -> Event {
+        Event {
+            schema: "samgate.event.v1".into(),
+            id: "0".repeat(32),
+            site: "prague".into(),
+            collector: "fm".into(),
+            received_at: chrono::Utc::now(),
+            line: 1,
+            flowmon: FlowmonEvent {
+                format: InputFormat::AdsStandard,
+                event_id: Some("1".into()),
+                method: Some(method.into()),
+                subtype: None,
+                mitre: None,
+                description: None,
+                perspective: Some("Security".into()),
+                priority,
+                priority_raw: None,
+                detected_at: None,
+                first_flow: None,
+                detail: None,
+                ports: None,
+                protocol: None,
+                source: source.parse().unwrap(),
+                source_name: None,
+                targets: vec![],
+                data_feed: None,
+                user_identity: None,
+                ids: None,
+            },
+            raw: String::new(),
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy::new(&config(), &["192.0.2.250".parse().unwrap()])
+    }
+
+    #[test]
+    fn the_safe_methods_are_acted_on_and_victim_methods_are_not() {
+        let p = policy();
+        assert_eq!(
+            p.route(&event("SCANS", Priority::High, "198.51.100.1"))
+                .unwrap()
+                .len(),
+            1
+        );
+        for victim in ["DOS", "SRVNA", "REFLECTDOS", "BROKENSEN", "NATDET"] {
+            let f = p
+                .route(&event(victim, Priority::Critical, "198.51.100.1"))
+                .unwrap_err();
+            assert_eq!(f.code, "method_not_allowed", "{victim}");
+        }
+        let mut blacklist = event("BLACKLIST", Priority::High, "198.51.100.1");
+        assert_eq!(
+            p.route(&blacklist).unwrap_err().code,
+            "method_not_allowed",
+            "only some subtypes"
+        );
+        blacklist.flowmon.subtype = Some("BotnetDomains".into());
+        assert!(p.route(&blacklist).is_ok());
+    }
+
+    #[test]
+    fn priority_perspective_site_and_ids_filters() {
+        let p = policy();
+        assert_eq!(
+            p.route(&event("SCANS", Priority::Low, "198.51.100.1"))
+                .unwrap_err()
+                .code,
+            "priority_below_minimum"
+        );
+        assert_eq!(
+            p.route(&event("SCANS", Priority::Unknown, "198.51.100.1"))
+                .unwrap_err()
+                .code,
+            "priority_unknown"
+        );
+        let mut e = event("SCANS", Priority::High, "198.51.100.1");
+        e.site = "brno".into();
+        assert_eq!(p.route(&e).unwrap_err().code, "unknown_site");
+        let mut e = event("SCANS", Priority::High, "198.51.100.1");
+        e.flowmon.format = InputFormat::Ids;
+        assert_eq!(p.route(&e).unwrap_err().code, "ids_not_enabled");
+        let mut c = config();
+        c.policy.perspectives = vec!["Other".into()];
+        let strict = Policy::new(&c, &[]);
+        assert_eq!(
+            strict
+                .route(&event("SCANS", Priority::High, "198.51.100.1"))
+                .unwrap_err()
+                .code,
+            "perspective_not_allowed"
+        );
+    }
+
+    #[test]
+    fn never_block_covers_global_site_collectors_and_servers() {
+        let p = policy();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            p.never_block("prague", ip("10.99.3.4")),
+            Some("10.99.0.0/16".parse().unwrap())
+        );
+        assert_eq!(
+            p.never_block("prague", ip("10.1.0.77")),
+            Some("10.1.0.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            p.never_block("prague", ip("10.2.0.5")),
+            Some("10.2.0.5/32".parse().unwrap())
+        );
+        assert_eq!(
+            p.never_block("prague", ip("192.0.2.250")),
+            Some("192.0.2.250/32".parse().unwrap())
+        );
+        assert_eq!(
+            p.never_block("brno", ip("10.1.0.77")),
+            None,
+            "site lists stay per site"
+        );
+        assert_eq!(p.never_block("prague", ip("198.51.100.1")), None);
+    }
+
+    #[test]
+    fn durations_escalate_and_cap() {
+        let p = policy();
+        let h = |n: u64| Duration::from_secs(n * 3600);
+        assert_eq!(p.duration(Priority::High, 0), h(1));
+        assert_eq!(p.duration(Priority::High, 1), h(6));
+        assert_eq!(p.duration(Priority::High, 2), h(24));
+        assert_eq!(p.duration(Priority::High, 3), h(168));
+        assert_eq!(p.duration(Priority::High, 40), h(168), "capped");
+        assert_eq!(
+            p.duration(Priority::Critical, 0),
+            h(6),
+            "critical starts a step up"
+        );
+    }
+
+    #[test]
+    fn keys_separate_sites_targets_and_sources() {
+        let p = policy();
+        let t = &p
+            .route(&event("SCANS", Priority::High, "10.0.0.1"))
+            .unwrap()[0];
+        let a = idempotency_key("prague", t, "10.0.0.1".parse().unwrap());
+        assert_eq!(a, idempotency_key("prague", t, "10.0.0.1".parse().unwrap()));
+        assert_ne!(a, idempotency_key("brno", t, "10.0.0.1".parse().unwrap()));
+        assert_ne!(a, idempotency_key("prague", t, "10.0.0.2".parse().unwrap()));
+    }
+}

@@ -1,0 +1,545 @@
+//! `samgate run` end to end: Flowmon lines through the real `samgate shim`, the real broker, the
+//! pipeline's `run()`, and the Check Point simulator over HTTPS.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use samgate::config::Config;
+use samgate::simulator::{self, RunningSimulator, SimulatorConfig};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+struct Topics {
+    events: String,
+    results: String,
+    dlq: String,
+    state: String,
+}
+
+fn topics() -> Topics {
+    Topics {
+        events: unique("events"),
+        results: unique("results"),
+        dlq: unique("dlq"),
+        state: unique("state"),
+    }
+}
+
+async fn sim() -> RunningSimulator {
+    simulator::start(SimulatorConfig {
+        task_duration: Duration::from_millis(200),
+        ..SimulatorConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn server_toml(name: &str, sim: &RunningSimulator) -> String {
+    format!(
+        "[checkpoint.servers.{name}]\nurl = \"{}\"\nuser = \"admin\"\npassword = \"admin123\"\n[checkpoint.servers.{name}.tls]\nfingerprint_sha256 = \"{}\"\n",
+        sim.url,
+        sim.fingerprint.as_deref().unwrap()
+    )
+}
+
+fn config(t: &Topics, extra: &str) -> Config {
+    let text = format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+partitions = 3
+[kafka.topics]
+events = "{events}"
+results = "{results}"
+dlq = "{dlq}"
+state = "{state}"
+[run]
+group_id = "{group}"
+http_listen = "127.0.0.1:0"
+batch_max_delay = "100ms"
+retry_initial = "200ms"
+retry_max = "400ms"
+retry_deadline = "2s"
+shutdown_timeout = "5s"
+[policy]
+never_block = ["10.99.0.0/16"]
+{extra}
+"#,
+        brokers = brokers(),
+        events = t.events,
+        results = t.results,
+        dlq = t.dlq,
+        state = t.state,
+        group = unique("group"),
+    );
+    Config::from_toml(&text).unwrap().validate().unwrap()
+}
+
+/// Starts the pipeline in this process; returns its HTTP address and a stop handle.
+async fn start(config: Config) -> (String, CancellationToken, tokio::task::JoinHandle<()>) {
+    let cancel = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            samgate::pipeline::run(config, cancel, move |addr| {
+                let _ = tx.send(addr);
+            })
+            .await
+            .expect("pipeline runs");
+        }
+    });
+    let addr = rx.await.expect("pipeline listens");
+    (format!("http://{addr}"), cancel, task)
+}
+
+fn ads(id: u32, method: &str, priority: &str, source: &str) -> String {
+    [
+        &id.to_string(),
+        "2026-11-20 10:13:02",
+        "2026-11-20 10:11:00",
+        method,
+        "desc",
+        "Security",
+        priority,
+        "detail",
+        " ",
+        "TCP",
+        source,
+        " ",
+        "10.0.0.1",
+        "edge",
+        " ",
+    ]
+    .join("\t")
+}
+
+fn ads_extended(id: u32, method: &str, priority: &str, source: &str) -> String {
+    [
+        &id.to_string(),
+        "2026-11-20 10:13:02",
+        "2026-11-20 10:11:00",
+        method,
+        "General",
+        "T1110",
+        "desc",
+        "Security",
+        priority,
+        "detail",
+        "22",
+        "TCP",
+        source,
+        " ",
+        "10.0.0.5",
+        "dc",
+        " ",
+    ]
+    .join("\t")
+}
+
+fn shim(site: &str, events_topic: &str, dlq: &str, lines: &[String]) {
+    let spool = tempfile::tempdir().unwrap();
+    let brokers = brokers();
+    let out = samgate(
+        &[
+            "shim",
+            "--site",
+            site,
+            "--brokers",
+            &brokers,
+            "--topic",
+            events_topic,
+            "--dlq-topic",
+            dlq,
+            "--spool-dir",
+            spool.path().to_str().unwrap(),
+        ],
+        (lines.join("\n") + "\n").as_bytes(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+async fn sim_state(sim: &RunningSimulator) -> Value {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
+        .get(format!("{}/sim/state", sim.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn sam_rules(state: &Value, gateway: &str) -> Vec<Value> {
+    state["gateways"][gateway]["sam"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn by_ip<'a>(results: &'a [Received], ip: &str) -> Vec<&'a Value> {
+    results
+        .iter()
+        .map(|r| &r.value)
+        .filter(|v| v["ip"] == ip)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_outcome_with_the_right_rule_or_none() {
+    let sim = sim().await;
+    let t = topics();
+    let cfg = config(
+        &t,
+        &format!(
+            "{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n",
+            server_toml("hq", &sim)
+        ),
+    );
+    let (http, cancel, task) = start(cfg).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[
+            ads(1, "SCANS", "High", "198.51.100.7"),
+            ads(2, "SCANS", "High", "198.51.100.7"),
+            ads(3, "SCANS", "High", "10.99.0.5"),
+            ads(4, "DOS", "Critical", "198.51.100.8"),
+            ads(5, "SCANS", "Low", "198.51.100.9"),
+            ads_extended(6, "SSHDICT", "High", "2001:db8::66"),
+        ],
+    );
+    let results = read_topic(&t.results, 6);
+    assert_eq!(results.len(), 6, "one result per decision: {results:#?}");
+    for r in &results {
+        assert_schema("samgate.result.v1.json", &r.value);
+    }
+    let outcome = |ip: &str| {
+        by_ip(&results, ip)
+            .iter()
+            .map(|v| v["outcome"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let mut first = outcome("198.51.100.7");
+    first.sort();
+    assert_eq!(first, ["blocked", "duplicate"]);
+    assert_eq!(outcome("10.99.0.5"), ["suppressed"]);
+    assert_eq!(
+        by_ip(&results, "10.99.0.5")[0]["suppressed_by"],
+        "10.99.0.0/16"
+    );
+    assert_eq!(outcome("198.51.100.8"), ["filtered"]);
+    assert_eq!(
+        by_ip(&results, "198.51.100.8")[0]["code"],
+        "method_not_allowed"
+    );
+    assert_eq!(outcome("198.51.100.9"), ["filtered"]);
+    assert_eq!(
+        by_ip(&results, "198.51.100.9")[0]["code"],
+        "priority_below_minimum"
+    );
+    assert_eq!(outcome("2001:db8::66"), ["blocked"]);
+
+    let blocked = by_ip(&results, "198.51.100.7")
+        .into_iter()
+        .find(|v| v["outcome"] == "blocked")
+        .unwrap();
+    assert_eq!(blocked["gateways"], json!(["gw-1"]));
+    assert_eq!(blocked["duration_s"], 3600);
+    assert!(blocked["expires_at"].is_string() && blocked["enforced_at"].is_string());
+    assert_eq!(blocked["attempts"], 1);
+    let key = blocked["key"].as_str().unwrap();
+    assert!(
+        results
+            .iter()
+            .filter(|r| r.value["ip"] == "198.51.100.7")
+            .all(|r| r.key == key),
+        "keyed by idempotency key"
+    );
+
+    let state = sim_state(&sim).await;
+    let rules = sam_rules(&state, "gw-1");
+    let mut criteria: Vec<String> = rules
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["family"].as_str().unwrap(),
+                r["criteria"][1].as_str().unwrap()
+            )
+        })
+        .collect();
+    criteria.sort();
+    assert_eq!(
+        criteria,
+        ["fw 198.51.100.7", "fw6 2001:db8::66"],
+        "one rule each, nothing for the others"
+    );
+    assert!(sam_rules(&state, "gw-2").is_empty());
+    assert_eq!(state["logins"], 1);
+
+    // The metrics catalogue, with the counts of this run.
+    let metrics = reqwest::get(format!("{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "samgate_events_consumed_total",
+        "samgate_decisions_total",
+        "samgate_firewall_api_requests_total",
+        "samgate_firewall_api_request_duration_seconds",
+        "samgate_firewall_logins_total",
+        "samgate_batch_rules",
+        "samgate_detection_to_enforcement_seconds",
+        "samgate_active_blocks",
+        "samgate_enforcement_queue_depth",
+        "samgate_consumer_lag_messages",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    assert!(
+        metrics.contains("samgate_decisions_total{outcome=\"blocked\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("samgate_decisions_total{outcome=\"filtered\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("samgate_decisions_total{outcome=\"suppressed\"} 1"));
+    assert!(metrics.contains("samgate_decisions_total{outcome=\"duplicate\"} 1"));
+    assert!(
+        metrics
+            .contains("samgate_events_consumed_total{format=\"ads_standard\",site=\"prague\"} 5"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("samgate_firewall_logins_total{server=\"hq\"} 1"));
+    assert!(!metrics.contains("198.51.100.7"), "no IP in a label");
+    assert_eq!(
+        reqwest::get(format!("{http}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{http}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    cancel.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        sim_state(&sim).await["active_sessions"],
+        0,
+        "logged out on shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_keeps_failing_yields_failed_and_a_dead_letter() {
+    let sim = sim().await;
+    let t = topics();
+    let cfg = config(
+        &t,
+        &format!("{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n", server_toml("hq", &sim)),
+    );
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
+        .post(format!("{}/sim/faults", sim.url))
+        .json(&json!({"task_status": "failed"}))
+        .send()
+        .await
+        .unwrap();
+    let (_http, cancel, task) = start(cfg).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "198.51.100.30")],
+    );
+    let results = read_topic(&t.results, 1);
+    assert_eq!(results.len(), 1);
+    let r = &results[0].value;
+    assert_eq!(r["outcome"], "failed");
+    assert!(
+        r["attempts"].as_u64().unwrap() >= 2,
+        "retried before giving up: {r}"
+    );
+    assert_schema("samgate.result.v1.json", r);
+    let dead = read_topic(&t.dlq, 1);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].value["stage"], "enforce");
+    assert_schema("samgate.dlq.v1.json", &dead[0].value);
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_with_the_same_private_ip_block_on_their_own_firewalls() {
+    let (hq, branch) = (sim().await, sim().await);
+    let t = topics();
+    let cfg = config(
+        &t,
+        &format!(
+            "{}{}\n[targets.hq-edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[targets.branch-edge]\nserver = \"branch\"\ngateways = [\"gw-2\"]\n[sites.prague]\ntargets = [\"hq-edge\"]\n[sites.brno]\ntargets = [\"branch-edge\"]\n",
+            server_toml("hq", &hq),
+            server_toml("branch", &branch)
+        ),
+    );
+    let (_http, cancel, task) = start(cfg).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "10.0.0.5")],
+    );
+    shim(
+        "brno",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "10.0.0.5")],
+    );
+    let results = read_topic(&t.results, 2);
+    assert_eq!(results.len(), 2);
+    assert!(
+        results.iter().all(|r| r.value["outcome"] == "blocked"),
+        "{results:#?}"
+    );
+    assert_ne!(
+        results[0].key, results[1].key,
+        "different sites, different keys"
+    );
+    let (hq_state, branch_state) = (sim_state(&hq).await, sim_state(&branch).await);
+    assert_eq!(sam_rules(&hq_state, "gw-1").len(), 1);
+    assert!(sam_rules(&hq_state, "gw-2").is_empty());
+    assert_eq!(sam_rules(&branch_state, "gw-2").len(), 1);
+    assert!(sam_rules(&branch_state, "gw-1").is_empty());
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_after_expiry_escalates() {
+    let sim = sim().await;
+    let t = topics();
+    let cfg = config(
+        &t,
+        &format!(
+            "durations = [\"2s\", \"1h\"]\ncritical_skips_a_step = false\n{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n",
+            server_toml("hq", &sim)
+        ),
+    );
+    let (_http, cancel, task) = start(cfg).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "198.51.100.40")],
+    );
+    let first = read_topic(&t.results, 1);
+    assert_eq!(first[0].value["outcome"], "blocked");
+    assert_eq!(first[0].value["level"], 0);
+    assert_eq!(first[0].value["duration_s"], 2);
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(first[0].value["expires_at"].as_str().unwrap())
+            .unwrap();
+    while chrono::Utc::now() <= expires {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(2, "SCANS", "High", "198.51.100.40")],
+    );
+    let both = read_topic(&t.results, 2);
+    let second = both
+        .iter()
+        .find(|r| r.value["ads_event_id"] == "2")
+        .unwrap();
+    assert_eq!(second.value["outcome"], "blocked");
+    assert_eq!(second.value["level"], 1);
+    assert_eq!(second.value["duration_s"], 3600);
+    let rules = sam_rules(&sim_state(&sim).await, "gw-1");
+    assert_eq!(
+        rules.len(),
+        1,
+        "the expired rule is gone, the escalated one is there"
+    );
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_blocks_cost_one_login_and_few_calls() {
+    let sim = sim().await;
+    let t = topics();
+    let cfg = config(
+        &t,
+        &format!("{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\", \"gw-2\"]\n[sites.prague]\ntargets = [\"edge\"]\n", server_toml("hq", &sim)),
+    );
+    let (_http, cancel, task) = start(cfg).await;
+    let lines: Vec<String> = (0..1000u32)
+        .map(|i| {
+            ads(
+                i,
+                "SCANS",
+                "High",
+                &format!("198.18.{}.{}", i / 250, i % 250 + 1),
+            )
+        })
+        .collect();
+    shim("prague", &t.events, &t.dlq, &lines);
+    let results = read_topic(&t.results, 1000);
+    assert_eq!(results.len(), 1000);
+    assert!(results.iter().all(|r| r.value["outcome"] == "blocked"));
+    let state = sim_state(&sim).await;
+    assert_eq!(state["logins"], 1);
+    assert_eq!(sam_rules(&state, "gw-1").len(), 1000);
+    assert_eq!(sam_rules(&state, "gw-2").len(), 1000);
+    let run_scripts = state["calls"]["run-script"].as_u64().unwrap();
+    assert!(
+        run_scripts <= 100,
+        "batched: {run_scripts} run-script calls for 1000 rules"
+    );
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_messages_go_to_the_dead_letter_topic_and_consumption_goes_on() {
+    let sim = sim().await;
+    let t = topics();
+    let cfg = config(
+        &t,
+        &format!("{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n", server_toml("hq", &sim)),
+    );
+    create_topic(&t.events, 3).await;
+    produce(&t.events, "x", b"this is not an event");
+    let (_http, cancel, task) = start(cfg).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "198.51.100.50")],
+    );
+    let results = read_topic(&t.results, 1);
+    assert_eq!(results[0].value["outcome"], "blocked");
+    let dead = read_topic(&t.dlq, 1);
+    assert_eq!(dead[0].value["stage"], "decode");
+    assert_eq!(dead[0].value["raw"], "this is not an event");
+    cancel.cancel();
+    task.await.unwrap();
+}
