@@ -365,6 +365,58 @@ pub fn batch_script(
     Ok(script)
 }
 
+/// One script that asks the gateway whether each rule is in place: `fw sam -M` with the rule's
+/// action class and criteria, or `fw samp get` filtered by the rule's samgate comment. Each
+/// query is followed by the outcome marker; see [`parse_sections`].
+pub fn verify_script(rules: &[SamRule], mode: SamMode) -> String {
+    let mut script = format!("# samgate: verify {} rule(s)\n", rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        let query = match mode {
+            SamMode::FwSam => {
+                let class = match rule.action {
+                    SamAction::Drop => "-j",
+                    SamAction::Reject => "-i",
+                    SamAction::Notify => "-n",
+                };
+                format!(
+                    "{} sam -M {class} {}",
+                    rule.fw(),
+                    rule.criteria.fw_sam_words()
+                )
+            }
+            SamMode::FwSamp => match rule.key {
+                Some(key) => format!("{} samp get -k comment -t in -v samgate:{key}", rule.fw()),
+                None => fw_samp_get(rule.criteria.is_ipv6()),
+            },
+        };
+        script.push_str(&format!("{query}; echo \"{OUTCOME_MARKER} {i} $?\"\n"));
+    }
+    script
+}
+
+/// Splits a script's output at the outcome markers: for each of `count` rules, its exit status
+/// and whether its command printed anything (a listing that found the rule).
+pub fn parse_sections(output: &str, count: usize) -> Vec<Option<(i32, bool)>> {
+    let mut sections = vec![None; count];
+    let mut printed = false;
+    for line in output.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() == Some(OUTCOME_MARKER) {
+            let index = words.next().and_then(|w| w.parse::<usize>().ok());
+            let status = words.next().and_then(|w| w.parse::<i32>().ok());
+            if let (Some(index), Some(status)) = (index, status) {
+                if let Some(slot) = sections.get_mut(index) {
+                    *slot = Some((status, printed));
+                }
+            }
+            printed = false;
+        } else if !line.trim().is_empty() {
+            printed = true;
+        }
+    }
+    sections
+}
+
 /// The exit status of each of `count` rules from a batch script's output (`None`: no line, e.g.
 /// the script was cut short).
 pub fn parse_outcomes(output: &str, count: usize) -> Vec<Option<i32>> {
@@ -652,6 +704,29 @@ mod tests {
         assert!(samp.ends_with("fw samp add -t 2 quota flush true >/dev/null\n"));
         let output = "samgate-rule 0 0\nsome stderr\nsamgate-rule 2 1\nsamgate-rule 9 0\n";
         assert_eq!(parse_outcomes(output, 3), vec![Some(0), None, Some(1)]);
+    }
+
+    #[test]
+    fn verify_scripts_ask_per_rule_and_sections_say_what_was_found() {
+        let mut r = rule(SamAction::Drop, true, Criteria::Src(ip("192.0.2.1")));
+        r.key = RuleKey::parse("0123456789abcdef0123456789abcdef");
+        let script = verify_script(
+            &[
+                r,
+                rule(SamAction::Reject, false, Criteria::Src(ip("2001:db8::1"))),
+            ],
+            SamMode::FwSam,
+        );
+        assert!(script.contains("fw sam -M -j src 192.0.2.1; echo \"samgate-rule 0 $?\""));
+        assert!(script.contains("fw6 sam -M -i src 2001:db8::1; echo \"samgate-rule 1 $?\""));
+        let samp = verify_script(&[r], SamMode::FwSamp);
+        assert!(samp
+            .contains("fw samp get -k comment -t in -v samgate:0123456789abcdef0123456789abcdef"));
+        let output = "src,drop|close|long_noalert,1763640000,192.0.2.1\nsamgate-rule 0 0\nsamgate-rule 1 0\n";
+        assert_eq!(
+            parse_sections(output, 3),
+            vec![Some((0, true)), Some((0, false)), None]
+        );
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub struct BlockRecord {
     pub expires_at: DateTime<Utc>,
     /// The event whose decision made this block.
     pub event_id: String,
+    /// Written before the firewall call: the block may or may not be in place. A replica that
+    /// finds a pending record (after a crash) asks the gateway before blocking again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 /// What the state says about a key.
@@ -47,6 +51,9 @@ pub enum Check {
     Active(BlockRecord),
     /// A block for this key is being enforced right now.
     Pending,
+    /// A block for this key was being enforced when its previous owner stopped: it may be in
+    /// place. Verify on the gateway before blocking.
+    Unconfirmed(BlockRecord),
     /// Blocked before, expired, within the escalation window: block at `level`.
     Repeat { level: u32 },
     /// Never blocked (or long ago): block at level 0.
@@ -58,6 +65,7 @@ pub enum Check {
 pub struct BlockState {
     records: HashMap<RuleKey, (i32, BlockRecord)>,
     pending: HashMap<RuleKey, i32>,
+    unconfirmed: HashMap<RuleKey, (i32, BlockRecord)>,
     max: usize,
     window: Duration,
 }
@@ -67,6 +75,7 @@ impl BlockState {
         Self {
             records: HashMap::new(),
             pending: HashMap::new(),
+            unconfirmed: HashMap::new(),
             max,
             window,
         }
@@ -75,6 +84,9 @@ impl BlockState {
     pub fn check(&self, key: &RuleKey, now: DateTime<Utc>) -> Check {
         if self.pending.contains_key(key) {
             return Check::Pending;
+        }
+        if let Some((_, r)) = self.unconfirmed.get(key) {
+            return Check::Unconfirmed(r.clone());
         }
         match self.records.get(key) {
             Some((_, r)) if r.expires_at > now => Check::Active(r.clone()),
@@ -90,6 +102,7 @@ impl BlockState {
 
     /// A block for `key` is on its way to the firewall.
     pub fn begin(&mut self, key: RuleKey, partition: i32) {
+        self.unconfirmed.remove(&key);
         self.pending.insert(key, partition);
     }
 
@@ -100,6 +113,14 @@ impl BlockState {
 
     /// The block is enforced (or was loaded from the state topic).
     pub fn record(&mut self, partition: i32, record: BlockRecord, now: DateTime<Utc>) {
+        if record.pending {
+            // Only ever loaded from the state topic: a block whose outcome nobody saw.
+            if !self.pending.contains_key(&record.key) && record.expires_at > now {
+                self.unconfirmed.insert(record.key, (partition, record));
+            }
+            return;
+        }
+        self.unconfirmed.remove(&record.key);
         self.pending.remove(&record.key);
         if !self.remembered(&record, now) {
             self.records.remove(&record.key);
@@ -114,12 +135,14 @@ impl BlockState {
     /// Forgets a key (a tombstone on the state topic).
     pub fn remove(&mut self, key: &RuleKey) {
         self.records.remove(key);
+        self.unconfirmed.remove(key);
     }
 
     /// Drops everything a revoked partition owned.
     pub fn drop_partition(&mut self, partition: i32) {
         self.records.retain(|_, (p, _)| *p != partition);
         self.pending.retain(|_, p| *p != partition);
+        self.unconfirmed.retain(|_, (p, _)| *p != partition);
     }
 
     /// Blocks active now.
@@ -172,6 +195,7 @@ mod tests {
             blocked_at: blocked,
             expires_at: blocked + chrono::Duration::hours(hours),
             event_id: "e".into(),
+            pending: false,
         }
     }
 
@@ -195,6 +219,21 @@ mod tests {
         s.begin(key(2), 0);
         s.abort(&key(2));
         assert_eq!(s.check(&key(2), now), Check::New);
+    }
+
+    #[test]
+    fn a_pending_record_from_the_state_topic_asks_for_verification() {
+        let now = Utc::now();
+        let mut s = BlockState::new(100, Duration::from_secs(86400));
+        let mut pending = record(1, now, 1, 2);
+        pending.pending = true;
+        s.record(0, pending.clone(), now);
+        assert_eq!(s.check(&key(1), now), Check::Unconfirmed(pending));
+        s.record(0, record(1, now, 1, 2), now);
+        assert!(
+            matches!(s.check(&key(1), now), Check::Active(_)),
+            "confirmed"
+        );
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Work {
     pub first_attempt: Instant,
     pub attempts: u32,
     pub next_try: Instant,
+    /// A block whose outcome nobody saw (its owner stopped mid-call): ask the gateway first.
+    pub verify: Option<BlockRecord>,
 }
 
 /// Runs one target's batcher until its queue closes and nothing waits for a retry.
@@ -139,7 +141,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// One `run-script` for a batch, then each rule to its outcome.
 async fn enforce_batch(
-    mut batch: Vec<Work>,
+    batch: Vec<Work>,
     target: Arc<Target>,
     client: Arc<ManagementClient>,
     limits: Arc<ServerLimits>,
@@ -147,6 +149,44 @@ async fn enforce_batch(
     retry: mpsc::UnboundedSender<Work>,
     _permit: OwnedSemaphorePermit,
 ) {
+    // Blocks of a stopped owner: those already on every gateway are done without a new rule.
+    let (to_verify, mut batch): (Vec<Work>, Vec<Work>) =
+        batch.into_iter().partition(|w| w.verify.is_some());
+    if !to_verify.is_empty() {
+        for work in verify(to_verify, &target, &client, &limits).await {
+            match work {
+                Ok(work) => blocked(&shared, work).await,
+                Err(work) => batch.push(work),
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+    }
+    // Write-ahead: the state topic learns of each block before the firewall does, so whoever
+    // owns the partition next can tell "maybe blocked" from "never tried".
+    let mut acks = tokio::task::JoinSet::new();
+    for work in &batch {
+        let record = state_record(work, Utc::now(), true);
+        let (shared, key, partition) = (
+            shared.clone(),
+            work.key.to_string(),
+            work.completion.partition,
+        );
+        acks.spawn(async move {
+            let payload = serde_json::to_string(&record).expect("state serializes");
+            crate::pipeline::report::produce_acked(
+                &shared.producer,
+                &shared.config.kafka.topics.state,
+                &key,
+                &payload,
+                Some(partition),
+                &shared.cancel,
+            )
+            .await
+        });
+    }
+    while acks.join_next().await.is_some() {}
     let rules: Vec<SamRule> = batch.iter().map(|w| w.rule).collect();
     shared.metrics.batch_rules.observe(rules.len() as f64);
     let script = match sam::batch_script(&rules, target.mode, Operation::Block) {
@@ -255,21 +295,90 @@ fn backoff(shared: &Shared, attempts: u32) -> Duration {
     base.mul_f64(jitter)
 }
 
-/// The rule is on every gateway: remember it (state topic first), then report.
-async fn blocked(shared: &Arc<Shared>, mut work: Work) {
-    let now = Utc::now();
-    let expires = now + chrono::Duration::from_std(work.duration).unwrap_or(chrono::Duration::MAX);
-    let record = BlockRecord {
+/// Asks the gateways whether each rule is in place: `true` on every gateway (the work's
+/// `verify` record says until when); `false` when not (or unknown), so block it.
+async fn verify(
+    works: Vec<Work>,
+    target: &Target,
+    client: &ManagementClient,
+    limits: &ServerLimits,
+) -> Vec<(Work, bool)> {
+    let rules: Vec<SamRule> = works.iter().map(|w| w.rule).collect();
+    let script = sam::verify_script(&rules, target.mode);
+    limits.calls.until_ready().await;
+    let request = RunScript {
+        name: "samgate verify",
+        script: &script,
+        targets: &target.gateways,
+        comments: "samgate: verify blocks of a stopped replica",
+    };
+    let found: Vec<bool> = match async {
+        let tasks = client.run_script(&request).await?;
+        let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
+        client.wait_tasks(&ids).await
+    }
+    .await
+    {
+        Ok(tasks) => (0..rules.len())
+            .map(|i| {
+                tasks.iter().all(|t| {
+                    let output = t.details.first().map(|d| d.output.as_str()).unwrap_or("");
+                    sam::parse_sections(output, rules.len())[i] == Some((0, true))
+                })
+            })
+            .collect(),
+        Err(e) => {
+            warn!(target = target.name, error = %e, "cannot verify blocks; sending them again");
+            vec![false; rules.len()]
+        }
+    };
+    tracing::info!(
+        target = target.name,
+        checked = rules.len(),
+        in_place = found.iter().filter(|f| **f).count(),
+        "verified blocks left unconfirmed by a stopped replica"
+    );
+    works
+        .into_iter()
+        .zip(found)
+        .map(|(mut work, found)| {
+            if !found {
+                work.verify = None;
+            }
+            (work, found)
+        })
+        .collect()
+}
+
+fn state_record(work: &Work, now: chrono::DateTime<Utc>, pending: bool) -> BlockRecord {
+    let expires = match (&work.verify, pending) {
+        (Some(found), false) => found.expires_at,
+        _ => now + chrono::Duration::from_std(work.duration).unwrap_or(chrono::Duration::MAX),
+    };
+    BlockRecord {
         schema: STATE_SCHEMA.into(),
         key: work.key,
         site: work.result.site.clone(),
         ip: work.result.ip,
         target: work.result.target.clone().unwrap_or_default(),
         level: work.level,
-        blocked_at: now,
+        blocked_at: work
+            .verify
+            .as_ref()
+            .filter(|_| !pending)
+            .map_or(now, |r| r.blocked_at),
         expires_at: expires,
         event_id: work.result.event_ids.first().cloned().unwrap_or_default(),
-    };
+        pending,
+    }
+}
+
+/// The rule is on every gateway: remember it (state topic first), then report.
+async fn blocked(shared: &Arc<Shared>, mut work: Work) {
+    let now = Utc::now();
+    let record = state_record(&work, now, false);
+    let expires = record.expires_at;
+    let verified = work.verify.is_some();
     let payload = serde_json::to_string(&record).expect("state serializes");
     let partition = work.completion.partition;
     crate::pipeline::report::produce_acked(
@@ -287,12 +396,20 @@ async fn blocked(shared: &Arc<Shared>, mut work: Work) {
         .expect("state")
         .record(partition, record, now);
     work.result.outcome = Outcome::Blocked;
-    work.result.code = "enforced".into();
-    work.result.reason = format!(
-        "blocked on {} for {}",
-        work.result.gateways.join(", "),
-        humantime::format_duration(work.duration)
-    );
+    if verified {
+        work.result.code = "verified".into();
+        work.result.reason = format!(
+            "blocked on {} (found in place after a restart; not sent again)",
+            work.result.gateways.join(", ")
+        );
+    } else {
+        work.result.code = "enforced".into();
+        work.result.reason = format!(
+            "blocked on {} for {}",
+            work.result.gateways.join(", "),
+            humantime::format_duration(work.duration)
+        );
+    }
     work.result.attempts = work.attempts;
     work.result.expires_at = Some(timestamp(expires));
     work.result.enforced_at = Some(timestamp(now));

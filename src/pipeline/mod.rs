@@ -344,6 +344,7 @@ async fn handle(
 
         // Dedupe: an active (or pending) block for this key means no firewall call.
         let check = shared.state.lock().expect("state").check(&key, now);
+        let mut verify = None;
         let level = match check {
             Check::Active(block) => {
                 duplicate(&mut result, Some(&block));
@@ -354,6 +355,11 @@ async fn handle(
                 duplicate(&mut result, None);
                 spawn_finish(shared, &completion, result);
                 continue;
+            }
+            Check::Unconfirmed(record) => {
+                let level = record.level;
+                verify = Some(record);
+                level
             }
             Check::Repeat { level } => level,
             Check::New => 0,
@@ -397,6 +403,7 @@ async fn handle(
             first_attempt: tokio::time::Instant::now(),
             attempts: 0,
             next_try: tokio::time::Instant::now(),
+            verify,
         };
         // A full queue makes this wait: consumption pauses, memory does not grow.
         if let Err(mpsc::error::SendError(work)) = queues[&target.name].send(work).await {

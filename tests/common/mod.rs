@@ -60,6 +60,7 @@ pub async fn create_topic(name: &str, partitions: i32) {
 #[derive(Debug, Clone)]
 pub struct Received {
     pub partition: i32,
+    pub offset: i64,
     pub key: String,
     pub value: serde_json::Value,
 }
@@ -67,6 +68,11 @@ pub struct Received {
 /// Reads `topic` from the beginning of every partition until `expected` messages arrived, then
 /// keeps reading briefly to catch extras (duplicates are a failure the caller checks for).
 pub fn read_topic(topic: &str, expected: usize) -> Vec<Received> {
+    read_topic_within(topic, expected, Duration::from_secs(60))
+}
+
+/// [`read_topic`] with a deadline of one's own.
+pub fn read_topic_within(topic: &str, expected: usize, within: Duration) -> Vec<Received> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", unique("reader"))
@@ -85,7 +91,7 @@ pub fn read_topic(topic: &str, expected: usize) -> Vec<Received> {
     assert!(assignment.count() > 0, "topic {topic} has no partitions");
     consumer.assign(&assignment).unwrap();
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + within;
     let mut quiet_until: Option<Instant> = None;
     while Instant::now() < deadline {
         if let Some(q) = quiet_until {
@@ -100,6 +106,7 @@ pub fn read_topic(topic: &str, expected: usize) -> Vec<Received> {
                     .expect("every message is JSON");
                 out.push(Received {
                     partition: m.partition(),
+                    offset: m.offset(),
                     key,
                     value,
                 });
