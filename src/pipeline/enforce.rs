@@ -153,12 +153,16 @@ async fn enforce_batch(
     let (to_verify, mut batch): (Vec<Work>, Vec<Work>) =
         batch.into_iter().partition(|w| w.verify.is_some());
     if !to_verify.is_empty() {
-        for work in verify(to_verify, &target, &client, &limits).await {
-            match work {
-                Ok(work) => blocked(&shared, work).await,
-                Err(work) => batch.push(work),
+        let mut reports = tokio::task::JoinSet::new();
+        for (work, in_place) in verify(to_verify, &target, &client, &limits).await {
+            if in_place {
+                let shared = shared.clone();
+                reports.spawn(async move { blocked(&shared, work).await });
+            } else {
+                batch.push(work);
             }
         }
+        join_all(&mut reports).await;
         if batch.is_empty() {
             return;
         }
@@ -186,7 +190,7 @@ async fn enforce_batch(
             .await
         });
     }
-    while acks.join_next().await.is_some() {}
+    join_all(&mut acks).await;
     let rules: Vec<SamRule> = batch.iter().map(|w| w.rule).collect();
     shared.metrics.batch_rules.observe(rules.len() as f64);
     let script = match sam::batch_script(&rules, target.mode, Operation::Block) {
@@ -455,4 +459,13 @@ async fn fail(shared: &Arc<Shared>, mut work: Work, code: &str, reason: String) 
         .with_label_values(&["enforce"])
         .inc();
     super::finish(shared, &work.completion, work.result).await;
+}
+
+/// Waits for every task of `set`; a task that panicked is a bug worth an ERROR line.
+async fn join_all<T: 'static>(set: &mut tokio::task::JoinSet<T>) {
+    while let Some(joined) = set.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(error = %e, "a reporting task failed; its event will be redelivered");
+        }
+    }
 }
