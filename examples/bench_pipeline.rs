@@ -1,0 +1,226 @@
+//! `scripts/bench pipeline`: a detection storm through the real broker, the real shim and the
+//! pipeline into the Check Point simulator with realistic API latency. Prints figures; asserts
+//! nothing about time.
+//!
+//! Usage: bench_pipeline BROKERS SHIM_BINARY [EVENTS] [SOURCES] [SITES] [LATENCY_MS] [TASK_MS]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use samgate::config::Config;
+use samgate::simulator::{self, Faults, SimulatorConfig};
+use tokio_util::sync::CancellationToken;
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> T {
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+}
+
+/// Reads `topic` from the start until `count` messages; returns them and the seconds it took.
+fn drain(brokers: &str, topic: &str, count: usize, limit: Duration) -> (Vec<Vec<u8>>, f64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-reader-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let started = Instant::now();
+    let mut partitions = 0;
+    while partitions == 0 {
+        if let Ok(m) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            partitions = m.topics().first().map_or(0, |t| t.partitions().len());
+        }
+        if partitions == 0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        list.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count && started.elapsed() < limit {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            out.push(m.payload().unwrap_or_default().to_vec());
+        }
+    }
+    (out, started.elapsed().as_secs_f64())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let brokers = args.get(1).expect("BROKERS").clone();
+    let shim = args.get(2).expect("SHIM_BINARY").clone();
+    let events: usize = arg(&args, 3, 200_000);
+    let sources: usize = arg(&args, 4, 20_000);
+    let sites: usize = arg(&args, 5, 3);
+    let latency_ms: u64 = arg(&args, 6, 20);
+    let task_ms: u64 = arg(&args, 7, 1000);
+
+    let sim = simulator::start(SimulatorConfig {
+        task_duration: Duration::from_millis(task_ms),
+        faults: Faults {
+            latency_ms,
+            ..Faults::default()
+        },
+        ..SimulatorConfig::default()
+    })
+    .await?;
+    let tag = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let topic = |name: &str| format!("bench-{name}-{tag}");
+    let (events_topic, results_topic) = (topic("events"), topic("results"));
+
+    // The storm: `sources` distinct addresses per site, most events repeats.
+    let dir = tempfile::tempdir()?;
+    let mut feed_seconds = 0.0;
+    for s in 0..sites {
+        let mut text = String::new();
+        for i in (s..events).step_by(sites) {
+            let n = i % sources;
+            let ip = format!("10.{}.{}.{}", n / 65536, n / 256 % 256, n % 256);
+            text.push_str(&format!(
+                "{i}\t2026-11-20 10:13:02\t \tSCANS\tPort scanning\tSecurity\tHigh\tstorm\t \tTCP\t{ip}\t \t \tedge\t \n"
+            ));
+        }
+        let input = dir.path().join(format!("site{s}.tsv"));
+        std::fs::write(&input, text)?;
+        let started = Instant::now();
+        let status = std::process::Command::new(&shim)
+            .args([
+                "shim",
+                "--site",
+                &format!("site{s}"),
+                "--brokers",
+                &brokers,
+                "--topic",
+                &events_topic,
+            ])
+            .args([
+                "--dlq-topic",
+                &topic("dlq"),
+                "--delivery-timeout",
+                "120s",
+                "--log",
+                "warn",
+            ])
+            .args([
+                "--spool-dir",
+                dir.path().join(format!("spool{s}")).to_str().unwrap(),
+            ])
+            .stdin(std::fs::File::open(&input)?)
+            .status()?;
+        anyhow::ensure!(status.success(), "shim failed");
+        feed_seconds += started.elapsed().as_secs_f64();
+    }
+
+    let (_, raw_seconds) = drain(&brokers, &events_topic, events, Duration::from_secs(600));
+    let raw_consume_per_s = events as f64 / raw_seconds;
+
+    let mut toml = format!(
+        "[kafka]\nbrokers = \"{brokers}\"\n[kafka.topics]\nevents = \"{events_topic}\"\nresults = \"{results_topic}\"\ndlq = \"{}\"\nstate = \"{}\"\n[run]\ngroup_id = \"bench-{tag}\"\nhttp_listen = \"127.0.0.1:0\"\n[checkpoint.servers.hq]\nurl = \"{}\"\nuser = \"admin\"\npassword = \"admin123\"\n[checkpoint.servers.hq.tls]\nfingerprint_sha256 = \"{}\"\n",
+        topic("dlq"),
+        topic("state"),
+        sim.url,
+        sim.fingerprint.as_deref().unwrap()
+    );
+    for s in 0..sites {
+        toml.push_str(&format!(
+            "[targets.t{s}]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.site{s}]\ntargets = [\"t{s}\"]\n"
+        ));
+    }
+    let config = Config::from_toml(&toml)?.validate()?;
+    let cancel = CancellationToken::new();
+    let started = Instant::now();
+    let pipeline = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { samgate::pipeline::run(config, cancel, |_| {}).await }
+    });
+    let (results, _) = tokio::task::spawn_blocking({
+        let (brokers, results_topic) = (brokers.clone(), results_topic.clone());
+        move || drain(&brokers, &results_topic, events, Duration::from_secs(1800))
+    })
+    .await?;
+    let decided_seconds = started.elapsed().as_secs_f64();
+    cancel.cancel();
+    pipeline.await??;
+
+    let mut blocked = 0usize;
+    let mut latencies = Vec::new();
+    let mut answered = BTreeSet::new();
+    for payload in &results {
+        let v: serde_json::Value = serde_json::from_slice(payload)?;
+        for id in v["event_ids"].as_array().into_iter().flatten() {
+            answered.insert(id.as_str().unwrap_or_default().to_owned());
+        }
+        if v["outcome"] == "blocked" {
+            blocked += 1;
+            let t = |k: &str| {
+                chrono::DateTime::parse_from_rfc3339(v[k].as_str().unwrap_or_default()).ok()
+            };
+            if let (Some(received), Some(enforced)) = (t("received_at"), t("enforced_at")) {
+                latencies.push((enforced - received).num_milliseconds() as f64);
+            }
+        }
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let state: serde_json::Value = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()?
+        .get(format!("{}/sim/state", sim.url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let api_calls: u64 = state["calls"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap_or(0))
+        .sum();
+    let blocks_per_s = blocked as f64 / decided_seconds;
+    println!(
+        "pipeline: {events} events ({sources} sources x {sites} sites) fed in {feed_seconds:.1} s; results for {} events in {decided_seconds:.1} s; {blocked} blocked; API latency {latency_ms} ms, task {task_ms} ms",
+        answered.len()
+    );
+    println!("api calls: {:?}", state["calls"]);
+    println!(
+        "events_per_s={:.0} raw_consume_per_s={raw_consume_per_s:.0} blocks_per_s={blocks_per_s:.0} api_calls_per_blocked_ip={:.4} logins={} p50_ms={:.0} p99_ms={:.0} rss_mib={:.1}",
+        events as f64 / decided_seconds,
+        api_calls as f64 / blocked.max(1) as f64,
+        state["logins"],
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        peak_rss_mib()
+    );
+    sim.stop().await;
+    Ok(())
+}
