@@ -543,3 +543,42 @@ async fn undecodable_messages_go_to_the_dead_letter_topic_and_consumption_goes_o
     cancel.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_decides_and_reports_the_command_without_calling_the_firewall() {
+    let sim = sim().await;
+    let t = topics();
+    let mut cfg = config(
+        &t,
+        &format!("{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n", server_toml("hq", &sim)),
+    );
+    cfg.run.dry_run = true;
+    let (_http, cancel, task) = start(cfg).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "198.51.100.60")],
+    );
+    let results = read_topic(&t.results, 1);
+    let r = &results[0].value;
+    assert_eq!(r["outcome"], "dry_run");
+    assert_eq!(r["attempts"], 0);
+    assert!(
+        r["command"]
+            .as_str()
+            .unwrap()
+            .ends_with("-J src 198.51.100.60"),
+        "{r}"
+    );
+    assert_schema("samgate.result.v1.json", r);
+    let state = sim_state(&sim).await;
+    assert!(sam_rules(&state, "gw-1").is_empty());
+    assert_eq!(
+        state["calls"]["run-script"],
+        Value::Null,
+        "no firewall call"
+    );
+    cancel.cancel();
+    task.await.unwrap();
+}

@@ -170,8 +170,8 @@ pub struct Polling {
 impl Default for Polling {
     fn default() -> Self {
         Self {
-            initial: Duration::from_millis(250),
-            max: Duration::from_secs(2),
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(1),
         }
     }
 }

@@ -172,7 +172,9 @@ pub async fn run(
     let mut queues: BTreeMap<String, mpsc::Sender<Work>> = BTreeMap::new();
     let mut enforcers = Vec::new();
     for (name, target_config) in &config.targets {
-        let (tx, rx) = mpsc::channel(config.run.batch_max_rules * 4);
+        // As deep as `max_in_flight` (which bounds memory already), so one busy target cannot
+        // stall the consume loop for the others while there is room in flight.
+        let (tx, rx) = mpsc::channel(config.run.max_in_flight);
         queues.insert(name.clone(), tx);
         let target = Arc::new(policy.target(name).expect("validated target").clone());
         enforcers.push(tokio::spawn(enforce::run_target(
@@ -222,7 +224,11 @@ pub async fn run(
         }
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = commit_tick.tick() => commit(&consumer, &shared, CommitMode::Async),
+            _ = commit_tick.tick() => {
+                commit(&consumer, &shared, CommitMode::Async);
+                let active = shared.state.lock().expect("state").active(Utc::now());
+                shared.metrics.active_blocks.set(active as i64);
+            }
             message = consumer.recv() => match message {
                 Ok(m) => {
                     let (partition, offset, payload) = (m.partition(), m.offset(), m.payload().map(<[u8]>::to_vec));
