@@ -58,6 +58,27 @@ pub struct SampRuleState {
     pub deleted_pending_flush: bool,
 }
 
+/// What makes two `fw sam` rules the same rule (everything but the timeout).
+type SamIdentity = (
+    &'static str,
+    &'static str,
+    bool,
+    Vec<String>,
+    String,
+    BTreeMap<String, String>,
+);
+
+fn identity(r: &SamRuleState) -> SamIdentity {
+    (
+        r.family,
+        r.action,
+        r.close_connections,
+        r.criteria.clone(),
+        r.log.clone(),
+        r.tags.clone(),
+    )
+}
+
 /// A gateway's rule tables.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Gateway {
@@ -65,6 +86,9 @@ pub struct Gateway {
     pub samp: Vec<SampRuleState>,
     #[serde(skip)]
     uid_counter: u32,
+    /// Position of each `fw sam` rule in `sam`, so adds and cancels stay O(1) with many rules.
+    #[serde(skip)]
+    sam_index: std::collections::HashMap<SamIdentity, usize>,
 }
 
 type CmdResult = Result<String, (i32, String)>;
@@ -76,8 +100,45 @@ fn usage_error(message: impl Into<String>) -> (i32, String) {
 impl Gateway {
     /// Drops rules whose timeout passed.
     pub fn expire(&mut self, now: i64) {
+        let before = self.sam.len();
         self.sam.retain(|r| r.expires.is_none_or(|e| e > now));
+        if self.sam.len() != before {
+            self.reindex();
+        }
         self.samp.retain(|r| r.expires.is_none_or(|e| e > now));
+    }
+
+    fn reindex(&mut self) {
+        self.sam_index = self
+            .sam
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (identity(r), i))
+            .collect();
+    }
+
+    /// Adds a rule, replacing an identical one (a repeated `fw sam` refreshes its timeout).
+    fn sam_insert(&mut self, rule: SamRuleState) {
+        let id = identity(&rule);
+        match self.sam_index.get(&id) {
+            Some(&i) => self.sam[i] = rule,
+            None => {
+                self.sam_index.insert(id, self.sam.len());
+                self.sam.push(rule);
+            }
+        }
+    }
+
+    fn sam_remove(&mut self, id: &SamIdentity) -> bool {
+        let Some(i) = self.sam_index.remove(id) else {
+            return false;
+        };
+        self.sam.swap_remove(i);
+        if i < self.sam.len() {
+            let moved = identity(&self.sam[i]);
+            self.sam_index.insert(moved, i);
+        }
+        true
     }
 
     /// Runs a script as `run-script` would on this gateway at unix time `now`.
@@ -185,6 +246,7 @@ impl Gateway {
         match call.operation {
             SamOperation::DeleteAll => {
                 self.sam.retain(|r| r.family != family);
+                self.reindex();
                 Ok(String::new()).map(|s: String| s + &verbose("delete all"))
             }
             SamOperation::Monitor { class, criteria } => {
@@ -224,15 +286,7 @@ impl Gateway {
                 criteria,
                 timeout,
             } => {
-                self.sam.retain(|r| {
-                    !(r.family == family
-                        && r.action == action
-                        && r.criteria == criteria
-                        && r.log == call.log
-                        && r.tags == call.tags
-                        && r.close_connections == close)
-                });
-                self.sam.push(SamRuleState {
+                self.sam_insert(SamRuleState {
                     family,
                     action,
                     close_connections: close,
@@ -249,16 +303,15 @@ impl Gateway {
                 close,
                 criteria,
             } => {
-                let before = self.sam.len();
-                self.sam.retain(|r| {
-                    !(r.family == family
-                        && r.action == action
-                        && r.close_connections == close
-                        && r.criteria == criteria
-                        && r.log == call.log
-                        && r.tags == call.tags)
-                });
-                if self.sam.len() == before {
+                let id = (
+                    family,
+                    action,
+                    close,
+                    criteria,
+                    call.log.clone(),
+                    call.tags.clone(),
+                );
+                if !self.sam_remove(&id) {
                     return Err((1, format!("{family} sam: no active SAM request matches the cancel request (parameters must match the original command)\n")));
                 }
                 Ok(verbose("cancel"))
