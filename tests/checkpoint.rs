@@ -1,5 +1,7 @@
 //! The Management API client against the Check Point simulator over real HTTPS sockets.
 
+mod common;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,34 +59,11 @@ fn client(config: &ManagementServerConfig) -> ManagementClient {
 }
 
 async fn state(sim: &RunningSimulator) -> Value {
-    reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap()
-        .get(format!("{}/sim/state", sim.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    common::sim_state(&sim.url).await
 }
 
 async fn faults(sim: &RunningSimulator, body: Value) {
-    let response = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap()
-        .post(format!("{}/sim/faults", sim.url))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        response.status().is_success(),
-        "{}",
-        response.text().await.unwrap()
-    );
+    common::sim_faults(&sim.url, body).await
 }
 
 fn rule(ip: &str) -> SamRule {

@@ -162,17 +162,7 @@ fn shim(site: &str, events_topic: &str, dlq: &str, lines: &[String]) {
 }
 
 async fn sim_state(sim: &RunningSimulator) -> Value {
-    reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap()
-        .get(format!("{}/sim/state", sim.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    common::sim_state(&sim.url).await
 }
 
 fn sam_rules(state: &Value, gateway: &str) -> Vec<Value> {
@@ -353,15 +343,7 @@ async fn a_gateway_that_keeps_failing_yields_failed_and_a_dead_letter() {
         &t,
         &format!("{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n", server_toml("hq", &sim)),
     );
-    reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap()
-        .post(format!("{}/sim/faults", sim.url))
-        .json(&json!({"task_status": "failed"}))
-        .send()
-        .await
-        .unwrap();
+    sim_faults(&sim.url, json!({"task_status": "failed"})).await;
     let (_http, cancel, task) = start(cfg).await;
     shim(
         "prague",

@@ -193,17 +193,7 @@ fn feed(topics: &[String; 4], lines: &[String]) {
 
 /// Block commands the gateway received, per address (monitor queries excluded).
 async fn blocks_sent(sim: &RunningSimulator) -> BTreeMap<String, usize> {
-    let state: Value = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap()
-        .get(format!("{}/sim/state", sim.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state: Value = sim_state(&sim.url).await;
     assert!(
         state["scripts_total"].as_u64().unwrap() <= 1000,
         "all scripts kept for inspection"

@@ -1,6 +1,8 @@
 //! The Check Point simulator as a firewall: what scripts do to its gateways, seen through
 //! `/sim/state`, and the `samgate simulate checkpoint` binary itself.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -63,18 +65,7 @@ async fn run(client: &ManagementClient, target: &str, script: &str) -> samgate::
 }
 
 async fn gateway(sim: &RunningSimulator, name: &str) -> Value {
-    let state: Value = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap()
-        .get(format!("{}/sim/state", sim.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    state["gateways"][name].clone()
+    common::sim_state(&sim.url).await["gateways"][name].clone()
 }
 
 #[tokio::test]

@@ -216,3 +216,38 @@ pub fn produce(topic: &str, key: &str, payload: &[u8]) {
         .unwrap();
     producer.flush(Duration::from_secs(30)).unwrap();
 }
+
+/// The Check Point simulator's `/sim/state` (its certificate is self-signed).
+pub async fn sim_state(url: &str) -> serde_json::Value {
+    insecure()
+        .get(format!("{url}/sim/state"))
+        .send()
+        .await
+        .expect("simulator answers")
+        .json()
+        .await
+        .expect("state is JSON")
+}
+
+/// Switches simulator faults (`POST /sim/faults`).
+pub async fn sim_faults(url: &str, body: serde_json::Value) {
+    let response = insecure()
+        .post(format!("{url}/sim/faults"))
+        .json(&body)
+        .send()
+        .await
+        .expect("simulator answers");
+    assert!(
+        response.status().is_success(),
+        "faults refused: {}",
+        response.text().await.unwrap_or_default()
+    );
+}
+
+/// An HTTP client for the simulator's admin endpoints only.
+fn insecure() -> reqwest::Client {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
+}
