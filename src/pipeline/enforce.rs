@@ -147,7 +147,7 @@ async fn enforce_batch(
     limits: Arc<ServerLimits>,
     shared: Arc<Shared>,
     retry: mpsc::UnboundedSender<Work>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     // Blocks of a stopped owner: those already on every gateway are done without a new rule.
     let (to_verify, mut batch): (Vec<Work>, Vec<Work>) =
@@ -250,6 +250,8 @@ async fn enforce_batch(
             .collect(),
         Err(e) => vec![Err((classify(e), e.to_string())); rules.len()],
     };
+    // The firewall's part is done: let the next batch use the server while Kafka acknowledges.
+    drop(permit);
     let task_ids = outcome
         .as_ref()
         .map(|(ids, _)| ids.clone())
