@@ -140,15 +140,7 @@ async fn missing_topics(
     topics: &[&str],
     timeout: Duration,
 ) -> Result<Vec<String>, KafkaSetupError> {
-    // fetch_metadata blocks; keep it off the async workers.
-    let metadata = tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
-        .await
-        .expect("metadata task panicked")
-        .map_err(|source| KafkaSetupError::Unreachable {
-            brokers: kafka.brokers.clone(),
-            timeout,
-            source,
-        })?;
+    let metadata = fetch_metadata(admin, kafka, None, timeout).await?;
     let present: Vec<&str> = metadata
         .topics()
         .iter()
@@ -166,6 +158,23 @@ async fn missing_topics(
     Ok(missing)
 }
 
+/// Cluster metadata (of one topic, or all), off the async workers: `fetch_metadata` blocks.
+async fn fetch_metadata(
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    kafka: &KafkaConfig,
+    topic: Option<String>,
+    timeout: Duration,
+) -> Result<rdkafka::metadata::Metadata, KafkaSetupError> {
+    tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(topic.as_deref(), timeout))
+        .await
+        .expect("metadata task panicked")
+        .map_err(|source| KafkaSetupError::Unreachable {
+            brokers: kafka.brokers.clone(),
+            timeout,
+            source,
+        })
+}
+
 /// Partitions of `topic` (which must exist).
 pub async fn partition_count(
     kafka: &KafkaConfig,
@@ -177,16 +186,7 @@ pub async fn partition_count(
             .create()
             .map_err(KafkaSetupError::Client)?,
     );
-    let name = topic.to_owned();
-    let metadata =
-        tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(Some(&name), timeout))
-            .await
-            .expect("metadata task panicked")
-            .map_err(|source| KafkaSetupError::Unreachable {
-                brokers: kafka.brokers.clone(),
-                timeout,
-                source,
-            })?;
+    let metadata = fetch_metadata(admin, kafka, Some(topic.to_owned()), timeout).await?;
     let count = metadata
         .topics()
         .first()

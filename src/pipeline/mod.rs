@@ -471,34 +471,33 @@ async fn dead_letter(
         partition,
         offset, reason, "undecodable message; sending it to the dead-letter topic"
     );
-    let mut dead = DeadLetter::new(
+    let dead = DeadLetter::new(
         DeadLetterStage::Decode,
         "invalid_event",
         reason,
         payload,
         payload.len(),
     );
-    dead.line = None;
     let json = serde_json::to_string(&dead).expect("dead letters serialize");
     let key = format!("{}/{partition}/{offset}", shared.config.kafka.topics.events);
-    let (shared2, json2) = (shared.clone(), json);
+    let shared = shared.clone();
     tokio::spawn(async move {
         if report::produce_acked(
-            &shared2.producer,
-            &shared2.config.kafka.topics.dlq,
+            &shared.producer,
+            &shared.config.kafka.topics.dlq,
             &key,
-            &json2,
+            &json,
             None,
-            &shared2.cancel,
+            &shared.cancel,
         )
         .await
         {
-            shared2
+            shared
                 .metrics
                 .dead_letters
                 .with_label_values(&["decode"])
                 .inc();
-            shared2
+            shared
                 .tracker
                 .lock()
                 .expect("tracker")
