@@ -416,13 +416,9 @@ async fn handle(
             shared.state.lock().expect("state").abort(&work.key);
         }
     }
-    let mut tracker_in_flight = shared.tracker.lock().expect("tracker").in_flight() as i64;
-    tracker_in_flight = tracker_in_flight.max(0);
-    shared.metrics.in_flight.set(tracker_in_flight);
-    shared
-        .metrics
-        .active_blocks
-        .set(shared.state.lock().expect("state").active(now) as i64);
+    // (`active_blocks` counts every record, so it is refreshed on the commit tick, not here.)
+    let in_flight = shared.tracker.lock().expect("tracker").in_flight();
+    shared.metrics.in_flight.set(in_flight as i64);
 }
 
 fn completion(partition: i32, offset: i64, decisions: usize) -> Arc<Completion> {
@@ -675,30 +671,37 @@ fn load_state(shared: &Shared, partitions: &[i32]) -> anyhow::Result<usize> {
             format!("{}-state-loader", shared.config.run.group_id),
         )
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
+        .set("enable.partition.eof", "true")
         .create()?;
     let timeout = Duration::from_secs(30);
-    let mut ends = BTreeMap::new();
+    // Partitions still to read. The end of each is the consumer's "partition EOF", not the
+    // listed high watermark: tansu 0.6 lists the last *batch's* base offset + 1 there, which
+    // would stop the rebuild before the records of a multi-record batch.
+    let mut unread = std::collections::BTreeSet::new();
     let mut list = TopicPartitionList::new();
     for &p in partitions {
         let (low, high) = reader.fetch_watermarks(topic, p, timeout)?;
         if high > low {
-            ends.insert(p, high);
+            unread.insert(p);
             list.add_partition_offset(topic, p, Offset::Offset(low))?;
         }
     }
-    if ends.is_empty() {
+    if unread.is_empty() {
         return Ok(0);
     }
     reader.assign(&list)?;
     let now = Utc::now();
     let mut loaded = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !ends.is_empty() && std::time::Instant::now() < deadline {
-        let Some(message) = reader.poll(Duration::from_millis(200)) else {
-            continue;
+    while !unread.is_empty() && std::time::Instant::now() < deadline {
+        let message = match reader.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                unread.remove(&p);
+                continue;
+            }
+            Some(message) => message?,
         };
-        let message = message?;
         let p = message.partition();
         let key = message
             .key()
@@ -718,15 +721,9 @@ fn load_state(shared: &Shared, partitions: &[i32]) -> anyhow::Result<usize> {
             },
             _ => {}
         }
-        if ends.get(&p).is_some_and(|end| message.offset() + 1 >= *end) {
-            ends.remove(&p);
-        }
     }
-    if !ends.is_empty() {
-        anyhow::bail!(
-            "state partitions {:?} not read to their end in time",
-            ends.keys().collect::<Vec<_>>()
-        );
+    if !unread.is_empty() {
+        anyhow::bail!("state partitions {unread:?} not read to their end in time");
     }
     Ok(loaded)
 }
