@@ -2,7 +2,9 @@
 //! pipeline into the Check Point simulator with realistic API latency. Prints figures; asserts
 //! nothing about time.
 //!
-//! Usage: bench_pipeline BROKERS SHIM_BINARY [EVENTS] [SOURCES] [SITES] [LATENCY_MS] [TASK_MS]
+//! Usage: bench_pipeline BROKERS SAMGATE_BINARY [EVENTS] [SOURCES] [SITES] [LATENCY_MS] [TASK_MS]
+//!        [BATCH_MAX_RULES] [SERVER_CONCURRENCY]
+//! `BENCH_TIMELINE=1` prints each result's arrival time and outcome to stderr.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -11,14 +13,20 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use samgate::config::Config;
 use samgate::simulator::{self, Faults, SimulatorConfig};
-use tokio_util::sync::CancellationToken;
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> T {
     args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
 }
 
-/// Reads `topic` from the start until `count` messages; returns them and the seconds it took.
-fn drain(brokers: &str, topic: &str, count: usize, limit: Duration) -> (Vec<Vec<u8>>, f64) {
+/// Reads `topic` from the start until `count` messages, handing each payload to `on_message`;
+/// returns the seconds it took and the seconds until the first message.
+fn drain(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    limit: Duration,
+    mut on_message: impl FnMut(&[u8]),
+) -> (f64, f64) {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-reader-{topic}"))
@@ -41,13 +49,16 @@ fn drain(brokers: &str, topic: &str, count: usize, limit: Duration) -> (Vec<Vec<
             .unwrap();
     }
     consumer.assign(&list).unwrap();
-    let mut out = Vec::with_capacity(count);
-    while out.len() < count && started.elapsed() < limit {
+    let (mut seen, mut first) = (0, None);
+    while seen < count && started.elapsed() < limit {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            out.push(m.payload().unwrap_or_default().to_vec());
+            first.get_or_insert_with(|| started.elapsed().as_secs_f64());
+            on_message(m.payload().unwrap_or_default());
+            seen += 1;
         }
     }
-    (out, started.elapsed().as_secs_f64())
+    let total = started.elapsed().as_secs_f64();
+    (total, first.unwrap_or(total))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -57,8 +68,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Peak resident memory of process `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -73,11 +85,25 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// CPU time (user + system) of process `pid` so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let brokers = args.get(1).expect("BROKERS").clone();
-    let shim = args.get(2).expect("SHIM_BINARY").clone();
+    let samgate = args.get(2).expect("SAMGATE_BINARY").clone();
     let events: usize = arg(&args, 3, 200_000);
     let sources: usize = arg(&args, 4, 20_000);
     let sites: usize = arg(&args, 5, 3);
@@ -114,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
         let input = dir.path().join(format!("site{s}.tsv"));
         std::fs::write(&input, text)?;
         let started = Instant::now();
-        let status = std::process::Command::new(&shim)
+        let status = std::process::Command::new(&samgate)
             .args([
                 "shim",
                 "--site",
@@ -142,11 +168,25 @@ async fn main() -> anyhow::Result<()> {
         feed_seconds += started.elapsed().as_secs_f64();
     }
 
-    let (_, raw_seconds) = drain(&brokers, &events_topic, events, Duration::from_secs(600));
+    let (raw_seconds, _) = drain(
+        &brokers,
+        &events_topic,
+        events,
+        Duration::from_secs(600),
+        |_| {},
+    );
     let raw_consume_per_s = events as f64 / raw_seconds;
 
+    // Optional batch size and concurrency per server; the configuration's defaults otherwise.
+    let mut run_extra = String::new();
+    if let Some(rules) = args.get(8) {
+        run_extra.push_str(&format!("batch_max_rules = {rules}\n"));
+    }
+    if let Some(concurrency) = args.get(9) {
+        run_extra.push_str(&format!("server_concurrency = {concurrency}\n"));
+    }
     let mut toml = format!(
-        "[kafka]\nbrokers = \"{brokers}\"\n[kafka.topics]\nevents = \"{events_topic}\"\nresults = \"{results_topic}\"\ndlq = \"{}\"\nstate = \"{}\"\n[run]\ngroup_id = \"bench-{tag}\"\nhttp_listen = \"127.0.0.1:0\"\n[checkpoint.servers.hq]\nurl = \"{}\"\nuser = \"admin\"\npassword = \"admin123\"\n[checkpoint.servers.hq.tls]\nfingerprint_sha256 = \"{}\"\n",
+        "[kafka]\nbrokers = \"{brokers}\"\n[kafka.topics]\nevents = \"{events_topic}\"\nresults = \"{results_topic}\"\ndlq = \"{}\"\nstate = \"{}\"\n[run]\ngroup_id = \"bench-{tag}\"\nhttp_listen = \"127.0.0.1:0\"\n{run_extra}[checkpoint.servers.hq]\nurl = \"{}\"\nuser = \"admin\"\npassword = \"admin123\"\n[checkpoint.servers.hq.tls]\nfingerprint_sha256 = \"{}\"\n",
         topic("dlq"),
         topic("state"),
         sim.url,
@@ -157,40 +197,58 @@ async fn main() -> anyhow::Result<()> {
             "[targets.t{s}]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.site{s}]\ntargets = [\"t{s}\"]\n"
         ));
     }
-    let config = Config::from_toml(&toml)?.validate()?;
-    let cancel = CancellationToken::new();
-    let started = Instant::now();
-    let pipeline = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { samgate::pipeline::run(config, cancel, |_| {}).await }
-    });
-    let (results, _) = tokio::task::spawn_blocking({
-        let (brokers, results_topic) = (brokers.clone(), results_topic.clone());
-        move || drain(&brokers, &results_topic, events, Duration::from_secs(1800))
-    })
-    .await?;
-    let decided_seconds = started.elapsed().as_secs_f64();
-    cancel.cancel();
-    pipeline.await??;
+    Config::from_toml(&toml)?.validate()?; // fail here, not in the child, on a bad setting
+    let config_path = dir.path().join("samgate.toml");
+    std::fs::write(&config_path, &toml)?;
 
+    // `samgate run` in its own process, so its peak memory is its own.
+    let started = Instant::now();
+    let mut pipeline = std::process::Command::new(&samgate)
+        .args([
+            "run",
+            "--config",
+            config_path.to_str().unwrap(),
+            "--log",
+            "warn",
+        ])
+        .spawn()?;
     let mut blocked = 0usize;
     let mut latencies = Vec::new();
     let mut answered = BTreeSet::new();
-    for payload in &results {
-        let v: serde_json::Value = serde_json::from_slice(payload)?;
-        for id in v["event_ids"].as_array().into_iter().flatten() {
-            answered.insert(id.as_str().unwrap_or_default().to_owned());
-        }
-        if v["outcome"] == "blocked" {
-            blocked += 1;
-            let t = |k: &str| {
-                chrono::DateTime::parse_from_rfc3339(v[k].as_str().unwrap_or_default()).ok()
-            };
-            if let (Some(received), Some(enforced)) = (t("received_at"), t("enforced_at")) {
-                latencies.push((enforced - received).num_milliseconds() as f64);
-            }
-        }
-    }
+    let (_, first_result_s) = tokio::task::block_in_place(|| {
+        drain(
+            &brokers,
+            &results_topic,
+            events,
+            Duration::from_secs(1800),
+            |payload| {
+                let v: serde_json::Value = serde_json::from_slice(payload).expect("result JSON");
+                if std::env::var_os("BENCH_TIMELINE").is_some() {
+                    eprintln!("T {:.1} {}", started.elapsed().as_secs_f64(), v["outcome"]);
+                }
+                for id in v["event_ids"].as_array().into_iter().flatten() {
+                    answered.insert(id.as_str().unwrap_or_default().to_owned());
+                }
+                if v["outcome"] == "blocked" {
+                    blocked += 1;
+                    let t = |k: &str| {
+                        chrono::DateTime::parse_from_rfc3339(v[k].as_str().unwrap_or_default()).ok()
+                    };
+                    if let (Some(received), Some(enforced)) = (t("received_at"), t("enforced_at")) {
+                        latencies.push((enforced - received).num_milliseconds() as f64);
+                    }
+                }
+            },
+        )
+    });
+    let decided_seconds = started.elapsed().as_secs_f64();
+    let rss_mib = peak_rss_mib(pipeline.id());
+    let cpu_s = cpu_seconds(pipeline.id());
+    std::process::Command::new("kill")
+        .args(["-TERM", &pipeline.id().to_string()])
+        .status()?;
+    anyhow::ensure!(pipeline.wait()?.success(), "samgate run failed");
+
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let state: serde_json::Value = reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
@@ -208,7 +266,7 @@ async fn main() -> anyhow::Result<()> {
         .sum();
     let blocks_per_s = blocked as f64 / decided_seconds;
     println!(
-        "pipeline: {events} events ({sources} sources x {sites} sites) fed in {feed_seconds:.1} s; results for {} events in {decided_seconds:.1} s; {blocked} blocked; API latency {latency_ms} ms, task {task_ms} ms",
+        "pipeline: {events} events ({sources} sources x {sites} sites) fed in {feed_seconds:.1} s; results for {} events in {decided_seconds:.1} s (first after {first_result_s:.1} s; samgate run used {cpu_s:.1} s of CPU); {blocked} blocked; API latency {latency_ms} ms, task {task_ms} ms",
         answered.len()
     );
     println!("api calls: {:?}", state["calls"]);
@@ -219,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
         state["logins"],
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
-        peak_rss_mib()
+        rss_mib
     );
     sim.stop().await;
     Ok(())

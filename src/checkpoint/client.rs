@@ -176,6 +176,37 @@ impl Default for Polling {
     }
 }
 
+/// When to ask about a task first. Gateways take about the same time for similar scripts, so
+/// the first `show-task` waits for the duration seen last (instead of polling from 200 ms up),
+/// which saves calls and notices completion sooner. The estimate is the midpoint between the
+/// last "still running" and the first "done"; a task already done at the first look makes the
+/// next first look 10 % earlier, so the estimate follows gateways that speed up.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TaskTiming {
+    typical: Option<Duration>,
+}
+
+impl TaskTiming {
+    /// How long to wait before the first `show-task`.
+    /// Never longer than five of the longest polling steps, so one slow task cannot make
+    /// the next ones wait long.
+    pub fn first_wait(&self, polling: &Polling) -> Duration {
+        self.typical
+            .unwrap_or(polling.initial)
+            .clamp(polling.initial, polling.max * 5)
+    }
+
+    /// Tasks polled `polls` times were done at `done_at` (since the run-script), the look before
+    /// that at `previous_at`.
+    pub fn observe(&mut self, polls: u32, previous_at: Duration, done_at: Duration) {
+        self.typical = Some(if polls <= 1 {
+            done_at.mul_f64(0.9)
+        } else {
+            (previous_at + done_at) / 2
+        });
+    }
+}
+
 /// A client for one management server (one domain).
 pub struct ManagementClient {
     name: String,
@@ -187,6 +218,7 @@ pub struct ManagementClient {
     pinned_version: Option<String>,
     task_timeout: Duration,
     polling: Polling,
+    task_timing: Mutex<TaskTiming>,
     session: Mutex<Option<Arc<Session>>>,
     /// Serialises logins: concurrent callers wait for one login instead of each doing one.
     login_gate: tokio::sync::Mutex<()>,
@@ -227,6 +259,7 @@ impl ManagementClient {
             pinned_version: config.api_version.clone(),
             task_timeout: config.task_timeout,
             polling: Polling::default(),
+            task_timing: Mutex::new(TaskTiming::default()),
             session: Mutex::new(None),
             login_gate: tokio::sync::Mutex::new(()),
             logins: Mutex::new(LoginWindow {
@@ -326,10 +359,17 @@ impl ManagementClient {
     pub async fn wait_tasks(&self, task_ids: &[String]) -> Result<Vec<Task>, ApiError> {
         let started = Instant::now();
         let deadline = started + self.task_timeout;
-        let mut delay = self.polling.initial;
+        let first = self
+            .task_timing
+            .lock()
+            .expect("timing")
+            .first_wait(&self.polling);
+        tokio::time::sleep(first.min(self.task_timeout)).await;
+        let (mut polls, mut previous_at, mut delay) = (0, Duration::ZERO, self.polling.initial);
         loop {
-            tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+            let asked_at = started.elapsed();
             let tasks = self.show_tasks(task_ids).await?;
+            polls += 1;
             if let Some(pending) = tasks.iter().find(|t| !t.status.is_terminal()) {
                 if Instant::now() >= deadline {
                     return Err(ApiError::TaskTimeout {
@@ -338,9 +378,14 @@ impl ManagementClient {
                         waited: started.elapsed(),
                     });
                 }
+                previous_at = asked_at;
+                tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
                 delay = (delay * 2).min(self.polling.max);
                 continue;
             }
+            let mut timing = self.task_timing.lock().expect("timing");
+            timing.observe(polls, previous_at, asked_at);
             return Ok(tasks);
         }
     }
@@ -648,6 +693,29 @@ fn parse_task(task: &Value) -> Task {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_first_look_at_a_task_learns_how_long_tasks_take() {
+        let polling = Polling::default();
+        let ms = Duration::from_millis;
+        let mut timing = TaskTiming::default();
+        assert_eq!(timing.first_wait(&polling), ms(200), "nothing seen yet");
+        // Looked at 200 ms, 600 ms (running), 1,400 ms (done): it took about 1 s.
+        timing.observe(3, ms(600), ms(1400));
+        assert_eq!(timing.first_wait(&polling), ms(1000));
+        // Done at the first look: look 10 % earlier next time.
+        timing.observe(1, Duration::ZERO, ms(1000));
+        assert_eq!(timing.first_wait(&polling), ms(900));
+        // A slow gateway raises the estimate, within bounds.
+        timing.observe(2, ms(30_000), ms(31_000));
+        assert_eq!(timing.first_wait(&polling), polling.max * 5);
+        timing.observe(1, Duration::ZERO, ms(10));
+        assert_eq!(
+            timing.first_wait(&polling),
+            ms(200),
+            "never below the first step"
+        );
+    }
+
     use super::*;
 
     #[tokio::test(start_paused = true)]

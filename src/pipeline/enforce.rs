@@ -97,10 +97,18 @@ pub async fn run_target(
         if batch.is_empty() {
             continue;
         }
-        // Fill the batch until it is full or the oldest rule has waited long enough.
-        let flush_at = Instant::now() + max_delay;
+        let flush_at = now + max_delay;
+        // Take a server slot first, then fill the batch: while the server is busy, rules queue up,
+        // so batches grow with the load. Stop when full or when the oldest rule waited long enough.
+        let permit = limits
+            .batches
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
         while batch.len() < max_rules && open {
             tokio::select! {
+                biased; // what is queued goes in even when the delay is already over
                 work = queue.recv() => match work {
                     Some(work) => batch.push(work),
                     None => open = false,
@@ -108,12 +116,6 @@ pub async fn run_target(
                 _ = tokio::time::sleep_until(flush_at) => break,
             }
         }
-        let permit = limits
-            .batches
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore open");
         batches_running.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let running = batches_running.clone();
         let batch_task = enforce_batch(
@@ -219,35 +221,45 @@ async fn enforce_batch(
     .await;
     // Per rule: Ok, or (retry class, reason).
     let verdicts: Vec<Result<(), (ErrorClass, String)>> = match &outcome {
-        Ok((_, tasks)) => (0..rules.len())
-            .map(|i| {
-                for task in tasks {
-                    let detail = task.details.first();
-                    let output = detail.map(|d| d.output.as_str()).unwrap_or("");
-                    let status = sam::parse_outcomes(output, rules.len())[i];
-                    let gateway = detail.and_then(|d| d.gateway.clone()).unwrap_or_default();
-                    let ok_task = task.status.is_success()
-                        || task.status == crate::checkpoint::TaskStatus::PartiallySucceeded;
-                    if !ok_task || status != Some(0) {
-                        let error = detail
-                            .map(|d| d.error.trim().to_owned())
-                            .unwrap_or_default();
-                        let reason = format!(
-                            "gateway {gateway}: task {}, rule exit status {}{}",
-                            task.status.as_str(),
-                            status.map_or("missing".to_string(), |s| s.to_string()),
-                            if error.is_empty() {
-                                String::new()
-                            } else {
-                                format!(": {}", error.lines().next().unwrap_or(""))
-                            }
-                        );
-                        return Err((ErrorClass::Retryable, reason));
+        Ok((_, tasks)) => {
+            // Each gateway's output, parsed once: the exit status of every rule.
+            let per_task: Vec<Vec<Option<i32>>> = tasks
+                .iter()
+                .map(|task| {
+                    let output = task.details.first().map_or("", |d| d.output.as_str());
+                    sam::parse_outcomes(output, rules.len())
+                })
+                .collect();
+            (0..rules.len())
+                .map(|i| {
+                    for (task, statuses) in tasks.iter().zip(&per_task) {
+                        let status = statuses[i];
+                        let ok_task = task.status.is_success()
+                            || task.status == crate::checkpoint::TaskStatus::PartiallySucceeded;
+                        if !ok_task || status != Some(0) {
+                            let detail = task.details.first();
+                            let gateway =
+                                detail.and_then(|d| d.gateway.clone()).unwrap_or_default();
+                            let error = detail
+                                .map(|d| d.error.trim().to_owned())
+                                .unwrap_or_default();
+                            let reason = format!(
+                                "gateway {gateway}: task {}, rule exit status {}{}",
+                                task.status.as_str(),
+                                status.map_or("missing".to_string(), |s| s.to_string()),
+                                if error.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(": {}", error.lines().next().unwrap_or(""))
+                                }
+                            );
+                            return Err((ErrorClass::Retryable, reason));
+                        }
                     }
-                }
-                Ok(())
-            })
-            .collect(),
+                    Ok(())
+                })
+                .collect()
+        }
         Err(e) => vec![Err((classify(e), e.to_string())); rules.len()],
     };
     // The firewall's part is done: let the next batch use the server while Kafka acknowledges.
@@ -256,11 +268,16 @@ async fn enforce_batch(
         .as_ref()
         .map(|(ids, _)| ids.clone())
         .unwrap_or_default();
+    // Reports run concurrently: each waits for its own acknowledgements, none for another's.
+    let mut reports = tokio::task::JoinSet::new();
     for (mut work, verdict) in batch.drain(..).zip(verdicts) {
         work.attempts += 1;
         work.result.task_ids.extend(task_ids.iter().cloned());
         match verdict {
-            Ok(()) => blocked(&shared, work).await,
+            Ok(()) => {
+                let shared = shared.clone();
+                reports.spawn(async move { blocked(&shared, work).await });
+            }
             Err((class, reason)) => {
                 let delay = match class {
                     ErrorClass::Retryable => Some(backoff(&shared, work.attempts)),
@@ -273,7 +290,10 @@ async fn enforce_batch(
                         warn!(target = target.name, attempts = work.attempts, retry_in = ?d, reason, "rule not enforced; will retry");
                         work.next_try = Instant::now() + d;
                         if let Err(mpsc::error::SendError(work)) = retry.send(work) {
-                            fail(&shared, work, "shutdown", reason).await;
+                            let shared = shared.clone();
+                            reports.spawn(
+                                async move { fail(&shared, work, "shutdown", reason).await },
+                            );
                         }
                     }
                     _ => {
@@ -282,12 +302,14 @@ async fn enforce_batch(
                             ErrorClass::Permanent => "permanent",
                             _ => "retries_exhausted",
                         };
-                        fail(&shared, work, code, reason).await;
+                        let shared = shared.clone();
+                        reports.spawn(async move { fail(&shared, work, code, reason).await });
                     }
                 }
             }
         }
     }
+    join_all(&mut reports).await;
 }
 
 /// `retry_initial · 2^(attempts-1)`, capped at `retry_max`, with ±25 % jitter.
@@ -325,14 +347,18 @@ async fn verify(
     }
     .await
     {
-        Ok(tasks) => (0..rules.len())
-            .map(|i| {
-                tasks.iter().all(|t| {
-                    let output = t.details.first().map(|d| d.output.as_str()).unwrap_or("");
-                    sam::parse_sections(output, rules.len())[i] == Some((0, true))
+        Ok(tasks) => {
+            let per_task: Vec<Vec<Option<(i32, bool)>>> = tasks
+                .iter()
+                .map(|t| {
+                    let output = t.details.first().map_or("", |d| d.output.as_str());
+                    sam::parse_sections(output, rules.len())
                 })
-            })
-            .collect(),
+                .collect();
+            (0..rules.len())
+                .map(|i| per_task.iter().all(|s| s[i] == Some((0, true))))
+                .collect()
+        }
         Err(e) => {
             warn!(target = target.name, error = %e, "cannot verify blocks; sending them again");
             vec![false; rules.len()]
