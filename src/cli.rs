@@ -25,15 +25,17 @@ pub struct Cli {
         default_value = "text"
     )]
     pub log_format: LogFormat,
-    /// Log filter (`info`, `debug`, `samgate=debug,rdkafka=warn`).
-    #[arg(long, global = true, env = "SAMGATE_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter (`info`, `debug`, `samgate=debug,rdkafka=warn`) [default: info; warn for demo].
+    #[arg(long, global = true, env = "SAMGATE_LOG")]
+    pub log: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// See samgate work: in-process Kafka, a Check Point simulator and ADS events for two sites.
+    Demo(DemoArgs),
     /// Read Flowmon ADS events on stdin and publish them to Kafka (install this in ADS).
     Shim(ShimArgs),
     /// The enforcement pipeline: consume events, decide, block on Check Point, report.
@@ -45,6 +47,19 @@ pub enum Command {
     /// Run a simulator of a system samgate talks to.
     #[command(subcommand)]
     Simulate(Simulate),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop after this long (e.g. `30s`); default: run until Ctrl-C.
+    #[arg(long, env = "SAMGATE_DEMO_DURATION", value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, env = "SAMGATE_DEMO_LISTEN", default_value = "127.0.0.1:9464")]
+    pub listen: std::net::SocketAddr,
+    /// Time between two rounds of ADS events.
+    #[arg(long, env = "SAMGATE_DEMO_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,8 +180,32 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
+    let log = cli.log.as_deref().unwrap_or(match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    });
     match cli.command {
-        Command::Shim(args) => run_shim(cli.log_format, &cli.log, args, warnings).await,
+        Command::Demo(args) => {
+            if let Err(e) = logging::init(cli.log_format, log, None) {
+                return fail(&e.to_string());
+            }
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let on_signal = cancel.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                on_signal.cancel();
+            });
+            let options = crate::demo::DemoOptions {
+                duration: args.duration,
+                listen: args.listen,
+                interval: args.interval,
+            };
+            match crate::demo::run(options, cancel).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("demo: {e:#}")),
+            }
+        }
+        Command::Shim(args) => run_shim(cli.log_format, log, args, warnings).await,
         Command::CheckConfig(args) => match load_config(args.config.as_deref()) {
             Ok(config) => {
                 println!("{}", redacted_json(&config));
@@ -184,7 +223,7 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(&e.to_string()),
             };
-            if let Err(e) = logging::init(cli.log_format, &cli.log, None) {
+            if let Err(e) = logging::init(cli.log_format, log, None) {
                 return fail(&e.to_string());
             }
             let cancel = tokio_util::sync::CancellationToken::new();
@@ -200,7 +239,7 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             }
         }
         Command::Simulate(Simulate::Checkpoint(args)) => {
-            if let Err(e) = logging::init(cli.log_format, &cli.log, None) {
+            if let Err(e) = logging::init(cli.log_format, log, None) {
                 return fail(&e.to_string());
             }
             match simulate_checkpoint(args).await {
@@ -213,7 +252,7 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(&e.to_string()),
             };
-            if let Err(e) = logging::init(cli.log_format, &cli.log, None) {
+            if let Err(e) = logging::init(cli.log_format, log, None) {
                 return fail(&e.to_string());
             }
             let t = &config.kafka.topics;

@@ -10,6 +10,7 @@
 //! - [`kafka`]: client configuration and topic set-up shared by every subcommand.
 //! - [`checkpoint`]: the Check Point Management API client and the `fw sam` / `fw samp` commands it sends.
 //! - [`simulator`]: a Check Point management server and gateways, for tests, demos and labs.
+//! - [`demo`]: `samgate demo`, everything above on one machine (in-process Kafka, simulator, ADS generator).
 //! - [`secret`]: the redacted type for passwords, API keys and session ids.
 //! - [`config`]: the typed configuration (TOML + `SAMGATE_*` env) and its validation.
 //! - [`cli`]: subcommands and flags, and ADS's `--name 'value'` parameter style.
@@ -18,6 +19,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod flowmon;
 pub mod http;

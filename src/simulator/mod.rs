@@ -173,11 +173,17 @@ pub struct RunningSimulator {
     /// SHA-256 fingerprint of the certificate (HTTPS only), colon-separated hex.
     pub fingerprint: Option<String>,
     pub api_key: String,
+    state: Shared,
     handle: axum_server::Handle,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl RunningSimulator {
+    /// What `GET /sim/state` answers, without a request.
+    pub fn state(&self) -> Value {
+        snapshot(&mut self.state.lock().expect("sim state"))
+    }
+
     /// Stops serving and waits for the server to end.
     pub async fn stop(self) {
         self.handle.shutdown();
@@ -222,7 +228,7 @@ pub async fn start(config: SimulatorConfig) -> anyhow::Result<RunningSimulator> 
         .route("/sim/state", get(sim_state))
         .route("/sim/faults", post(sim_faults))
         .route("/{*path}", post(api))
-        .with_state(state);
+        .with_state(state.clone());
     let handle = axum_server::Handle::new();
     let (url, fingerprint, task) = if config.tls {
         let certified =
@@ -252,6 +258,7 @@ pub async fn start(config: SimulatorConfig) -> anyhow::Result<RunningSimulator> 
         url,
         fingerprint,
         api_key: config.api_key,
+        state,
         handle,
         task,
     })
@@ -318,7 +325,11 @@ fn html(status: StatusCode, title: &str) -> Response {
 }
 
 async fn sim_state(State(state): State<Shared>) -> Json<Value> {
-    let mut s = state.lock().expect("sim state");
+    Json(snapshot(&mut state.lock().expect("sim state")))
+}
+
+/// Everything the firewall was asked and what it holds (rules past their expiry dropped).
+fn snapshot(s: &mut SimState) -> Value {
     let now = now_unix();
     for gw in s.gateways.values_mut() {
         gw.tables.expire(now);
@@ -326,7 +337,7 @@ async fn sim_state(State(state): State<Shared>) -> Json<Value> {
     let live = Instant::now();
     s.sessions
         .retain(|_, sess| live.duration_since(sess.last_seen) < sess.timeout);
-    Json(json!({
+    json!({
         "api_version": s.config.api_version,
         "gateways": s.gateways,
         "logins": s.logins,
@@ -339,7 +350,7 @@ async fn sim_state(State(state): State<Shared>) -> Json<Value> {
         "tasks_total": s.tasks.len(),
         "faults": s.faults,
         "logins_per_minute": s.config.logins_per_minute,
-    }))
+    })
 }
 
 async fn sim_faults(State(state): State<Shared>, Json(update): Json<FaultsUpdate>) -> Json<Faults> {

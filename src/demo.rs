@@ -1,0 +1,445 @@
+//! `samgate demo`: the whole of samgate on one machine with nothing installed. librdkafka's
+//! in-process mock cluster stands in for Kafka, the [simulator](crate::simulator) for Check Point,
+//! and a generator writes realistic ADS lines for two sites (scanners and brute-forcers that come
+//! back, a DOS victim, a low-priority event, a protected server, an IPv6 source). The lines go
+//! through the real shim ([`crate::shim::run`]) into the real pipeline ([`crate::pipeline::run`]);
+//! the demo prints every result as it arrives and a summary at the end.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::Message;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pipeline::report::ResultMessage;
+use crate::shim::ShimOptions;
+use crate::simulator::{self, Faults, SimulatorConfig};
+
+/// How the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Stop after this long (else on Ctrl-C).
+    pub duration: Option<Duration>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub listen: SocketAddr,
+    /// Time between two rounds of ADS events.
+    pub interval: Duration,
+}
+
+/// The demo's configuration: two sites, each routed to its own gateways on one management server.
+/// `{brokers}`, `{listen}`, `{url}` and `{fingerprint}` are filled in at start.
+const CONFIG: &str = r#"
+[kafka]
+brokers = "{brokers}"
+partitions = 3
+
+[run]
+group_id = "samgate-demo"
+http_listen = "{listen}"
+batch_max_delay = "200ms"
+
+[checkpoint.servers.hq]
+url = "{url}"
+user = "admin"
+password = "admin123"
+[checkpoint.servers.hq.tls]
+fingerprint_sha256 = "{fingerprint}"
+
+[sites.prague]
+targets = ["prague-edge"]
+never_block = ["10.10.0.0/24"]   # Prague's server network
+collectors = ["10.10.1.5"]
+
+[sites.brno]
+targets = ["brno-edge"]
+
+[targets.prague-edge]
+server = "hq"
+gateways = ["prague-gw"]
+mode = "fw_samp"
+
+[targets.brno-edge]
+server = "hq"
+gateways = ["brno-gw-1", "brno-gw-2"]
+mode = "fw_sam"
+"#;
+
+/// One ADS detection the generator repeats.
+struct Actor {
+    site: &'static str,
+    source: &'static str,
+    method: &'static str,
+    priority: &'static str,
+    detail: &'static str,
+    /// Appears every `every` rounds.
+    every: u64,
+}
+
+const ACTORS: &[Actor] = &[
+    Actor {
+        site: "prague",
+        source: "203.0.113.10",
+        method: "SCANS",
+        priority: "High",
+        detail: "TCP SYN scan of 1200 ports",
+        every: 1,
+    },
+    Actor {
+        site: "prague",
+        source: "198.51.100.23",
+        method: "SSHDICT",
+        priority: "Critical",
+        detail: "812 SSH login attempts",
+        every: 2,
+    },
+    Actor {
+        site: "prague",
+        source: "10.10.0.53",
+        method: "SCANS",
+        priority: "High",
+        detail: "DNS server sweeping its clients",
+        every: 3,
+    },
+    Actor {
+        site: "prague",
+        source: "10.20.0.5",
+        method: "DOS",
+        priority: "High",
+        detail: "SYN flood towards 10.20.0.5",
+        every: 2,
+    },
+    Actor {
+        site: "brno",
+        source: "203.0.113.10",
+        method: "SCANS",
+        priority: "High",
+        detail: "TCP SYN scan of 800 ports",
+        every: 1,
+    },
+    Actor {
+        site: "brno",
+        source: "2001:db8:bad::17",
+        method: "RDPDICT",
+        priority: "High",
+        detail: "RDP password guessing",
+        every: 2,
+    },
+    Actor {
+        site: "brno",
+        source: "10.0.5.9",
+        method: "SCANS",
+        priority: "Low",
+        detail: "slow ping sweep",
+        every: 3,
+    },
+];
+
+/// One ADS standard line (15 tab-separated fields; `docs/flowmon.md`).
+fn ads_line(id: u64, method: &str, priority: &str, detail: &str, source: &str) -> String {
+    let now = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S").to_string();
+    [
+        &id.to_string(),
+        &now,
+        &now,
+        method,
+        "Attack",
+        "Security",
+        priority,
+        detail,
+        " ",
+        "TCP",
+        source,
+        " ",
+        "192.0.2.80",
+        "edge",
+        " ",
+    ]
+    .join("\t")
+        + "\n"
+}
+
+/// The ADS lines of round `round`, per site. Each round also brings one new scanner per site.
+fn round_lines(round: u64, next_id: &mut u64) -> BTreeMap<&'static str, String> {
+    let mut lines: BTreeMap<&'static str, String> = BTreeMap::new();
+    let mut push = |site: &'static str, method, priority, detail, source: &str| {
+        *next_id += 1;
+        lines
+            .entry(site)
+            .or_default()
+            .push_str(&ads_line(*next_id, method, priority, detail, source));
+    };
+    for a in ACTORS.iter().filter(|a| round % a.every == 0) {
+        push(a.site, a.method, a.priority, a.detail, a.source);
+    }
+    let n = round % 250 + 1;
+    push(
+        "prague",
+        "DICTATTACK",
+        "High",
+        "HTTP login guessing",
+        &format!("192.0.2.{n}"),
+    );
+    push(
+        "brno",
+        "SCANS",
+        "Medium",
+        "UDP scan",
+        &format!("198.18.0.{n}"),
+    );
+    lines
+}
+
+/// Runs the demo until `cancel` or `options.duration`.
+pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Result<()> {
+    let cluster = MockCluster::new(1).context("cannot start the in-process Kafka")?;
+    let brokers = cluster.bootstrap_servers();
+    let sim = simulator::start(SimulatorConfig {
+        gateways: vec!["prague-gw".into(), "brno-gw-1".into(), "brno-gw-2".into()],
+        task_duration: Duration::from_millis(500),
+        faults: Faults {
+            latency_ms: 20,
+            ..Faults::default()
+        },
+        ..SimulatorConfig::default()
+    })
+    .await?;
+    let config = Config::from_toml(
+        &CONFIG
+            .replace("{brokers}", &brokers)
+            .replace("{listen}", &options.listen.to_string())
+            .replace("{url}", &sim.url)
+            .replace(
+                "{fingerprint}",
+                sim.fingerprint.as_deref().unwrap_or_default(),
+            ),
+    )?
+    .validate()?;
+    let topics = config.kafka.topics.clone();
+    for topic in [&topics.events, &topics.results, &topics.state] {
+        cluster.create_topic(topic, config.kafka.partitions, 1)?;
+    }
+    cluster.create_topic(&topics.dlq, 1, 1)?;
+
+    // The pipeline, as `samgate run` runs it.
+    let (listening_tx, listening_rx) = tokio::sync::oneshot::channel();
+    let pipeline_cancel = CancellationToken::new();
+    let pipeline = tokio::spawn({
+        let (config, cancel) = (config.clone(), pipeline_cancel.clone());
+        async move {
+            crate::pipeline::run(config, cancel, |addr| {
+                let _ = listening_tx.send(addr);
+            })
+            .await
+        }
+    });
+    let metrics_addr = listening_rx
+        .await
+        .context("the pipeline stopped before it listened")?;
+
+    println!("samgate demo: Flowmon ADS at two sites → Kafka (in-process) → samgate run → Check Point (simulated)");
+    println!("  sites        prague → prague-gw (fw samp) · brno → brno-gw-1, brno-gw-2 (fw sam)");
+    println!("  never block  10.10.0.0/24 at prague, the collectors, the management server");
+    println!("  metrics      http://{metrics_addr}/metrics");
+    println!("  simulator    {} (admin / admin123)", sim.url);
+    println!(
+        "  stop         {}",
+        match options.duration {
+            Some(d) => format!("after {}, or Ctrl-C", humantime::format_duration(d)),
+            None => "Ctrl-C".into(),
+        }
+    );
+    println!();
+    println!(
+        "{:<8}  {:<6}  {:<18}  {:<10}  {:<10}  {:<19}  {:<14}  reason",
+        "time", "site", "source", "method", "outcome", "gateways", "expires"
+    );
+
+    // The viewer: every result, as downstream consumers see it.
+    let viewer: StreamConsumer = crate::kafka::base_config(&config.kafka)
+        .set("group.id", "samgate-demo-viewer")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    viewer.subscribe(&[&topics.results])?;
+
+    let spool = tempfile::tempdir()?;
+    let stop = CancellationToken::new();
+    let generator = tokio::spawn(generate(
+        config.clone(),
+        spool.path().to_owned(),
+        options.interval,
+        stop.clone(),
+    ));
+    let mut table = Table::default();
+
+    // Live: print results until Ctrl-C or the duration.
+    let deadline = async {
+        match options.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = &mut deadline => break,
+            message = viewer.recv() => table.show(message?.payload()),
+        }
+    }
+
+    // Stop the ADS side, then wait (bounded) for the result of every event already sent.
+    stop.cancel();
+    let sent = generator.await.context("the generator failed")??;
+    let drain = tokio::time::Instant::now() + Duration::from_secs(10);
+    while table.decided < sent {
+        tokio::select! {
+            _ = tokio::time::sleep_until(drain) => break,
+            message = viewer.recv() => table.show(message?.payload()),
+        }
+    }
+    pipeline_cancel.cancel();
+    pipeline.await.context("the pipeline panicked")??;
+    print_summary(sent, &table, &sim.state());
+    sim.stop().await;
+    drop(viewer); // every Kafka client goes before the in-process cluster does
+    drop(cluster);
+    Ok(())
+}
+
+/// Feeds a round of ADS lines per site through the shim every `interval`; returns the number
+/// of events published when `stop` fires.
+async fn generate(
+    config: Config,
+    spool: std::path::PathBuf,
+    interval: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<u64> {
+    let (mut round, mut next_id, mut sent) = (0u64, 0u64, 0u64);
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(sent),
+            _ = tick.tick() => {}
+        }
+        round += 1;
+        for (site, lines) in round_lines(round, &mut next_id) {
+            let options = ShimOptions {
+                kafka: config.kafka.clone(),
+                site: site.to_owned(),
+                collector: format!("ads-{site}"),
+                events_topic: config.kafka.topics.events.clone(),
+                dlq_topic: config.kafka.topics.dlq.clone(),
+                spool_dir: spool.join(site),
+                delivery_timeout: Duration::from_secs(5),
+                max_line_bytes: config.shim.max_line_bytes,
+            };
+            let report = crate::shim::run(&options, std::io::Cursor::new(lines.into_bytes()))
+                .await
+                .with_context(|| format!("shim for {site}"))?;
+            sent += report.events;
+        }
+    }
+}
+
+/// The live table and its counts.
+#[derive(Default)]
+struct Table {
+    decided: u64,
+    outcomes: BTreeMap<&'static str, u64>,
+}
+
+impl Table {
+    fn show(&mut self, payload: Option<&[u8]>) {
+        let Some(result) = payload.and_then(|p| serde_json::from_slice::<ResultMessage>(p).ok())
+        else {
+            return;
+        };
+        self.decided += 1;
+        *self.outcomes.entry(result.outcome.as_str()).or_default() += 1;
+        let clock = |t: &str| t.get(11..19).unwrap_or("-").to_owned();
+        let expires = match (&result.expires_at, result.duration_s) {
+            (Some(at), Some(d)) => format!(
+                "{} ({})",
+                clock(at),
+                humantime::format_duration(Duration::from_secs(d))
+            ),
+            (Some(at), None) => clock(at),
+            _ => "-".into(),
+        };
+        let mut reason = result.reason.clone();
+        if reason.chars().count() > 60 {
+            reason = reason.chars().take(59).collect::<String>() + "…";
+        }
+        println!(
+            "{:<8}  {:<6}  {:<18}  {:<10}  {:<10}  {:<19}  {:<14}  {}",
+            clock(&crate::pipeline::report::timestamp(result.decided_at)),
+            result.site,
+            result.ip.to_string(),
+            result.method.as_deref().unwrap_or("-"),
+            result.outcome.as_str(),
+            if result.gateways.is_empty() {
+                "-".to_owned()
+            } else {
+                result.gateways.join(",")
+            },
+            expires,
+            reason
+        );
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn print_summary(sent: u64, table: &Table, state: &Value) {
+    println!();
+    println!(
+        "summary: {sent} ADS events sent, {} decisions",
+        table.decided
+    );
+    let outcomes: Vec<String> = ["blocked", "duplicate", "filtered", "suppressed", "failed"]
+        .iter()
+        .map(|o| format!("{o} {}", table.outcomes.get(o).copied().unwrap_or(0)))
+        .collect();
+    println!("  outcomes     {}", outcomes.join(" · "));
+    let calls = state["calls"].as_object().cloned().unwrap_or_default();
+    let total: u64 = calls.values().filter_map(Value::as_u64).sum();
+    let detail: Vec<String> = calls.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "  API calls    {total} ({}); logins {}",
+        detail.join(", "),
+        state["logins"]
+    );
+    println!("  rules on the gateways");
+    for (name, gateway) in state["gateways"].as_object().into_iter().flatten() {
+        let mut sources: Vec<String> = Vec::new();
+        for rule in gateway["sam"].as_array().into_iter().flatten() {
+            let words: Vec<&str> = rule["criteria"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            sources.push(format!("fw sam {}", words.join(" ")));
+        }
+        for rule in gateway["samp"].as_array().into_iter().flatten() {
+            let filter = &rule["filter"];
+            let source = filter["src_ip_addr"]
+                .as_str()
+                .or(filter["source"].as_str())
+                .unwrap_or("?")
+                .trim_start_matches("range:");
+            sources.push(format!("fw samp {source}"));
+        }
+        println!(
+            "    {name:<10} {} rule(s): {}",
+            sources.len(),
+            sources.join(", ")
+        );
+    }
+}

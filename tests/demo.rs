@@ -1,0 +1,158 @@
+//! `samgate demo` as a newcomer runs it: the built binary, nothing else started. It must show a
+//! blocked, a duplicate, a filtered and a suppressed decision, serve `/metrics` while it runs,
+//! and end with a summary that matches the rules on the simulated gateways.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// `GET /metrics` over a plain socket.
+fn scrape(addr: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("metrics listener");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
+}
+
+#[test]
+fn the_demo_shows_each_kind_of_decision_and_sums_them_up() {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_samgate"));
+    command
+        .args(["demo", "--duration", "8s", "--interval", "1s"])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SAMGATE_") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command.spawn().expect("samgate demo runs");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+
+    let started = Instant::now();
+    let (mut lines, mut metrics_addr, mut metrics) = (Vec::<String>::new(), None, None);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                if let Some(url) = line.trim().strip_prefix("metrics") {
+                    let url = url.trim();
+                    metrics_addr = url
+                        .strip_prefix("http://")
+                        .and_then(|u| u.strip_suffix("/metrics"))
+                        .map(str::to_owned);
+                }
+                // Scrape while the demo runs, once something was blocked.
+                if metrics.is_none() && line.split_whitespace().nth(4) == Some("blocked") {
+                    metrics = Some(scrape(metrics_addr.as_deref().expect("metrics address")));
+                }
+                lines.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the demo did not end:\n{}", lines.join("\n"));
+        }
+    }
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let output = lines.join("\n");
+    assert!(status.success(), "{output}\n{stderr}");
+
+    // The live table: one row per decision, the outcome in the fifth column.
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("time "))
+        .expect("table header");
+    let summary = lines
+        .iter()
+        .position(|l| l.starts_with("summary:"))
+        .expect("summary");
+    let mut rows: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut prague_blocks = 0;
+    for row in &lines[header + 1..summary] {
+        if let [_, site, source, _method, outcome, ..] =
+            row.split_whitespace().collect::<Vec<_>>()[..]
+        {
+            rows.entry(outcome).or_default().push(source);
+            prague_blocks += usize::from(site == "prague" && outcome == "blocked");
+        }
+    }
+    for outcome in ["blocked", "duplicate", "filtered", "suppressed"] {
+        assert!(rows.contains_key(outcome), "no {outcome} row:\n{output}");
+    }
+    assert!(!rows.contains_key("failed"), "{output}");
+    assert!(
+        rows["suppressed"].iter().all(|s| *s == "10.10.0.53"),
+        "only the protected server is suppressed:\n{output}"
+    );
+    assert!(
+        rows["blocked"].contains(&"2001:db8:bad::17"),
+        "the IPv6 source is blocked:\n{output}"
+    );
+
+    // The summary agrees with the table and with the gateways.
+    let decided = rows.values().map(Vec::len).sum::<usize>();
+    let sent_line = &lines[summary];
+    assert!(
+        sent_line.ends_with(&format!(", {decided} decisions")),
+        "{sent_line} vs {decided} rows"
+    );
+    let sent: usize = sent_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(sent, decided, "every event sent has its decision");
+    let blocked = rows["blocked"].len();
+    let outcomes = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("outcomes"))
+        .unwrap();
+    assert!(
+        outcomes.contains(&format!("blocked {blocked} ")),
+        "{outcomes}"
+    );
+    let rules: usize = lines[summary..]
+        .iter()
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            (words.get(2) == Some(&"rule(s):")).then(|| words[1].parse::<usize>().unwrap())
+        })
+        .sum();
+    // Prague's blocks go to one gateway, Brno's to two.
+    assert_eq!(
+        rules,
+        prague_blocks + 2 * (blocked - prague_blocks),
+        "{output}"
+    );
+    assert!(output.contains("logins 1"), "one login: {output}");
+
+    let metrics = metrics.expect("scraped /metrics while the demo ran");
+    assert!(
+        metrics.contains("samgate_decisions_total{outcome=\"blocked\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("samgate_firewall_logins_total"),
+        "{metrics}"
+    );
+}
