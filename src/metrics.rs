@@ -135,6 +135,29 @@ impl Metrics {
         }
     }
 
+    /// Every metric's name, including those with no sample yet (the exposition omits them).
+    pub fn names(&self) -> Vec<String> {
+        use prometheus::core::Collector;
+        let collectors: [&dyn Collector; 11] = [
+            &self.events_consumed,
+            &self.decisions,
+            &self.dead_letters,
+            &self.api_requests,
+            &self.api_latency,
+            &self.logins,
+            &self.batch_rules,
+            &self.detection_to_enforcement,
+            &self.active_blocks,
+            &self.in_flight,
+            &self.consumer_lag,
+        ];
+        collectors
+            .iter()
+            .flat_map(|c| c.desc())
+            .map(|d| d.fq_name.clone())
+            .collect()
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
