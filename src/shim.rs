@@ -67,7 +67,7 @@ where
     R: BufRead + Send + 'static,
 {
     let spool = open_spool(&options.spool_dir)?;
-    let (mut report, _segment) = {
+    let mut report = {
         let spool = spool.clone();
         let options = options.clone();
         tokio::task::spawn_blocking(move || write_input(&options, &spool, input))
@@ -99,7 +99,7 @@ fn write_input<R: BufRead>(
     options: &ShimOptions,
     spool: &Spool,
     input: R,
-) -> Result<(ShimReport, Option<PathBuf>), ShimError> {
+) -> Result<ShimReport, ShimError> {
     let spool_err = |source| ShimError::Spool {
         dir: spool.dir().to_owned(),
         source,
@@ -149,8 +149,8 @@ fn write_input<R: BufRead>(
         };
         segment.push(&record).map_err(spool_err)?;
     }
-    let path = segment.commit().map_err(spool_err)?;
-    Ok((report, path))
+    segment.commit().map_err(spool_err)?;
+    Ok(report)
 }
 
 /// Delivers every spooled segment, oldest first, within `delivery_timeout`.

@@ -249,6 +249,12 @@ impl ManagementClient {
             _ => return Err(format!("server {name}: needs user + password or api_key")),
         };
         let http = tls::http_client(name, &config.tls, config.request_timeout)?;
+        if config.url.starts_with("http://") {
+            tracing::warn!(
+                server = name,
+                "plain HTTP to this management server: its credentials and session ids cross the network unencrypted (simulators and labs only; use https://)"
+            );
+        }
         Ok(Self {
             name: name.to_owned(),
             url: config.url.trim_end_matches('/').to_owned(),
