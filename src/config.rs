@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format, Json, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
@@ -450,7 +450,13 @@ impl Config {
                 path: path.to_owned(),
                 source,
             })?;
-            figment = figment.merge(Toml::file(path));
+            // JSON for generated files (the Helm chart renders its `config` value with toJson:
+            // helm's toToml writes integers as floats); TOML otherwise.
+            figment = if path.extension().is_some_and(|e| e == "json") {
+                figment.merge(Json::file(path))
+            } else {
+                figment.merge(Toml::file(path))
+            };
         }
         figment = figment.merge(
             Env::prefixed("SAMGATE_")
@@ -836,6 +842,25 @@ mod tests {
         assert_eq!(c.kafka.topics.events, "samgate.events");
         assert_eq!(c.kafka.topics.results, "samgate.results");
         assert_eq!(c.kafka.topics.dlq, "samgate.dlq");
+    }
+
+    #[test]
+    fn a_json_file_is_read_as_json_with_the_same_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("samgate.json");
+        std::fs::write(
+            &file,
+            r#"{"kafka": {"partitions": 6}, "run": {"batch_max_rules": 2000}}"#,
+        )
+        .unwrap();
+        let config = Config::load(Some(&file)).unwrap().validate().unwrap();
+        assert_eq!(
+            (config.kafka.partitions, config.run.batch_max_rules),
+            (6, 2000)
+        );
+        std::fs::write(&file, r#"{"run": {"batch_max_rulez": 2000}}"#).unwrap();
+        let error = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(error.contains("batch_max_rulez"), "{error}");
     }
 
     #[test]

@@ -228,12 +228,18 @@ fn values_yaml_satisfies_values_schema_json() {
 #[test]
 fn the_chart_runs_commands_and_configuration_the_binary_accepts() {
     let values = yaml("helm/samgate/values.yaml");
-    // The ConfigMap is `config` as TOML (helm's toToml); samgate must accept every key of it,
-    // together with the variables the Deployment and the Secret set.
+    // The ConfigMap is `config` as JSON (helm's toPrettyJson) in samgate.json; samgate must
+    // accept every key of it, together with the variables the Deployment and the Secret set.
+    let configmap = read("helm/samgate/templates/configmap.yaml");
+    assert!(
+        configmap.contains("samgate.json: |")
+            && configmap.contains(".Values.config | toPrettyJson")
+    );
+    assert!(read("helm/samgate/templates/deployment.yaml").contains("/etc/samgate/samgate.json"));
     let config: Value = serde_json::to_value(&values["config"]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("samgate.toml");
-    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+    let file = dir.path().join("samgate.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&config).unwrap()).unwrap();
     let mut env: Vec<(String, String)> = values["secret"]["env"]
         .as_mapping()
         .unwrap()
