@@ -60,18 +60,44 @@ targets = ["edge"]
     path
 }
 
-fn spawn_run(config: &Path, log: &Path) -> Child {
+/// A `samgate run` process, killed when dropped (a failing test must not leave it running).
+struct Replica(Child);
+
+impl std::ops::Deref for Replica {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Replica {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn_run(config: &Path, log: &Path) -> Replica {
     let log = std::fs::File::create(log).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_samgate"))
+    let child = Command::new(env!("CARGO_BIN_EXE_samgate"))
         .args(["run", "--config", config.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap()
+        .unwrap();
+    Replica(child)
 }
 
-fn terminate(mut child: Child) {
+fn terminate(mut child: Replica) {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
