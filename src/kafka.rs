@@ -107,19 +107,33 @@ pub async fn ensure_topics(
             )
         })
         .collect();
+    create_topics(&admin, kafka, &new_topics, timeout).await
+}
+
+/// Creates `new_topics`. One that another replica or shim created first counts as created: that
+/// is the outcome we wanted.
+async fn create_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    kafka: &KafkaConfig,
+    new_topics: &[NewTopic<'_>],
+    timeout: Duration,
+) -> Result<(), KafkaSetupError> {
     let options = AdminOptions::new().operation_timeout(Some(timeout));
     let results = admin
-        .create_topics(&new_topics, &options)
+        .create_topics(new_topics, &options)
         .await
         .map_err(|source| KafkaSetupError::Unreachable {
             brokers: kafka.brokers.clone(),
             timeout,
             source,
         })?;
-    for result in results {
+    for (result, new_topic) in results.into_iter().zip(new_topics) {
         match result {
-            Ok(topic) => info!(topic, partitions = kafka.partitions, "created topic"),
-            // Another replica or shim created it first: that is the outcome we wanted.
+            Ok(topic) => info!(
+                topic,
+                partitions = new_topic.num_partitions,
+                "created topic"
+            ),
             Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
                 info!(topic, "topic already exists")
             }
@@ -228,23 +242,7 @@ pub async fn ensure_state_topic(
         TopicReplication::Fixed(kafka.replication_factor),
     )
     .set("cleanup.policy", "compact");
-    let options = AdminOptions::new().operation_timeout(Some(timeout));
-    let results = admin
-        .create_topics([&new_topic], &options)
-        .await
-        .map_err(|source| KafkaSetupError::Unreachable {
-            brokers: kafka.brokers.clone(),
-            timeout,
-            source,
-        })?;
-    match results.into_iter().next() {
-        Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => {
-            info!(topic, partitions, "state topic ready (compacted)");
-            Ok(())
-        }
-        Some(Err((topic, code))) => Err(KafkaSetupError::CreateTopic {
-            topic,
-            reason: code.to_string(),
-        }),
-    }
+    create_topics(&admin, kafka, &[new_topic], timeout).await?;
+    info!(topic, partitions, "state topic ready (compacted)");
+    Ok(())
 }
