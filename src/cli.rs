@@ -189,12 +189,7 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             if let Err(e) = logging::init(cli.log_format, log, None) {
                 return fail(&e.to_string());
             }
-            let cancel = tokio_util::sync::CancellationToken::new();
-            let on_signal = cancel.clone();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                on_signal.cancel();
-            });
+            let cancel = cancel_on_signal();
             let options = crate::demo::DemoOptions {
                 duration: args.duration,
                 listen: args.listen,
@@ -226,14 +221,7 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             if let Err(e) = logging::init(cli.log_format, log, None) {
                 return fail(&e.to_string());
             }
-            let cancel = tokio_util::sync::CancellationToken::new();
-            let on_signal = cancel.clone();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                tracing::info!("signal received");
-                on_signal.cancel();
-            });
-            match crate::pipeline::run(config, cancel, |_| {}).await {
+            match crate::pipeline::run(config, cancel_on_signal(), |_| {}).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("run: {e:#}")),
             }
@@ -305,6 +293,18 @@ async fn simulate_checkpoint(args: SimulateCheckpointArgs) -> anyhow::Result<()>
     shutdown_signal().await;
     running.stop().await;
     Ok(())
+}
+
+/// A token cancelled on the first SIGINT (Ctrl-C) or SIGTERM.
+fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("signal received");
+        on_signal.cancel();
+    });
+    cancel
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
