@@ -13,7 +13,7 @@ use samgate::checkpoint::sam::{
 use samgate::checkpoint::{
     classify, ApiError, ErrorClass, ManagementClient, RunScript, TaskStatus,
 };
-use samgate::config::{ManagementServerConfig, TlsConfig};
+use samgate::config::ManagementServerConfig;
 use samgate::secret::Secret;
 use samgate::simulator::{self, RunningSimulator, SimulatorConfig};
 use serde_json::{json, Value};
@@ -31,22 +31,7 @@ async fn simulator(tweak: impl FnOnce(&mut SimulatorConfig)) -> RunningSimulator
 }
 
 fn server_config(sim: &RunningSimulator) -> ManagementServerConfig {
-    ManagementServerConfig {
-        url: sim.url.clone(),
-        user: Some("samgate".into()),
-        password: Some(Secret::new(PASSWORD)),
-        api_key: None,
-        domain: None,
-        session_timeout: Duration::from_secs(600),
-        api_version: None,
-        logins_per_minute: 3,
-        request_timeout: Duration::from_secs(10),
-        task_timeout: Duration::from_secs(20),
-        tls: TlsConfig {
-            fingerprint_sha256: sim.fingerprint.clone(),
-            ..TlsConfig::default()
-        },
-    }
+    common::management_server(sim, "samgate", PASSWORD)
 }
 
 fn client(config: &ManagementServerConfig) -> ManagementClient {

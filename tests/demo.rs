@@ -2,10 +2,12 @@
 //! blocked, a duplicate, a filtered and a suppressed decision, serve `/metrics` while it runs,
 //! and end with a summary that matches the rules on the simulated gateways.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -20,18 +22,13 @@ fn scrape(addr: &str) -> String {
 
 #[test]
 fn the_demo_shows_each_kind_of_decision_and_sums_them_up() {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_samgate"));
-    command
+    let mut child = common::samgate_command()
         .args(["demo", "--duration", "8s", "--interval", "1s"])
         .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SAMGATE_") {
-            command.env_remove(key);
-        }
-    }
-    let mut child = command.spawn().expect("samgate demo runs");
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("samgate demo runs");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -3,9 +3,10 @@
 //! samgate subcommand, flag, environment variable and configuration key that the Dockerfile,
 //! the compose stack and the Helm chart use is accepted by the binary itself.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use clap::{CommandFactory, Parser};
 use samgate::cli::Cli;
@@ -93,13 +94,8 @@ fn variables_in(text: &str) -> BTreeSet<String> {
 
 /// `samgate check-config` with `config` and `env` must accept both.
 fn check_config(config: &Path, env: &[(String, String)]) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_samgate"));
+    let mut command = common::samgate_command();
     command.args(["check-config", "--config"]).arg(config);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SAMGATE_") {
-            command.env_remove(key);
-        }
-    }
     command.envs(env.iter().map(|(k, v)| (k, v)));
     let output = command.output().unwrap();
     assert!(

@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use samgate::checkpoint::client::Polling;
 use samgate::checkpoint::{ManagementClient, RunScript, TaskStatus};
-use samgate::config::{ManagementServerConfig, TlsConfig};
-use samgate::secret::Secret;
 use samgate::simulator::{self, RunningSimulator, SimulatorConfig};
 use serde_json::{json, Value};
 
@@ -21,22 +19,7 @@ async fn start() -> (RunningSimulator, ManagementClient) {
     })
     .await
     .unwrap();
-    let config = ManagementServerConfig {
-        url: sim.url.clone(),
-        user: Some("admin".into()),
-        password: Some(Secret::new("admin123")),
-        api_key: None,
-        domain: None,
-        session_timeout: Duration::from_secs(600),
-        api_version: None,
-        logins_per_minute: 3,
-        request_timeout: Duration::from_secs(10),
-        task_timeout: Duration::from_secs(20),
-        tls: TlsConfig {
-            fingerprint_sha256: sim.fingerprint.clone(),
-            ..TlsConfig::default()
-        },
-    };
+    let config = common::management_server(&sim, "admin", "admin123");
     let client = ManagementClient::new("sim", &config)
         .unwrap()
         .with_polling(Polling {

@@ -127,17 +127,12 @@ pub fn read_topic_within(topic: &str, expected: usize, within: Duration) -> Vec<
 /// Runs the built `samgate` binary with `args`, `stdin` as its input and no inherited
 /// `SAMGATE_*` variables; fails the test if it runs for more than two minutes (a hang).
 pub fn samgate(args: &[&str], stdin: &[u8]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_samgate"));
+    let mut command = samgate_command();
     command
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SAMGATE_") {
-            command.env_remove(key);
-        }
-    }
     let mut child = command.spawn().expect("samgate runs");
     let mut input = child.stdin.take().unwrap();
     let stdin = stdin.to_vec();
@@ -157,6 +152,17 @@ pub fn samgate(args: &[&str], stdin: &[u8]) -> Output {
     }
     writer.join().unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// The built `samgate` binary, without the `SAMGATE_*` variables of the test's environment.
+pub fn samgate_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_samgate"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SAMGATE_") {
+            command.env_remove(key);
+        }
+    }
+    command
 }
 
 pub fn stderr(output: &Output) -> String {
@@ -250,4 +256,29 @@ fn insecure() -> reqwest::Client {
         .danger_accept_invalid_certs(true)
         .build()
         .unwrap()
+}
+
+/// A management-server configuration for `sim`, logging in as `user` and pinned to the
+/// simulator's certificate.
+pub fn management_server(
+    sim: &samgate::simulator::RunningSimulator,
+    user: &str,
+    password: &str,
+) -> samgate::config::ManagementServerConfig {
+    samgate::config::ManagementServerConfig {
+        url: sim.url.clone(),
+        user: Some(user.into()),
+        password: Some(samgate::secret::Secret::new(password)),
+        api_key: None,
+        domain: None,
+        session_timeout: Duration::from_secs(600),
+        api_version: None,
+        logins_per_minute: 3,
+        request_timeout: Duration::from_secs(10),
+        task_timeout: Duration::from_secs(20),
+        tls: samgate::config::TlsConfig {
+            fingerprint_sha256: sim.fingerprint.clone(),
+            ..samgate::config::TlsConfig::default()
+        },
+    }
 }
