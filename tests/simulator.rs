@@ -57,7 +57,7 @@ async fn a_block_lands_on_its_gateway_and_leaves_on_cancel_or_timeout() {
     let task = run(
         &client,
         "gw-2",
-        "fw sam -t 1 -l nolog -J src 203.0.113.9\nfw sam -l nolog -J src 203.0.113.10",
+        "fw sam -t 3 -l nolog -J src 203.0.113.9\nfw sam -l nolog -J src 203.0.113.10",
     )
     .await;
     assert_eq!(task.status, TaskStatus::Succeeded);
@@ -75,9 +75,11 @@ async fn a_block_lands_on_its_gateway_and_leaves_on_cancel_or_timeout() {
         .clone();
     assert_eq!(rules.len(), 2);
 
-    // Expiry is real time: wait for the one-second rule's expiry instant to pass.
+    // Expiry is real time, counted from the millisecond the rule was added (the timed rule lives
+    // three seconds, far longer than the 100 ms task and the read above): wait until its
+    // rounded-up expiry has passed.
     let expires = rules.iter().find_map(|r| r["expires"].as_i64()).unwrap();
-    while chrono::Utc::now().timestamp() <= expires {
+    while chrono::Utc::now().timestamp() < expires {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rules = gateway(&sim, "gw-2").await["sam"]

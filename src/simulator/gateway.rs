@@ -32,9 +32,14 @@ pub struct SamRuleState {
     pub log: String,
     /// `-e` keys (name, comment, originator).
     pub tags: BTreeMap<String, String>,
+    /// Unix seconds.
     pub created: i64,
-    /// Unix time; `None` = until cancelled.
+    /// Unix seconds by which the rule is gone (rounded up); `None` = until cancelled.
     pub expires: Option<i64>,
+    /// The exact expiry instant in unix milliseconds: a `-t 1` rule lives one second, whatever
+    /// the fraction of the second it was added in.
+    #[serde(skip)]
+    pub expires_ms: Option<i64>,
 }
 
 /// One `fw samp` rule.
@@ -52,8 +57,12 @@ pub struct SampRuleState {
     pub kind: String,
     /// Filter fields as `fw samp get` prints them (`src_ip_addr`, `dst_ip_addr`, …).
     pub filter: BTreeMap<String, String>,
+    /// Unix seconds.
     pub created: i64,
+    /// Unix seconds by which the rule is gone (rounded up).
     pub expires: Option<i64>,
+    #[serde(skip)]
+    pub expires_ms: Option<i64>,
     /// Deleted from the database but still enforced until a flush rule (`quota flush true`).
     pub deleted_pending_flush: bool,
 }
@@ -93,19 +102,30 @@ pub struct Gateway {
 
 type CmdResult = Result<String, (i32, String)>;
 
+/// When a rule added at `now_ms` with `timeout` seconds goes, in unix milliseconds.
+fn expiry_ms(now_ms: i64, timeout: Option<u64>) -> Option<i64> {
+    timeout.map(|t| now_ms.saturating_add((t as i64).saturating_mul(1000)))
+}
+
+/// The same instant in unix seconds, rounded up: the rule is gone by then.
+fn expiry_s(now_ms: i64, timeout: Option<u64>) -> Option<i64> {
+    expiry_ms(now_ms, timeout).map(|ms| ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) != 0))
+}
+
 fn usage_error(message: impl Into<String>) -> (i32, String) {
     (1, message.into())
 }
 
 impl Gateway {
-    /// Drops rules whose timeout passed.
-    pub fn expire(&mut self, now: i64) {
+    /// Drops rules whose timeout passed by `now_ms` (unix milliseconds).
+    pub fn expire(&mut self, now_ms: i64) {
         let before = self.sam.len();
-        self.sam.retain(|r| r.expires.is_none_or(|e| e > now));
+        self.sam.retain(|r| r.expires_ms.is_none_or(|e| e > now_ms));
         if self.sam.len() != before {
             self.reindex();
         }
-        self.samp.retain(|r| r.expires.is_none_or(|e| e > now));
+        self.samp
+            .retain(|r| r.expires_ms.is_none_or(|e| e > now_ms));
     }
 
     fn reindex(&mut self) {
@@ -141,9 +161,9 @@ impl Gateway {
         true
     }
 
-    /// Runs a script as `run-script` would on this gateway at unix time `now`.
-    pub fn run_script(&mut self, script: &str, now: i64) -> ScriptOutcome {
-        self.expire(now);
+    /// Runs a script as `run-script` would on this gateway at `now_ms` (unix milliseconds).
+    pub fn run_script(&mut self, script: &str, now_ms: i64) -> ScriptOutcome {
+        self.expire(now_ms);
         let mut out = ScriptOutcome::default();
         let mut last = 0;
         let mut lines = script.lines();
@@ -193,7 +213,7 @@ impl Gateway {
                         out.exit = words.get(1).and_then(|c| c.parse().ok()).unwrap_or(last);
                         return out;
                     }
-                    "fw" | "fw6" => self.fw(&words, stdin.as_deref(), now),
+                    "fw" | "fw6" => self.fw(&words, stdin.as_deref(), now_ms),
                     other => {
                         // Not something a SAM script needs: refuse the whole script.
                         out.stderr
@@ -214,15 +234,15 @@ impl Gateway {
         out
     }
 
-    fn fw(&mut self, words: &[String], stdin: Option<&str>, now: i64) -> CmdResult {
+    fn fw(&mut self, words: &[String], stdin: Option<&str>, now_ms: i64) -> CmdResult {
         let family: &'static str = if words[0] == "fw6" { "fw6" } else { "fw" };
         let mut rest = &words[1..];
         if rest.first().map(String::as_str) == Some("-d") {
             rest = &rest[1..];
         }
         match rest.first().map(String::as_str) {
-            Some("sam") => self.fw_sam(family, &rest[1..], now),
-            Some("samp") | Some("sam_policy") => self.fw_samp(family, &rest[1..], stdin, now),
+            Some("sam") => self.fw_sam(family, &rest[1..], now_ms),
+            Some("samp") | Some("sam_policy") => self.fw_samp(family, &rest[1..], stdin, now_ms),
             Some(other) => Err(usage_error(format!(
                 "{family}: unknown command '{other}' (this gateway accepts sam and samp)\n"
             ))),
@@ -230,7 +250,7 @@ impl Gateway {
         }
     }
 
-    fn fw_sam(&mut self, family: &'static str, args: &[String], now: i64) -> CmdResult {
+    fn fw_sam(&mut self, family: &'static str, args: &[String], now_ms: i64) -> CmdResult {
         let call = parse_fw_sam(family, args)
             .map_err(|e| usage_error(format!("{family} sam: {e}\n{FW_SAM_USAGE}")))?;
         let verbose = |what: &str| {
@@ -293,8 +313,9 @@ impl Gateway {
                     criteria,
                     log: call.log.clone(),
                     tags: call.tags.clone(),
-                    created: now,
-                    expires: timeout.map(|t| now + t as i64),
+                    created: now_ms.div_euclid(1000),
+                    expires: expiry_s(now_ms, timeout),
+                    expires_ms: expiry_ms(now_ms, timeout),
                 });
                 Ok(verbose("add"))
             }
@@ -324,11 +345,11 @@ impl Gateway {
         family: &'static str,
         args: &[String],
         stdin: Option<&str>,
-        now: i64,
+        now_ms: i64,
     ) -> CmdResult {
         let usage = |e: String| usage_error(format!("{family} samp: {e}\n{FW_SAMP_USAGE}"));
         match args.first().map(String::as_str) {
-            Some("add") => self.samp_add(family, &args[1..], now).map_err(usage),
+            Some("add") => self.samp_add(family, &args[1..], now_ms).map_err(usage),
             Some("del") => {
                 let uid = args
                     .get(1)
@@ -363,7 +384,7 @@ impl Gateway {
                         failed.push_str(&format!("line {}: failed: unterminated quote\n", i + 1));
                         continue;
                     };
-                    if let Err((_, e)) = self.fw_samp(family, &words, None, now) {
+                    if let Err((_, e)) = self.fw_samp(family, &words, None, now_ms) {
                         failed.push_str(&format!(
                             "line {}: failed: {}",
                             i + 1,
@@ -387,7 +408,7 @@ impl Gateway {
         &mut self,
         family: &'static str,
         args: &[String],
-        now: i64,
+        now_ms: i64,
     ) -> Result<String, String> {
         let mut it = args.iter().map(String::as_str).peekable();
         let (mut action, mut log, mut timeout) = (None, None, None);
@@ -517,7 +538,9 @@ impl Gateway {
         self.uid_counter += 1;
         let uid = format!(
             "<{:08x},00000000,{:08x},{:08x}>",
-            now as u32, 0x0a00_0001u32, self.uid_counter
+            now_ms.div_euclid(1000) as u32,
+            0x0a00_0001u32,
+            self.uid_counter
         );
         self.samp.push(SampRuleState {
             family,
@@ -530,8 +553,9 @@ impl Gateway {
             originator,
             kind,
             filter,
-            created: now,
-            expires: timeout.map(|t| now + t as i64),
+            created: now_ms.div_euclid(1000),
+            expires: expiry_s(now_ms, timeout),
+            expires_ms: expiry_ms(now_ms, timeout),
             deleted_pending_flush: false,
         });
         Ok(String::new())
@@ -1039,9 +1063,10 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_763_640_000;
+    const NOW_MS: i64 = NOW * 1000;
 
     fn run(gw: &mut Gateway, script: &str) -> ScriptOutcome {
-        gw.run_script(script, NOW)
+        gw.run_script(script, NOW_MS)
     }
 
     #[test]
@@ -1053,7 +1078,23 @@ mod tests {
         assert_eq!(gw.sam[0].criteria, ["src", "192.0.2.1"]);
         assert_eq!(gw.sam[0].expires, Some(NOW + 60));
         assert!(blocks_source(&gw, "192.0.2.1".parse().unwrap()));
-        gw.expire(NOW + 60);
+        gw.expire(NOW_MS + 59_999);
+        assert_eq!(gw.sam.len(), 1, "alive until its full timeout passed");
+        gw.expire(NOW_MS + 60_000);
+        assert!(gw.sam.is_empty());
+    }
+
+    #[test]
+    fn a_timeout_counts_from_the_millisecond_the_rule_was_added() {
+        let mut gw = Gateway::default();
+        let added = NOW_MS + 950;
+        gw.run_script("fw sam -t 1 -J src 192.0.2.1", added);
+        assert_eq!(gw.sam[0].created, NOW);
+        assert_eq!(gw.sam[0].expires, Some(NOW + 2), "rounded up: gone by then");
+        gw.expire(NOW_MS + 1_000);
+        gw.expire(added + 999);
+        assert_eq!(gw.sam.len(), 1, "a one-second rule lives one second");
+        gw.expire(added + 1_000);
         assert!(gw.sam.is_empty());
     }
 

@@ -264,11 +264,12 @@ pub async fn start(config: SimulatorConfig) -> anyhow::Result<RunningSimulator> 
     })
 }
 
-fn now_unix() -> i64 {
+/// Unix time in milliseconds: what gateway rule timeouts count in.
+fn now_unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
-        .as_secs() as i64
+        .as_millis() as i64
 }
 
 fn posix(t: SystemTime) -> Value {
@@ -330,7 +331,7 @@ async fn sim_state(State(state): State<Shared>) -> Json<Value> {
 
 /// Everything the firewall was asked and what it holds (rules past their expiry dropped).
 fn snapshot(s: &mut SimState) -> Value {
-    let now = now_unix();
+    let now = now_unix_ms();
     for gw in s.gateways.values_mut() {
         gw.tables.expire(now);
     }
@@ -679,7 +680,7 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
     let name = request["script-name"].as_str().unwrap_or("").to_owned();
     s.scripts_total += 1;
     s.scripts.push_back(ScriptRecord {
-        at: now_unix(),
+        at: now_unix_ms().div_euclid(1000),
         name: name.clone(),
         targets: targets.clone(),
         script: script.clone(),
@@ -687,7 +688,7 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
     while s.scripts.len() > KEPT_SCRIPTS {
         s.scripts.pop_front();
     }
-    let now = now_unix();
+    let now = now_unix_ms();
     let mut tasks = Vec::new();
     for target in targets {
         let gw = s.gateways.get_mut(&target).expect("checked above");
