@@ -387,6 +387,36 @@ impl Write for Captured {
     }
 }
 
+/// What constructing a client for `url` logs at WARN.
+fn warnings_for(url: &str) -> String {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let config = common::management_server_at(url, "samgate", PASSWORD);
+    tracing::subscriber::with_default(subscriber, || {
+        ManagementClient::new("mgmt", &config).unwrap();
+    });
+    let logs = captured.0.lock().unwrap().clone();
+    String::from_utf8(logs).unwrap()
+}
+
+#[test]
+fn a_plain_http_management_url_is_warned_about() {
+    let plain = warnings_for("http://127.0.0.1:8443");
+    assert!(plain.contains("plain HTTP"), "{plain}");
+    assert!(
+        plain.contains("server=\"mgmt\""),
+        "names the server: {plain}"
+    );
+    assert!(!plain.contains(PASSWORD));
+    let tls = warnings_for("https://127.0.0.1:8443");
+    assert!(!tls.contains("plain HTTP"), "{tls}");
+}
+
 #[test]
 fn logs_and_errors_never_contain_a_secret() {
     let captured = Captured::default();

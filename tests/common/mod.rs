@@ -265,8 +265,20 @@ pub fn management_server(
     user: &str,
     password: &str,
 ) -> samgate::config::ManagementServerConfig {
+    let mut config = management_server_at(&sim.url, user, password);
+    config.tls.fingerprint_sha256 = sim.fingerprint.clone();
+    config
+}
+
+/// A management server at `url`, logged into with `user` and `password`; TLS as configured by
+/// default (CA verification).
+pub fn management_server_at(
+    url: &str,
+    user: &str,
+    password: &str,
+) -> samgate::config::ManagementServerConfig {
     samgate::config::ManagementServerConfig {
-        url: sim.url.clone(),
+        url: url.into(),
         user: Some(user.into()),
         password: Some(samgate::secret::Secret::new(password)),
         api_key: None,
@@ -276,9 +288,6 @@ pub fn management_server(
         logins_per_minute: 3,
         request_timeout: Duration::from_secs(10),
         task_timeout: Duration::from_secs(20),
-        tls: samgate::config::TlsConfig {
-            fingerprint_sha256: sim.fingerprint.clone(),
-            ..samgate::config::TlsConfig::default()
-        },
+        tls: samgate::config::TlsConfig::default(),
     }
 }
