@@ -1,7 +1,9 @@
-//! The deployment files, checked as far as this machine allows (no Docker engine, no helm):
-//! every YAML and JSON file parses; `values.yaml` satisfies `values.schema.json`; and every
-//! samgate subcommand, flag, environment variable and configuration key that the Dockerfile,
-//! the compose stack and the Helm chart use is accepted by the binary itself.
+//! The deployment files, checked as far as this machine allows (no Docker engine, no cluster):
+//! every YAML and JSON file parses; `values.yaml` satisfies `values.schema.json`; the chart is
+//! linted and rendered by Helm's own SDK and every manifest validates against the Kubernetes
+//! schemas (`scripts/render-chart.py`); and every samgate subcommand, flag, environment variable
+//! and configuration key that the Dockerfile, the compose stack and the rendered chart use is
+//! accepted by the binary itself.
 
 mod common;
 
@@ -10,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, Parser};
 use samgate::cli::Cli;
+use serde::Deserialize;
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -221,56 +224,235 @@ fn values_yaml_satisfies_values_schema_json() {
     assert!(!validator.is_valid(&bad));
 }
 
-#[test]
-fn the_chart_runs_commands_and_configuration_the_binary_accepts() {
-    let values = yaml("helm/samgate/values.yaml");
-    // The ConfigMap is `config` as JSON (helm's toPrettyJson) in samgate.json; samgate must
-    // accept every key of it, together with the variables the Deployment and the Secret set.
-    let configmap = read("helm/samgate/templates/configmap.yaml");
-    assert!(
-        configmap.contains("samgate.json: |")
-            && configmap.contains(".Values.config | toPrettyJson")
+/// The CRD kinds the chart renders only when the cluster has them.
+const MONITORING_CRDS: [&str; 2] = [
+    "monitoring.coreos.com/v1/ServiceMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
+];
+
+/// The chart as Helm renders it: `scripts/render-chart.py` lints it strictly, renders it with
+/// `values` over the defaults (the chart's schema applies) and `api_versions` as the cluster's
+/// capabilities, and validates every manifest against the Kubernetes schemas. Every rendered
+/// object, or the script's complaint.
+fn render_chart(values: Value, api_versions: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
+    let python = std::env::var("SAMGATE_CHART_PYTHON").expect(
+        "SAMGATE_CHART_PYTHON is not set: run the tests with scripts/test, or set it to the \
+         python that `scripts/chart-tools` prints",
     );
-    assert!(read("helm/samgate/templates/deployment.yaml").contains("/etc/samgate/samgate.json"));
-    let config: Value = serde_json::to_value(&values["config"]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("samgate.json");
-    std::fs::write(&file, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-    let mut env: Vec<(String, String)> = values["secret"]["env"]
+    let out = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(python);
+    command
+        .arg(root().join("scripts/render-chart.py"))
+        .arg(root().join("helm/samgate"))
+        .arg(out.path())
+        .arg("--values")
+        .arg(values.to_string());
+    for api in api_versions {
+        command.args(["--api-version", api]);
+    }
+    let output = command.output().unwrap();
+    if !output.status.success() {
+        return Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let mut objects = Vec::new();
+    for file in std::fs::read_dir(out.path().join("samgate/templates")).unwrap() {
+        let path = file.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for document in serde_yaml::Deserializer::from_str(&text) {
+                let object = serde_yaml::Value::deserialize(document).unwrap();
+                if !object.is_null() {
+                    objects.push(object);
+                }
+            }
+        }
+    }
+    Ok(objects)
+}
+
+fn kinds(objects: &[serde_yaml::Value]) -> BTreeSet<String> {
+    objects
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn object<'a>(objects: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a serde_yaml::Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} in {:?}", kinds(objects)))
+}
+
+#[test]
+fn the_chart_renders_valid_kubernetes_objects_for_its_settings() {
+    // Defaults, on a cluster without the Prometheus operator: no ServiceMonitor, no rule.
+    let objects = render_chart(Value::Null, &[]).unwrap();
+    assert_eq!(
+        kinds(&objects),
+        BTreeSet::from(
+            [
+                "ConfigMap/samgate",
+                "Deployment/samgate",
+                "PodDisruptionBudget/samgate",
+                "Secret/samgate",
+                "Service/samgate",
+            ]
+            .map(String::from)
+        )
+    );
+    let values = yaml("helm/samgate/values.yaml");
+    let deployment = object(&objects, "Deployment", "samgate");
+    assert_eq!(deployment["spec"]["replicas"], values["replicaCount"]);
+
+    // Everything on, on a cluster with the operator, credentials from an existing Secret.
+    let objects = render_chart(
+        serde_json::json!({
+            "autoscaling": {"enabled": true},
+            "grafanaDashboard": {"enabled": true},
+            "secret": {"create": false, "existingSecret": "samgate-credentials"},
+        }),
+        &MONITORING_CRDS,
+    )
+    .unwrap();
+    assert_eq!(
+        kinds(&objects),
+        BTreeSet::from(
+            [
+                "ConfigMap/samgate",
+                "ConfigMap/samgate-dashboard",
+                "Deployment/samgate",
+                "HorizontalPodAutoscaler/samgate",
+                "PodDisruptionBudget/samgate",
+                "PrometheusRule/samgate",
+                "Service/samgate",
+                "ServiceMonitor/samgate",
+            ]
+            .map(String::from)
+        )
+    );
+    let deployment = object(&objects, "Deployment", "samgate");
+    assert!(
+        deployment["spec"]["replicas"].is_null(),
+        "the HPA owns replicas"
+    );
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["envFrom"][0]["secretRef"]["name"],
+        "samgate-credentials"
+    );
+
+    // The monitoring objects point at what the chart serves and carry the shared files.
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let service = object(&objects, "Service", "samgate");
+    let monitor = object(&objects, "ServiceMonitor", "samgate");
+    for (key, value) in service["spec"]["selector"].as_mapping().unwrap() {
+        assert_eq!(&pod_labels[key], value, "the Service selects the pods");
+        assert_eq!(&service["metadata"]["labels"][key], value);
+        assert_eq!(&monitor["spec"]["selector"]["matchLabels"][key], value);
+    }
+    let port = monitor["spec"]["endpoints"][0]["port"].as_str().unwrap();
+    let service_port = &service["spec"]["ports"][0];
+    assert_eq!(
+        service_port["name"], port,
+        "the ServiceMonitor scrapes the Service's port"
+    );
+    assert!(container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == service_port["targetPort"]));
+    let rule = object(&objects, "PrometheusRule", "samgate");
+    assert_eq!(rule["spec"], yaml("helm/samgate/files/alerts.yaml"));
+    let dashboards = object(&objects, "ConfigMap", "samgate-dashboard");
+    let (_, dashboard) = dashboards["data"]
         .as_mapping()
         .unwrap()
         .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().unwrap().to_owned(),
-                v.as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    let deployment = read("helm/samgate/templates/deployment.yaml");
-    for name in variables_in(&deployment) {
-        if !env.iter().any(|(k, _)| *k == name) {
-            // Values come from the chart's values; any well-formed one will do here.
-            let value = match name.as_str() {
-                "SAMGATE_LOG_FORMAT" => "json",
-                "SAMGATE_LOG" => "info",
-                _ => "samgate-7d9f8-abcde",
-            };
-            env.push((name, value.to_owned()));
-        }
+        .next()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(dashboard.as_str().unwrap()).unwrap(),
+        json("helm/samgate/files/dashboard.json")
+    );
+
+    // The chart's schema refuses what samgate would refuse at start.
+    let refused = render_chart(serde_json::json!({"logFormat": "xml"}), &[]).unwrap_err();
+    assert!(refused.contains("logFormat"), "{refused}");
+}
+
+#[test]
+fn the_chart_runs_commands_and_configuration_the_binary_accepts() {
+    let objects = render_chart(Value::Null, &[]).unwrap();
+    let deployment = object(&objects, "Deployment", "samgate");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = serde_yaml::from_value(container["args"].clone()).unwrap();
+    parses(&args).unwrap();
+
+    // The configuration file the args name is the ConfigMap's key at the volume's mount path.
+    let config_path = Path::new(&args[args.iter().position(|a| a == "--config").unwrap() + 1]);
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| config_path.starts_with(m["mountPath"].as_str().unwrap()))
+        .expect("the config file is on a mounted volume");
+    let volume = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let configmap = object(
+        &objects,
+        "ConfigMap",
+        volume["configMap"]["name"].as_str().unwrap(),
+    );
+    let key = config_path.file_name().unwrap().to_str().unwrap();
+    let config = configmap["data"][key]
+        .as_str()
+        .expect("the ConfigMap holds the file");
+
+    // samgate accepts that file with the container's environment and the Secret's variables.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(key);
+    std::fs::write(&file, config).unwrap();
+    let mut env: Vec<(String, String)> = Vec::new();
+    for var in container["env"].as_sequence().unwrap() {
+        let name = var["name"].as_str().unwrap().to_owned();
+        // A variable from the pod's own fields (its name) gets a well-formed stand-in.
+        let value = var["value"]
+            .as_str()
+            .unwrap_or("samgate-7d9f8-abcde")
+            .to_owned();
+        env.push((name, value));
     }
+    let secret = object(&objects, "Secret", "samgate");
+    for (name, value) in secret["stringData"].as_mapping().unwrap() {
+        env.push((
+            name.as_str().unwrap().to_owned(),
+            value.as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        container["envFrom"][0]["secretRef"]["name"], secret["metadata"]["name"],
+        "the container reads the Secret"
+    );
     check_config(&file, &env);
 
-    let mut names = BTreeSet::new();
+    let mut names: BTreeSet<String> = env.iter().map(|(name, _)| name.clone()).collect();
     for template in files_under("helm/samgate/templates", &["yaml", "tpl", "txt"]) {
-        let text = read(&template);
-        names.extend(variables_in(&text));
-        for line in text.lines() {
-            if let Some(list) = line.trim().strip_prefix("args:") {
-                let args: Vec<String> = serde_yaml::from_str(list).unwrap();
-                parses(&args).unwrap();
-            }
-        }
+        names.extend(variables_in(&read(&template)));
     }
     names.extend(variables_in(&read("helm/samgate/values.yaml")));
     assert_known_variables("helm/samgate", &names);
