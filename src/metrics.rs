@@ -137,6 +137,11 @@ impl Metrics {
 
     /// Every metric's name, including those with no sample yet (the exposition omits them).
     pub fn names(&self) -> Vec<String> {
+        self.catalogue().into_iter().map(|(name, _)| name).collect()
+    }
+
+    /// Every metric's name with its label names: what a dashboard or an alert may select on.
+    pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
         let collectors: [&dyn Collector; 11] = [
             &self.events_consumed,
@@ -154,7 +159,7 @@ impl Metrics {
         collectors
             .iter()
             .flat_map(|c| c.desc())
-            .map(|d| d.fq_name.clone())
+            .map(|d| (d.fq_name.clone(), d.variable_labels.clone()))
             .collect()
     }
 

@@ -175,30 +175,114 @@ fn every_yaml_and_json_file_parses() {
     }
 }
 
+/// Every PromQL expression of the dashboard and the alert rules, with where it is.
+fn promql_expressions() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let dashboard = json("helm/samgate/files/dashboard.json");
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let place = format!("dashboard panel {:?}", panel["title"]);
+            out.push((place, target["expr"].as_str().unwrap().to_owned()));
+        }
+    }
+    let alerts = yaml("helm/samgate/files/alerts.yaml");
+    for group in alerts["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let place = format!("alert {:?}", rule["alert"].as_str().unwrap());
+            out.push((place, rule["expr"].as_str().unwrap().to_owned()));
+        }
+    }
+    out
+}
+
+/// The series selectors of a PromQL expression (metric name, label names in its matchers) and
+/// the label names it groups by.
+#[derive(Default)]
+struct Selections {
+    selectors: Vec<(String, Vec<String>)>,
+    grouping: Vec<String>,
+}
+
+impl promql_parser::util::ExprVisitor for Selections {
+    type Error = String;
+
+    fn pre_visit(&mut self, expr: &promql_parser::parser::Expr) -> Result<bool, String> {
+        use promql_parser::parser::Expr;
+        let selector = match expr {
+            Expr::VectorSelector(selector) => selector,
+            Expr::MatrixSelector(matrix) => &matrix.vs,
+            Expr::Aggregate(aggregate) => {
+                if let Some(modifier) = &aggregate.modifier {
+                    self.grouping
+                        .extend(modifier.labels().labels.iter().cloned());
+                }
+                return Ok(true);
+            }
+            _ => return Ok(true),
+        };
+        let name = selector
+            .name
+            .clone()
+            .ok_or("a selector without a metric name")?;
+        let labels = selector
+            .matchers
+            .matchers
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        self.selectors.push((name, labels));
+        Ok(true)
+    }
+}
+
 #[test]
-fn every_metric_the_dashboard_and_alerts_use_is_exported() {
-    let exported: BTreeSet<String> = samgate::metrics::Metrics::new()
-        .names()
-        .into_iter()
-        .collect();
-    assert_eq!(exported.len(), 11);
-    for file in [
-        "helm/samgate/files/dashboard.json",
-        "helm/samgate/files/alerts.yaml",
-    ] {
-        let text = read(file);
-        for (i, _) in text.match_indices("samgate_") {
-            let name: String = text[i..]
-                .chars()
-                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                .collect();
+fn every_dashboard_and_alert_query_is_promql_over_exported_metrics_and_labels() {
+    let catalogue = samgate::metrics::Metrics::new().catalogue();
+    assert_eq!(catalogue.len(), 11);
+    let expressions = promql_expressions();
+    assert!(
+        expressions.len() >= 20,
+        "only {} expressions",
+        expressions.len()
+    );
+    for (place, expr) in expressions {
+        // Grafana's interval variables stand for a duration.
+        let query = expr
+            .replace("$__rate_interval", "5m")
+            .replace("$__interval", "1m");
+        let parsed = promql_parser::parser::parse(&query)
+            .unwrap_or_else(|e| panic!("{place}: {expr:?} is not PromQL: {e}"));
+        let mut found = Selections::default();
+        promql_parser::util::walk_expr(&mut found, &parsed)
+            .unwrap_or_else(|e| panic!("{place}: {expr:?}: {e}"));
+        assert!(
+            !found.selectors.is_empty(),
+            "{place}: {expr:?} selects nothing"
+        );
+        let mut labels_in_scope = BTreeSet::from(["le".to_owned()]);
+        for (name, matched) in &found.selectors {
+            // A histogram's series: NAME_bucket (with `le`), NAME_sum, NAME_count.
             let base = ["_bucket", "_sum", "_count"]
                 .iter()
-                .find_map(|s| name.strip_suffix(s))
-                .unwrap_or(&name);
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|base| catalogue.iter().any(|(n, _)| n == base))
+                .unwrap_or(name);
+            let (_, labels) = catalogue
+                .iter()
+                .find(|(n, _)| n == base)
+                .unwrap_or_else(|| panic!("{place} uses {name}, which samgate does not export"));
+            for label in matched {
+                assert!(
+                    labels.contains(label) || (label == "le" && name.ends_with("_bucket")),
+                    "{place}: {name} has no label {label:?} (it has {labels:?})"
+                );
+            }
+            labels_in_scope.extend(labels.iter().cloned());
+        }
+        for label in &found.grouping {
             assert!(
-                exported.contains(base),
-                "{file} uses {name}, which samgate does not export ({exported:?})"
+                labels_in_scope.contains(label),
+                "{place}: groups by {label:?}, which none of its metrics has"
             );
         }
     }
