@@ -12,7 +12,7 @@
   parsed.
 
 Writes each rendered template to OUT_DIR under its template path and exits 1 on any problem.
-Runs in the environment scripts/chart-tools installs; tests/deploy.rs calls it.
+Runs in the environment scripts/deploy-tools installs; tests/deploy.rs calls it.
 """
 
 import argparse

@@ -308,6 +308,43 @@ fn values_yaml_satisfies_values_schema_json() {
     assert!(!validator.is_valid(&bad));
 }
 
+/// A program of the environment `scripts/deploy-tools` installs (Helm's SDK, the Kubernetes and
+/// Compose schemas).
+fn deploy_tool(program: &str) -> std::process::Command {
+    let bin = std::env::var("SAMGATE_DEPLOY_TOOLS").expect(
+        "SAMGATE_DEPLOY_TOOLS is not set: run the tests with scripts/test, or set it to the \
+         directory that `scripts/deploy-tools` prints",
+    );
+    std::process::Command::new(Path::new(&bin).join(program))
+}
+
+#[test]
+fn docker_compose_yml_follows_the_compose_specification() {
+    let check = |file: &Path| {
+        deploy_tool("check-jsonschema")
+            .args(["--builtin-schema", "vendor.compose-spec"])
+            .arg(file)
+            .output()
+            .unwrap()
+    };
+    let output = check(&root().join("docker-compose.yml"));
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The schema has teeth: a misspelt service key is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("docker-compose.yml");
+    let text = read("docker-compose.yml");
+    assert!(text.contains("    depends_on:"));
+    std::fs::write(&bad, text.replacen("    depends_on:", "    depend_on:", 1)).unwrap();
+    let output = check(&bad);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("depend_on"));
+}
+
 /// The CRD kinds the chart renders only when the cluster has them.
 const MONITORING_CRDS: [&str; 2] = [
     "monitoring.coreos.com/v1/ServiceMonitor",
@@ -319,12 +356,8 @@ const MONITORING_CRDS: [&str; 2] = [
 /// capabilities, and validates every manifest against the Kubernetes schemas. Every rendered
 /// object, or the script's complaint.
 fn render_chart(values: Value, api_versions: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
-    let python = std::env::var("SAMGATE_CHART_PYTHON").expect(
-        "SAMGATE_CHART_PYTHON is not set: run the tests with scripts/test, or set it to the \
-         python that `scripts/chart-tools` prints",
-    );
     let out = tempfile::tempdir().unwrap();
-    let mut command = std::process::Command::new(python);
+    let mut command = deploy_tool("python");
     command
         .arg(root().join("scripts/render-chart.py"))
         .arg(root().join("helm/samgate"))
