@@ -83,8 +83,11 @@ fn event_id(site: &str, collector: &str, raw: &[u8]) -> String {
 }
 
 /// Where in samgate an input was rejected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr, strum::EnumIter,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum DeadLetterStage {
     /// The shim could not parse a Flowmon line.
     Shim,
@@ -92,6 +95,13 @@ pub enum DeadLetterStage {
     Decode,
     /// The pipeline gave up on an action after its retries.
     Enforce,
+}
+
+impl DeadLetterStage {
+    /// The stage as the dead letter's `stage` field and the metric label spell it.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
 }
 
 /// An input samgate could not use, with the reason; written to the dead-letter topic.
@@ -165,8 +175,17 @@ pub mod rfc3339_millis {
 
 #[cfg(test)]
 mod tests {
+    use strum::IntoEnumIterator;
+
     use super::*;
     use crate::flowmon::LineReader;
+
+    #[test]
+    fn a_stage_is_spelt_the_same_in_dead_letters_and_metrics() {
+        for stage in DeadLetterStage::iter() {
+            assert_eq!(serde_json::to_value(stage).unwrap(), stage.as_str());
+        }
+    }
 
     fn line(text: &str) -> RawLine {
         LineReader::new(text.as_bytes(), 1 << 16)

@@ -3,9 +3,15 @@
 //! outcomes, commands), never an IP, an event id or a key.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+use strum::IntoEnumIterator;
+
+use crate::checkpoint::ApiError;
+use crate::event::DeadLetterStage;
+use crate::flowmon::InputFormat;
+use crate::pipeline::report::Outcome;
 
 pub struct Metrics {
     registry: Registry,
@@ -31,6 +37,8 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Messages behind the end of the events topic, over this replica's partitions.
     pub consumer_lag: IntGauge,
+    /// Always 1, labelled with the version: present while samgate runs (for "samgate down").
+    pub build_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -110,7 +118,22 @@ impl Metrics {
         registry
             .register(Box::new(detection_to_enforcement.clone()))
             .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "samgate_build_info",
+                "Always 1 while samgate runs; the version as a label.",
+            ),
+            &["version"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Self {
+            build_info,
             events_consumed,
             decisions,
             dead_letters,
@@ -143,7 +166,8 @@ impl Metrics {
     /// Every metric's name with its label names: what a dashboard or an alert may select on.
     pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 11] = [
+        let collectors: [&dyn Collector; 12] = [
+            &self.build_info,
             &self.events_consumed,
             &self.decisions,
             &self.dead_letters,
@@ -163,6 +187,37 @@ impl Metrics {
             .collect()
     }
 
+    /// Creates at zero every series whose labels are known before anything happens: each
+    /// outcome, each pipeline dead-letter stage, each configured site by input format, and each
+    /// server's logins and refused logins. A counter that first appears at 1 has no increase
+    /// for `rate()` and `increase()` to see, so the first failure after a start would escape
+    /// the alerts built on them.
+    pub fn zero_known_series<'a>(
+        &self,
+        sites: impl IntoIterator<Item = &'a str>,
+        servers: impl IntoIterator<Item = &'a str>,
+    ) {
+        for outcome in Outcome::iter() {
+            self.decisions.with_label_values(&[outcome.as_str()]);
+        }
+        for stage in [DeadLetterStage::Decode, DeadLetterStage::Enforce] {
+            self.dead_letters.with_label_values(&[stage.as_str()]);
+        }
+        for site in sites {
+            for format in InputFormat::iter() {
+                self.events_consumed
+                    .with_label_values(&[site, format.as_str()]);
+            }
+        }
+        for server in servers {
+            self.logins.with_label_values(&[server]);
+            for status in ApiError::KINDS {
+                self.api_requests
+                    .with_label_values(&[server, "login", status]);
+            }
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -176,5 +231,43 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_series_start_at_zero_so_their_first_increase_shows() {
+        let metrics = Metrics::new();
+        let before = metrics.render();
+        assert!(before.contains(&format!(
+            "samgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(
+            !before.contains("samgate_decisions_total"),
+            "no samples yet"
+        );
+
+        metrics.zero_known_series(["prague"], ["hq"]);
+        let after = metrics.render();
+        for series in [
+            r#"samgate_decisions_total{outcome="failed"} 0"#,
+            r#"samgate_decisions_total{outcome="dry_run"} 0"#,
+            r#"samgate_dead_letters_total{stage="decode"} 0"#,
+            r#"samgate_dead_letters_total{stage="enforce"} 0"#,
+            r#"samgate_events_consumed_total{format="ads_standard",site="prague"} 0"#,
+            r#"samgate_events_consumed_total{format="ids_json",site="prague"} 0"#,
+            r#"samgate_firewall_logins_total{server="hq"} 0"#,
+            r#"samgate_firewall_api_requests_total{command="login",server="hq",status="login_limited"} 0"#,
+        ] {
+            assert!(after.contains(series), "no {series} in\n{after}");
+        }
+        assert!(
+            !after.contains(r#"stage="shim""#),
+            "the shim is not this process"
+        );
     }
 }

@@ -238,7 +238,7 @@ impl promql_parser::util::ExprVisitor for Selections {
 #[test]
 fn every_dashboard_and_alert_query_is_promql_over_exported_metrics_and_labels() {
     let catalogue = samgate::metrics::Metrics::new().catalogue();
-    assert_eq!(catalogue.len(), 11);
+    assert_eq!(catalogue.len(), 12);
     let expressions = promql_expressions();
     assert!(
         expressions.len() >= 20,
@@ -318,29 +318,82 @@ fn deploy_tool(program: &str) -> std::process::Command {
     std::process::Command::new(Path::new(&bin).join(program))
 }
 
-#[test]
-fn docker_compose_yml_follows_the_compose_specification() {
-    let check = |file: &Path| {
-        deploy_tool("check-jsonschema")
-            .args(["--builtin-schema", "vendor.compose-spec"])
-            .arg(file)
-            .output()
-            .unwrap()
-    };
-    let output = check(&root().join("docker-compose.yml"));
+/// Runs `command` and fails the test with its output unless it succeeds.
+fn succeeds(mut command: std::process::Command) {
+    let output = command.output().unwrap();
     assert!(
         output.status.success(),
-        "{}{}",
+        "{command:?}:\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_their_unit_tests() {
+    let mut check = deploy_tool("promtool");
+    check
+        .args(["check", "rules"])
+        .arg(root().join("helm/samgate/files/alerts.yaml"));
+    succeeds(check);
+    // tests/alerts/alerts.test.yaml: each alert fires on the series samgate exports when it
+    // should, with its labels and annotations, and stays quiet when it should.
+    let mut test = deploy_tool("promtool");
+    test.args(["test", "rules"])
+        .arg(root().join("tests/alerts/alerts.test.yaml"));
+    succeeds(test);
+}
+
+#[test]
+fn the_compose_prometheus_configuration_passes_promtool() {
+    // Prometheus reads its rule files where compose mounts them: map each back to the repository.
+    let compose = yaml("docker-compose.yml");
+    let mounts: Vec<(String, String)> = compose["services"]["prometheus"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let mut parts = v.as_str().unwrap().split(':');
+            let host = parts.next().unwrap().trim_start_matches("./").to_owned();
+            (parts.next().unwrap().to_owned(), host)
+        })
+        .collect();
+    let mut config = yaml("deploy/compose/prometheus.yml");
+    let rule_files = config["rule_files"].as_sequence_mut().unwrap();
+    assert!(!rule_files.is_empty());
+    for file in rule_files.iter_mut() {
+        let inside = file.as_str().unwrap().to_owned();
+        let (_, host) = mounts
+            .iter()
+            .find(|(target, _)| *target == inside)
+            .unwrap_or_else(|| panic!("{inside} is not mounted into the prometheus service"));
+        *file = root().join(host).to_string_lossy().into_owned().into();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prometheus.yml");
+    std::fs::write(&file, serde_yaml::to_string(&config).unwrap()).unwrap();
+    let mut check = deploy_tool("promtool");
+    check.args(["check", "config"]).arg(&file);
+    succeeds(check);
+}
+
+#[test]
+fn docker_compose_yml_follows_the_compose_specification() {
+    let check = |file: &Path| {
+        let mut command = deploy_tool("check-jsonschema");
+        command
+            .args(["--builtin-schema", "vendor.compose-spec"])
+            .arg(file);
+        command
+    };
+    succeeds(check(&root().join("docker-compose.yml")));
     // The schema has teeth: a misspelt service key is refused.
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("docker-compose.yml");
     let text = read("docker-compose.yml");
     assert!(text.contains("    depends_on:"));
     std::fs::write(&bad, text.replacen("    depends_on:", "    depend_on:", 1)).unwrap();
-    let output = check(&bad);
+    let output = check(&bad).output().unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("depend_on"));
 }

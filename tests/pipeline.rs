@@ -292,9 +292,14 @@ async fn every_outcome_with_the_right_rule_or_none() {
         "samgate_active_blocks",
         "samgate_enforcement_queue_depth",
         "samgate_consumer_lag_messages",
+        "samgate_build_info",
+        "samgate_dead_letters_total",
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
+    // Known series exist at zero, so the alerts see their first increase.
+    assert!(metrics.contains("samgate_decisions_total{outcome=\"failed\"} 0"));
+    assert!(metrics.contains("samgate_dead_letters_total{stage=\"enforce\"} 0"));
     assert!(
         metrics.contains("samgate_decisions_total{outcome=\"blocked\"} 2"),
         "{metrics}"

@@ -85,6 +85,16 @@ impl ApiError {
         matches!(self, Self::Api { status, code, .. } if code == "err_too_many_requests" || *status == 429)
     }
 
+    /// Every value [`kind`](Self::kind) takes.
+    pub const KINDS: [&'static str; 6] = [
+        "transport",
+        "not_json",
+        "api",
+        "login_limited",
+        "task_timeout",
+        "protocol",
+    ];
+
     /// A bounded label for metrics (`transport`, `not_json`, `api`, …).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -150,6 +160,8 @@ pub fn classify(error: &ApiError) -> ErrorClass {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn api(status: u16, code: &str) -> ApiError {
@@ -236,9 +248,24 @@ mod tests {
                 },
                 ErrorClass::Retryable,
             ),
+            (
+                ApiError::Protocol {
+                    server: "mgmt".into(),
+                    command: "login".into(),
+                    missing: "sid",
+                },
+                ErrorClass::Permanent,
+            ),
         ];
+        let mut kinds = BTreeSet::new();
         for (error, class) in cases {
             assert_eq!(classify(&error), class, "{error}");
+            kinds.insert(error.kind());
         }
+        assert_eq!(
+            kinds,
+            BTreeSet::from(ApiError::KINDS),
+            "KINDS lists every kind"
+        );
     }
 }

@@ -484,7 +484,7 @@ async fn fail(shared: &Arc<Shared>, mut work: Work, code: &str, reason: String) 
     shared
         .metrics
         .dead_letters
-        .with_label_values(&["enforce"])
+        .with_label_values(&[DeadLetterStage::Enforce.as_str()])
         .inc();
     super::finish(shared, &work.completion, work.result).await;
 }

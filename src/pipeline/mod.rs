@@ -124,6 +124,10 @@ pub async fn run(
         server_addresses.extend(resolve(&server.url).await);
     }
     let policy = Policy::new(&config, &server_addresses);
+    metrics.zero_known_series(
+        config.sites.keys().map(String::as_str),
+        config.checkpoint.servers.keys().map(String::as_str),
+    );
 
     let topics = &config.kafka.topics;
     crate::kafka::ensure_topics(
@@ -491,7 +495,7 @@ async fn dead_letter(
             shared
                 .metrics
                 .dead_letters
-                .with_label_values(&["decode"])
+                .with_label_values(&[DeadLetterStage::Decode.as_str()])
                 .inc();
             shared
                 .tracker

@@ -16,7 +16,7 @@ use crate::event::{rfc3339_millis, Event};
 pub const RESULT_SCHEMA: &str = "samgate.result.v1";
 
 /// What happened to one event at one target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::EnumIter)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The rule is on every gateway of the target.
