@@ -693,3 +693,51 @@ fn compose_and_dockerfile_run_commands_and_configuration_the_binary_accepts() {
     parses(&serde_json::from_str::<Vec<String>>(cmd).unwrap()).unwrap();
     assert!(dockerfile.contains("\nUSER "), "the image runs as non-root");
 }
+
+#[test]
+fn the_images_build_stage_has_what_the_binary_needs() {
+    // The files the Dockerfile's build stage copies, and nothing else, must build `samgate`
+    // with the locked dependencies (a checked build in a copy of that context).
+    let dockerfile = read("Dockerfile");
+    let build_stage = dockerfile
+        .split("\nFROM ")
+        .find(|stage| stage.lines().next().unwrap_or("").ends_with(" AS build"))
+        .expect("a stage named build");
+    let context = tempfile::tempdir().unwrap();
+    let mut copied = Vec::new();
+    for line in build_stage.lines() {
+        let Some(args) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        let words: Vec<&str> = args.split_whitespace().collect();
+        assert!(!words[0].starts_with("--from"), "{line}");
+        for source in &words[..words.len() - 1] {
+            let status = std::process::Command::new("cp")
+                .arg("-r")
+                .arg(root().join(source))
+                .arg(context.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "{line}: cannot copy {source}");
+            copied.push(source.to_string());
+        }
+    }
+    assert!(copied.contains(&"Cargo.lock".to_owned()), "{copied:?}");
+    let output = std::process::Command::new(env!("CARGO"))
+        .args([
+            "check",
+            "--locked",
+            "--offline",
+            "--quiet",
+            "--bin",
+            "samgate",
+        ])
+        .current_dir(context.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the build stage's context ({copied:?}) does not build samgate:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
