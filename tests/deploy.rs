@@ -1,9 +1,12 @@
-//! The deployment files, checked as far as this machine allows (no Docker engine, no cluster):
-//! every YAML and JSON file parses; `values.yaml` satisfies `values.schema.json`; the chart is
-//! linted and rendered by Helm's own SDK and every manifest validates against the Kubernetes
-//! schemas (`scripts/render-chart.py`); and every samgate subcommand, flag, environment variable
-//! and configuration key that the Dockerfile, the compose stack and the rendered chart use is
-//! accepted by the binary itself.
+//! The deployment files, checked as far as this machine allows (no Docker engine, no cluster),
+//! with the tools `scripts/deploy-tools` caches: every YAML and JSON file parses;
+//! `values.yaml` satisfies `values.schema.json`; the chart is linted and rendered by Helm's own
+//! SDK and every manifest validates against the Kubernetes schemas (`scripts/render-chart.py`);
+//! `docker-compose.yml` follows the Compose specification; the alert rules and the compose
+//! Prometheus configuration pass promtool, and the alerts' unit tests run; every dashboard and
+//! alert query is PromQL over exported metrics and labels; the Dockerfile's build context builds
+//! the binary; and every samgate subcommand, flag, environment variable and configuration key
+//! that the Dockerfile, the compose stack and the rendered chart use is accepted by the binary.
 
 mod common;
 
