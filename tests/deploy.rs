@@ -311,16 +311,6 @@ fn values_yaml_satisfies_values_schema_json() {
     assert!(!validator.is_valid(&bad));
 }
 
-/// A program of the environment `scripts/deploy-tools` installs (Helm's SDK, the Kubernetes and
-/// Compose schemas).
-fn deploy_tool(program: &str) -> std::process::Command {
-    let bin = std::env::var("SAMGATE_DEPLOY_TOOLS").expect(
-        "SAMGATE_DEPLOY_TOOLS is not set: run the tests with scripts/test, or set it to the \
-         directory that `scripts/deploy-tools` prints",
-    );
-    std::process::Command::new(Path::new(&bin).join(program))
-}
-
 /// Runs `command` and fails the test with its output unless it succeeds.
 fn succeeds(mut command: std::process::Command) {
     let output = command.output().unwrap();
@@ -334,14 +324,14 @@ fn succeeds(mut command: std::process::Command) {
 
 #[test]
 fn the_alert_rules_pass_promtool_and_their_unit_tests() {
-    let mut check = deploy_tool("promtool");
+    let mut check = common::deploy_tool("promtool");
     check
         .args(["check", "rules"])
         .arg(root().join("helm/samgate/files/alerts.yaml"));
     succeeds(check);
     // tests/alerts/alerts.test.yaml: each alert fires on the series samgate exports when it
     // should, with its labels and annotations, and stays quiet when it should.
-    let mut test = deploy_tool("promtool");
+    let mut test = common::deploy_tool("promtool");
     test.args(["test", "rules"])
         .arg(root().join("tests/alerts/alerts.test.yaml"));
     succeeds(test);
@@ -375,7 +365,7 @@ fn the_compose_prometheus_configuration_passes_promtool() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("prometheus.yml");
     std::fs::write(&file, serde_yaml::to_string(&config).unwrap()).unwrap();
-    let mut check = deploy_tool("promtool");
+    let mut check = common::deploy_tool("promtool");
     check.args(["check", "config"]).arg(&file);
     succeeds(check);
 }
@@ -383,7 +373,7 @@ fn the_compose_prometheus_configuration_passes_promtool() {
 #[test]
 fn docker_compose_yml_follows_the_compose_specification() {
     let check = |file: &Path| {
-        let mut command = deploy_tool("check-jsonschema");
+        let mut command = common::deploy_tool("check-jsonschema");
         command
             .args(["--builtin-schema", "vendor.compose-spec"])
             .arg(file);
@@ -413,7 +403,7 @@ const MONITORING_CRDS: [&str; 2] = [
 /// object, or the script's complaint.
 fn render_chart(values: Value, api_versions: &[&str]) -> Result<Vec<serde_yaml::Value>, String> {
     let out = tempfile::tempdir().unwrap();
-    let mut command = deploy_tool("python");
+    let mut command = common::deploy_tool("python");
     command
         .arg(root().join("scripts/render-chart.py"))
         .arg(root().join("helm/samgate"))

@@ -165,6 +165,16 @@ pub fn samgate_command() -> Command {
     command
 }
 
+/// A program of the environment `scripts/deploy-tools` installs (Helm's SDK, the Kubernetes and
+/// Compose schemas, promtool, prometheus).
+pub fn deploy_tool(program: &str) -> Command {
+    let bin = std::env::var("SAMGATE_DEPLOY_TOOLS").expect(
+        "SAMGATE_DEPLOY_TOOLS is not set: run the tests with scripts/test, or set it to the \
+         directory that `scripts/deploy-tools` prints",
+    );
+    Command::new(Path::new(&bin).join(program))
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -191,11 +201,14 @@ pub fn spooled(dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A file of the repository, by its path from the top.
+pub fn repo_path(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
 /// Validates `value` against a schema in `docs/schemas/`, with formats checked.
 pub fn assert_schema(schema_file: &str, value: &serde_json::Value) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("docs/schemas")
-        .join(schema_file);
+    let path = repo_path("docs/schemas").join(schema_file);
     let schema: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let validator = jsonschema::options()
