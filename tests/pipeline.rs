@@ -569,3 +569,70 @@ async fn dry_run_decides_and_reports_the_command_without_calling_the_firewall() 
     cancel.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_replicas_block_is_asked_about_again_not_sent_blind() {
+    let sim = sim().await;
+    let t = topics();
+    create_topic(&t.events, 1).await; // one partition: the state record's partition is 0
+    let cfg = config(
+        &t,
+        &format!("{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n", server_toml("hq", &sim)),
+    );
+
+    // A replica blocks an address and stops.
+    let (_http, cancel, task) = start(cfg.clone()).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "198.51.100.80")],
+    );
+    let first = read_topic(&t.results, 1);
+    assert_eq!(first[0].value["outcome"], "blocked");
+    cancel.cancel();
+    task.await.unwrap();
+
+    // As if it had died between sending the rule and recording it: the last word on the state
+    // topic is its write-ahead "pending" record.
+    let records = read_topic(&t.state, 2);
+    let done = records.last().unwrap();
+    assert_ne!(
+        done.value["pending"], true,
+        "recorded as done: {}",
+        done.value
+    );
+    let mut pending = done.value.clone();
+    pending["pending"] = true.into();
+    produce(&t.state, &done.key, pending.to_string().as_bytes());
+
+    // The next owner cannot reach the management server at first: it must ask again, not send
+    // the rule blind (it is on the gateway already).
+    sim_faults(&sim.url, json!({"http_500_next": 1})).await;
+    let (_http, cancel, task) = start(cfg).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(2, "SCANS", "High", "198.51.100.80")],
+    );
+    let results = read_topic(&t.results, 2);
+    let second = results
+        .iter()
+        .find(|r| r.value["ads_event_id"] == "2")
+        .unwrap();
+    assert_eq!(second.value["outcome"], "blocked", "{}", second.value);
+    assert_eq!(second.value["code"], "verified", "{}", second.value);
+    assert_eq!(second.value["attempts"], 2, "asked twice: {}", second.value);
+    let state = sim_state(&sim).await;
+    let adds = state["scripts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "samgate block")
+        .count();
+    assert_eq!(adds, 1, "the rule was sent once, by the first replica");
+    assert_eq!(sam_rules(&state, "gw-1").len(), 1);
+    cancel.cancel();
+    task.await.unwrap();
+}

@@ -152,25 +152,37 @@ async fn enforce_batch(
     permit: OwnedSemaphorePermit,
 ) {
     // Blocks of a stopped owner: those already on every gateway are done without a new rule.
+    // When the gateways cannot be asked, the question is retried like a failed block (sending
+    // the rule blind could issue it twice).
     let (to_verify, mut batch): (Vec<Work>, Vec<Work>) =
         batch.into_iter().partition(|w| w.verify.is_some());
+    let mut unverified: Vec<(Work, Verdict)> = Vec::new();
     if !to_verify.is_empty() {
-        let mut reports = tokio::task::JoinSet::new();
-        for (work, in_place) in verify(to_verify, &target, &client, &limits).await {
-            if in_place {
-                let shared = shared.clone();
-                reports.spawn(async move { blocked(&shared, work).await });
-            } else {
-                batch.push(work);
+        match verify(to_verify, &target, &client, &limits).await {
+            Ok(checked) => {
+                let mut reports = tokio::task::JoinSet::new();
+                for (mut work, in_place) in checked {
+                    if in_place {
+                        work.attempts += 1; // the question was a firewall call
+                        let shared = shared.clone();
+                        reports.spawn(async move { blocked(&shared, work).await });
+                    } else {
+                        batch.push(work);
+                    }
+                }
+                join_all(&mut reports).await;
             }
-        }
-        join_all(&mut reports).await;
-        if batch.is_empty() {
-            return;
+            Err((works, e)) => {
+                let reason = format!("cannot verify a stopped replica's block: {e}");
+                let class = classify(&e);
+                unverified.extend(works.into_iter().map(|w| (w, Err((class, reason.clone())))));
+            }
         }
     }
     // Write-ahead: the state topic learns of each block before the firewall does, so whoever
-    // owns the partition next can tell "maybe blocked" from "never tried".
+    // owns the partition next can tell "maybe blocked" from "never tried". When a record cannot
+    // be written (shutting down), nothing of the batch is sent: its events go back to the
+    // partition's next owner.
     let mut acks = tokio::task::JoinSet::new();
     for work in &batch {
         let record = state_record(work, Utc::now(), true);
@@ -192,85 +204,33 @@ async fn enforce_batch(
             .await
         });
     }
-    join_all(&mut acks).await;
-    let rules: Vec<SamRule> = batch.iter().map(|w| w.rule).collect();
-    shared.metrics.batch_rules.observe(rules.len() as f64);
-    let script = match sam::batch_script(&rules, target.mode, Operation::Block) {
-        Ok(script) => script,
-        Err(e) => {
-            for work in batch {
-                fail(&shared, work, "unrenderable", e.to_string()).await;
-            }
-            return;
-        }
-    };
-    limits.calls.until_ready().await;
-    let comments = format!("samgate: {} rule(s)", rules.len());
-    let request = RunScript {
-        name: "samgate block",
-        script: &script,
-        targets: &target.gateways,
-        comments: &comments,
-    };
-    let outcome = async {
-        let tasks = client.run_script(&request).await?;
-        let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
-        let finished = client.wait_tasks(&ids).await?;
-        Ok::<_, crate::checkpoint::ApiError>((ids, finished))
+    let mut all_written = true;
+    while let Some(joined) = acks.join_next().await {
+        all_written &= joined.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "a state write failed; its batch is not sent");
+            false
+        });
     }
-    .await;
-    // Per rule: Ok, or (retry class, reason).
-    let verdicts: Vec<Result<(), (ErrorClass, String)>> = match &outcome {
-        Ok((_, tasks)) => {
-            // Each gateway's output, parsed once: the exit status of every rule.
-            let per_task: Vec<Vec<Option<i32>>> = tasks
-                .iter()
-                .map(|task| {
-                    let output = task.details.first().map_or("", |d| d.output.as_str());
-                    sam::parse_outcomes(output, rules.len())
-                })
-                .collect();
-            (0..rules.len())
-                .map(|i| {
-                    for (task, statuses) in tasks.iter().zip(&per_task) {
-                        let status = statuses[i];
-                        let ok_task = task.status.is_success()
-                            || task.status == crate::checkpoint::TaskStatus::PartiallySucceeded;
-                        if !ok_task || status != Some(0) {
-                            let detail = task.details.first();
-                            let gateway =
-                                detail.and_then(|d| d.gateway.clone()).unwrap_or_default();
-                            let error = detail
-                                .map(|d| d.error.trim().to_owned())
-                                .unwrap_or_default();
-                            let reason = format!(
-                                "gateway {gateway}: task {}, rule exit status {}{}",
-                                task.status.as_str(),
-                                status.map_or("missing".to_string(), |s| s.to_string()),
-                                if error.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(": {}", error.lines().next().unwrap_or(""))
-                                }
-                            );
-                            return Err((ErrorClass::Retryable, reason));
-                        }
-                    }
-                    Ok(())
-                })
-                .collect()
+    if !all_written {
+        let mut state = shared.state.lock().expect("state");
+        for work in batch.iter().chain(unverified.iter().map(|(w, _)| w)) {
+            state.abort(&work.key);
         }
-        Err(e) => vec![Err((classify(e), e.to_string())); rules.len()],
+        return;
+    }
+    if batch.is_empty() && unverified.is_empty() {
+        return;
+    }
+    let (verdicts, task_ids) = if batch.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        block(&batch, &target, &client, &limits, &shared).await
     };
     // The firewall's part is done: let the next batch use the server while Kafka acknowledges.
     drop(permit);
-    let task_ids = outcome
-        .as_ref()
-        .map(|(ids, _)| ids.clone())
-        .unwrap_or_default();
     // Reports run concurrently: each waits for its own acknowledgements, none for another's.
     let mut reports = tokio::task::JoinSet::new();
-    for (mut work, verdict) in batch.drain(..).zip(verdicts) {
+    for (mut work, verdict) in batch.into_iter().zip(verdicts).chain(unverified) {
         work.attempts += 1;
         work.result.task_ids.extend(task_ids.iter().cloned());
         match verdict {
@@ -312,6 +272,92 @@ async fn enforce_batch(
     join_all(&mut reports).await;
 }
 
+/// A rule's fate in a batch: done, or why not and whether to try again.
+type Verdict = Result<(), (ErrorClass, String)>;
+
+/// One `run-script` for the batch's rules on the target's gateways: each rule's verdict, and
+/// the task ids.
+async fn block(
+    batch: &[Work],
+    target: &Target,
+    client: &ManagementClient,
+    limits: &ServerLimits,
+    shared: &Shared,
+) -> (Vec<Verdict>, Vec<String>) {
+    let rules: Vec<SamRule> = batch.iter().map(|w| w.rule).collect();
+    shared.metrics.batch_rules.observe(rules.len() as f64);
+    let script = match sam::batch_script(&rules, target.mode, Operation::Block) {
+        Ok(script) => script,
+        Err(e) => {
+            let reason = format!("unrenderable rule: {e}");
+            return (
+                vec![Err((ErrorClass::Permanent, reason)); rules.len()],
+                Vec::new(),
+            );
+        }
+    };
+    limits.calls.until_ready().await;
+    let comments = format!("samgate: {} rule(s)", rules.len());
+    let request = RunScript {
+        name: "samgate block",
+        script: &script,
+        targets: &target.gateways,
+        comments: &comments,
+    };
+    let outcome = async {
+        let tasks = client.run_script(&request).await?;
+        let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
+        let finished = client.wait_tasks(&ids).await?;
+        Ok::<_, crate::checkpoint::ApiError>((ids, finished))
+    }
+    .await;
+    // Per rule: Ok, or (retry class, reason).
+    let verdicts: Vec<Verdict> = match &outcome {
+        Ok((_, tasks)) => {
+            // Each gateway's output, parsed once: the exit status of every rule.
+            let per_task: Vec<Vec<Option<i32>>> = tasks
+                .iter()
+                .map(|task| {
+                    let output = task.details.first().map_or("", |d| d.output.as_str());
+                    sam::parse_outcomes(output, rules.len())
+                })
+                .collect();
+            (0..rules.len())
+                .map(|i| {
+                    for (task, statuses) in tasks.iter().zip(&per_task) {
+                        let status = statuses[i];
+                        let ok_task = task.status.is_success()
+                            || task.status == crate::checkpoint::TaskStatus::PartiallySucceeded;
+                        if !ok_task || status != Some(0) {
+                            let detail = task.details.first();
+                            let gateway =
+                                detail.and_then(|d| d.gateway.clone()).unwrap_or_default();
+                            let error = detail
+                                .map(|d| d.error.trim().to_owned())
+                                .unwrap_or_default();
+                            let reason = format!(
+                                "gateway {gateway}: task {}, rule exit status {}{}",
+                                task.status.as_str(),
+                                status.map_or("missing".to_string(), |s| s.to_string()),
+                                if error.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(": {}", error.lines().next().unwrap_or(""))
+                                }
+                            );
+                            return Err((ErrorClass::Retryable, reason));
+                        }
+                    }
+                    Ok(())
+                })
+                .collect()
+        }
+        Err(e) => vec![Err((classify(e), e.to_string())); rules.len()],
+    };
+    let task_ids = outcome.map(|(ids, _)| ids).unwrap_or_default();
+    (verdicts, task_ids)
+}
+
 /// `retry_initial · 2^(attempts-1)`, capped at `retry_max`, with ±25 % jitter.
 fn backoff(shared: &Shared, attempts: u32) -> Duration {
     let run = &shared.config.run;
@@ -324,13 +370,14 @@ fn backoff(shared: &Shared, attempts: u32) -> Duration {
 }
 
 /// Asks the gateways whether each rule is in place: `true` on every gateway (the work's
-/// `verify` record says until when); `false` when not (or unknown), so block it.
+/// `verify` record says until when); `false` when not, so block it. When the gateways cannot be
+/// asked, the works come back with the error.
 async fn verify(
     works: Vec<Work>,
     target: &Target,
     client: &ManagementClient,
     limits: &ServerLimits,
-) -> Vec<(Work, bool)> {
+) -> Result<Vec<(Work, bool)>, (Vec<Work>, crate::checkpoint::ApiError)> {
     let rules: Vec<SamRule> = works.iter().map(|w| w.rule).collect();
     let script = sam::verify_script(&rules, target.mode);
     limits.calls.until_ready().await;
@@ -360,8 +407,8 @@ async fn verify(
                 .collect()
         }
         Err(e) => {
-            warn!(target = target.name, error = %e, "cannot verify blocks; sending them again");
-            vec![false; rules.len()]
+            warn!(target = target.name, error = %e, "cannot verify blocks of a stopped replica; will ask again");
+            return Err((works, e));
         }
     };
     tracing::info!(
@@ -370,7 +417,7 @@ async fn verify(
         in_place = found.iter().filter(|f| **f).count(),
         "verified blocks left unconfirmed by a stopped replica"
     );
-    works
+    Ok(works
         .into_iter()
         .zip(found)
         .map(|(mut work, found)| {
@@ -379,7 +426,7 @@ async fn verify(
             }
             (work, found)
         })
-        .collect()
+        .collect())
 }
 
 fn state_record(work: &Work, now: chrono::DateTime<Utc>, pending: bool) -> BlockRecord {

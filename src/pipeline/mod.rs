@@ -704,7 +704,13 @@ fn load_state(shared: &Shared, partitions: &[i32]) -> anyhow::Result<usize> {
                 unread.remove(&p);
                 continue;
             }
-            Some(message) => message?,
+            // A transient error (a broker hiccup, a timeout) is not the end of the rebuild:
+            // librdkafka goes on fetching; only the deadline gives up.
+            Some(Err(e)) => {
+                warn!(error = %e, "reading the state topic; going on");
+                continue;
+            }
+            Some(Ok(message)) => message,
         };
         let p = message.partition();
         let key = message
