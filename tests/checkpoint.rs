@@ -69,16 +69,14 @@ async fn block(
 ) -> Result<Vec<samgate::checkpoint::Task>, ApiError> {
     let script = sam::batch_script(rules, mode, Operation::Block).unwrap();
     let targets = vec!["gw-1".to_string()];
-    let tasks = client
-        .run_script(&RunScript {
+    client
+        .run_script_to_end(&RunScript {
             name: "samgate",
             script: &script,
             targets: &targets,
             comments: "test",
         })
-        .await?;
-    let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
-    client.wait_tasks(&ids).await
+        .await
 }
 
 #[tokio::test]

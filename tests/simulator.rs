@@ -31,17 +31,13 @@ async fn start() -> (RunningSimulator, ManagementClient) {
 
 async fn run(client: &ManagementClient, target: &str, script: &str) -> samgate::checkpoint::Task {
     let targets = vec![target.to_string()];
-    let tasks = client
-        .run_script(&RunScript {
+    client
+        .run_script_to_end(&RunScript {
             name: "test",
             script,
             targets: &targets,
             comments: "",
         })
-        .await
-        .unwrap();
-    client
-        .wait_tasks(&[tasks[0].task_id.clone()])
         .await
         .unwrap()
         .remove(0)

@@ -361,6 +361,13 @@ impl ManagementClient {
         Ok(tasks.iter().map(parse_task).collect())
     }
 
+    /// `run-script`, then waits for its tasks (one per target) to end.
+    pub async fn run_script_to_end(&self, request: &RunScript<'_>) -> Result<Vec<Task>, ApiError> {
+        let tasks = self.run_script(request).await?;
+        let ids: Vec<String> = tasks.into_iter().map(|t| t.task_id).collect();
+        self.wait_tasks(&ids).await
+    }
+
     /// Polls until every task is terminal, with backoff, for at most the configured task timeout.
     pub async fn wait_tasks(&self, task_ids: &[String]) -> Result<Vec<Task>, ApiError> {
         let started = Instant::now();

@@ -304,16 +304,10 @@ async fn block(
         targets: &target.gateways,
         comments: &comments,
     };
-    let outcome = async {
-        let tasks = client.run_script(&request).await?;
-        let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
-        let finished = client.wait_tasks(&ids).await?;
-        Ok::<_, crate::checkpoint::ApiError>((ids, finished))
-    }
-    .await;
+    let outcome = client.run_script_to_end(&request).await;
     // Per rule: Ok, or (retry class, reason).
     let verdicts: Vec<Verdict> = match &outcome {
-        Ok((_, tasks)) => {
+        Ok(tasks) => {
             // Each gateway's output, parsed once: the exit status of every rule.
             let per_task: Vec<Vec<Option<i32>>> = tasks
                 .iter()
@@ -354,7 +348,9 @@ async fn block(
         }
         Err(e) => vec![Err((classify(e), e.to_string())); rules.len()],
     };
-    let task_ids = outcome.map(|(ids, _)| ids).unwrap_or_default();
+    let task_ids = outcome
+        .map(|tasks| tasks.into_iter().map(|t| t.task_id).collect())
+        .unwrap_or_default();
     (verdicts, task_ids)
 }
 
@@ -387,13 +383,7 @@ async fn verify(
         targets: &target.gateways,
         comments: "samgate: verify blocks of a stopped replica",
     };
-    let found: Vec<bool> = match async {
-        let tasks = client.run_script(&request).await?;
-        let ids: Vec<String> = tasks.iter().map(|t| t.task_id.clone()).collect();
-        client.wait_tasks(&ids).await
-    }
-    .await
-    {
+    let found: Vec<bool> = match client.run_script_to_end(&request).await {
         Ok(tasks) => {
             let per_task: Vec<Vec<Option<(i32, bool)>>> = tasks
                 .iter()
