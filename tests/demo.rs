@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Stdio;
 use std::sync::mpsc;
@@ -29,25 +29,15 @@ fn the_demo_shows_each_kind_of_decision_and_sums_them_up() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("samgate demo runs");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = common::line_channel(child.stdout.take().unwrap());
 
     let started = Instant::now();
     let (mut lines, mut metrics_addr, mut metrics) = (Vec::<String>::new(), None, None);
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
-                if let Some(url) = line.trim().strip_prefix("metrics") {
-                    let url = url.trim();
-                    metrics_addr = url
-                        .strip_prefix("http://")
-                        .and_then(|u| u.strip_suffix("/metrics"))
-                        .map(str::to_owned);
+                if let Some(address) = common::demo_metrics_address(&line) {
+                    metrics_addr = Some(address);
                 }
                 // Scrape while the demo runs, once something was blocked.
                 if metrics.is_none() && line.split_whitespace().nth(4) == Some("blocked") {

@@ -4,22 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-/// Kills the child when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -30,7 +19,7 @@ fn free_port() -> u16 {
 }
 
 /// `samgate demo`, running until the test ends; its /metrics address.
-fn start_demo() -> (Killed, String, mpsc::Receiver<String>) {
+fn start_demo() -> (common::KillOnDrop, String, mpsc::Receiver<String>) {
     let mut child = common::samgate_command()
         .args(["demo", "--duration", "10m", "--interval", "1s"])
         .args(["--listen", "127.0.0.1:0"])
@@ -38,34 +27,21 @@ fn start_demo() -> (Killed, String, mpsc::Receiver<String>) {
         .stderr(Stdio::null())
         .spawn()
         .expect("samgate demo runs");
-    let stdout = child.stdout.take().unwrap();
-    let demo = Killed(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::line_channel(child.stdout.take().unwrap());
+    let demo = common::KillOnDrop(child);
     let address = loop {
         let line = rx
             .recv_timeout(Duration::from_secs(120))
             .expect("the demo prints its metrics address");
-        if let Some(url) = line.trim().strip_prefix("metrics") {
-            let url = url.trim();
-            break url
-                .strip_prefix("http://")
-                .and_then(|u| u.strip_suffix("/metrics"))
-                .expect("http://ADDRESS/metrics")
-                .to_owned();
+        if let Some(address) = common::demo_metrics_address(&line) {
+            break address;
         }
     };
     (demo, address, rx)
 }
 
 /// Prometheus scraping `target` every second with samgate's alert rules; its base URL.
-fn start_prometheus(dir: &std::path::Path, target: &str) -> (Killed, String) {
+fn start_prometheus(dir: &std::path::Path, target: &str) -> (common::KillOnDrop, String) {
     let rules = common::repo_path("helm/samgate/files/alerts.yaml");
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
@@ -89,7 +65,7 @@ fn start_prometheus(dir: &std::path::Path, target: &str) -> (Killed, String) {
         .stderr(log)
         .spawn()
         .expect("prometheus runs");
-    (Killed(child), format!("http://{listen}"))
+    (common::KillOnDrop(child), format!("http://{listen}"))
 }
 
 async fn api(client: &reqwest::Client, url: &str, query: &[(&str, &str)]) -> Option<Value> {

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -60,32 +60,7 @@ targets = ["edge"]
     path
 }
 
-/// A `samgate run` process, killed when dropped (a failing test must not leave it running).
-struct Replica(Child);
-
-impl std::ops::Deref for Replica {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Replica {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn spawn_run(config: &Path, log: &Path) -> Replica {
+fn spawn_run(config: &Path, log: &Path) -> KillOnDrop {
     let log = std::fs::File::create(log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_samgate"))
         .args(["run", "--config", config.to_str().unwrap()])
@@ -94,10 +69,10 @@ fn spawn_run(config: &Path, log: &Path) -> Replica {
         .stderr(log)
         .spawn()
         .unwrap();
-    Replica(child)
+    KillOnDrop(child)
 }
 
-fn terminate(mut child: Replica) {
+fn terminate(mut child: KillOnDrop) {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -175,6 +175,60 @@ pub fn deploy_tool(program: &str) -> Command {
     Command::new(Path::new(&bin).join(program))
 }
 
+/// A child process that is killed when dropped: a failing test must not leave it running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The lines `output` (a child's stdout) prints, as they come, until it closes.
+pub fn line_channel(
+    output: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(output)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The address in `samgate demo`'s `metrics http://ADDRESS/metrics` line.
+pub fn demo_metrics_address(line: &str) -> Option<String> {
+    line.trim()
+        .strip_prefix("metrics")?
+        .trim()
+        .strip_prefix("http://")?
+        .strip_suffix("/metrics")
+        .map(str::to_owned)
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
