@@ -159,23 +159,14 @@ fn ads(id: u32, source: &str) -> String {
     .join("\t")
 }
 
-/// Feeds lines through the shim. One message per record batch: tansu 0.6 returns nothing when a
-/// consumer resumes in the middle of a batch (a real Kafka returns the batch), so a restart test
-/// needs committed positions to fall on batch boundaries.
+/// Feeds lines through the shim, as ADS does: many events per record batch, so a replica that
+/// stopped resumes in the middle of one.
 fn feed(topics: &[String; 4], lines: &[String]) {
     let spool = tempfile::tempdir().unwrap();
-    let config = spool.path().join("shim.toml");
-    std::fs::write(
-        &config,
-        "[kafka.properties]\n\"batch.num.messages\" = \"1\"\n",
-    )
-    .unwrap();
     let brokers = brokers();
     let out = samgate(
         &[
             "shim",
-            "--config",
-            config.to_str().unwrap(),
             "--site",
             "prague",
             "--brokers",

@@ -358,3 +358,68 @@ pub fn management_server_at(
         tls: samgate::config::TlsConfig::default(),
     }
 }
+
+/// A broker of one's own (`scripts/local-kafka` on a free port, data in a temporary directory),
+/// for tests that restart it. Stopped, and its data removed, when dropped.
+pub struct OwnBroker {
+    pub port: u16,
+    data: tempfile::TempDir,
+}
+
+impl OwnBroker {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let broker = Self {
+            port,
+            data: tempfile::tempdir().unwrap(),
+        };
+        broker.script("start");
+        broker
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker and starts it again on the same data.
+    pub fn restart(&self) {
+        self.script("restart");
+    }
+
+    pub fn stop(&self) {
+        self.script("stop");
+    }
+
+    fn script(&self, command: &str) {
+        let out = Command::new(repo_path("scripts/local-kafka"))
+            .arg(command)
+            .env("SAMGATE_KAFKA_PORT", self.port.to_string())
+            .env("SAMGATE_KAFKA_DATA", self.data.path())
+            .output()
+            .expect("scripts/local-kafka runs");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "scripts/local-kafka {command}: {said}"
+        );
+        eprint!("{said}");
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_path("scripts/local-kafka"))
+            .arg("stop")
+            .env("SAMGATE_KAFKA_PORT", self.port.to_string())
+            .env("SAMGATE_KAFKA_DATA", self.data.path())
+            .output();
+    }
+}
