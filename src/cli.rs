@@ -269,6 +269,7 @@ async fn simulate_checkpoint(args: SimulateCheckpointArgs) -> anyhow::Result<()>
         logins_per_minute: args.logins_per_minute,
         login_limit_status: args.login_limit_status,
         task_duration: args.task_duration,
+        kept_scripts: defaults.kept_scripts,
         faults: Faults {
             latency_ms: args.latency.as_millis() as u64,
             html_502_next: args.html_502,

@@ -88,11 +88,31 @@ fn identity(r: &SamRuleState) -> SamIdentity {
     )
 }
 
+/// One rule add a gateway received (`fw sam` or `fw samp add`), as the firewall saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleAdd {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// `fw sam` or `fw samp`.
+    pub command: &'static str,
+    /// The one source address the rule blocks (`src`/`any` criteria, `-s` without a mask).
+    pub source: Option<IpAddr>,
+    /// An active rule already blocked that source when this one arrived: the block was sent
+    /// twice.
+    pub while_active: bool,
+}
+
+/// Rule adds kept per gateway (the oldest go first).
+const KEPT_ADDS: usize = 1_000_000;
+
 /// A gateway's rule tables.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Gateway {
     pub sam: Vec<SamRuleState>,
     pub samp: Vec<SampRuleState>,
+    /// Every rule add, oldest first (at most [`KEPT_ADDS`]).
+    #[serde(skip)]
+    pub adds: std::collections::VecDeque<RuleAdd>,
     #[serde(skip)]
     uid_counter: u32,
     /// Position of each `fw sam` rule in `sam`, so adds and cancels stay O(1) with many rules.
@@ -126,6 +146,27 @@ impl Gateway {
         }
         self.samp
             .retain(|r| r.expires_ms.is_none_or(|e| e > now_ms));
+    }
+
+    /// Notes a rule add for `source` before it takes effect.
+    fn record_add(&mut self, now_ms: i64, command: &'static str, source: Option<IpAddr>) {
+        let while_active = source.is_some_and(|ip| blocks_source(self, ip));
+        if self.adds.len() == KEPT_ADDS {
+            self.adds.pop_front();
+        }
+        self.adds.push_back(RuleAdd {
+            at_ms: now_ms,
+            command,
+            source,
+            while_active,
+        });
+    }
+
+    /// Forgets every rule (a reinstalled gateway, a wiped table); the history stays.
+    pub fn wipe(&mut self) {
+        self.sam.clear();
+        self.samp.clear();
+        self.sam_index.clear();
     }
 
     fn reindex(&mut self) {
@@ -306,6 +347,13 @@ impl Gateway {
                 criteria,
                 timeout,
             } => {
+                let source = match criteria.as_slice() {
+                    [kind, ip] if kind == "src" || kind == "any" => ip.parse().ok(),
+                    _ => None,
+                };
+                if action != "notify" {
+                    self.record_add(now_ms, "fw sam", source);
+                }
                 self.sam_insert(SamRuleState {
                     family,
                     action,
@@ -535,6 +583,13 @@ impl Gateway {
             other => return Err(format!("unknown rule type '{other}'")),
         }
         let action = action.ok_or("missing -a <action>")?;
+        if kind == "ip" && action != "n" {
+            let source = match (filter.get("src_ip_addr"), filter.get("src_netmask")) {
+                (Some(ip), None) => ip.parse().ok(),
+                _ => None,
+            };
+            self.record_add(now_ms, "fw samp", source);
+        }
         self.uid_counter += 1;
         let uid = format!(
             "<{:08x},00000000,{:08x},{:08x}>",
@@ -1044,6 +1099,21 @@ fn parse_protocol(value: &str) -> Result<String, String> {
     }
 }
 
+/// Every address an active drop/reject rule blocks as a single source.
+pub fn blocked_sources(gateway: &Gateway) -> std::collections::BTreeSet<IpAddr> {
+    let sam = gateway
+        .sam
+        .iter()
+        .filter(|r| r.action != "notify" && ["src", "any"].contains(&r.criteria[0].as_str()));
+    let samp = gateway
+        .samp
+        .iter()
+        .filter(|r| r.action != "n" && !r.filter.contains_key("src_netmask"));
+    sam.filter_map(|r| r.criteria.get(1)?.parse().ok())
+        .chain(samp.filter_map(|r| r.filter.get("src_ip_addr")?.parse().ok()))
+        .collect()
+}
+
 /// An address is blocked (as a source) by an active drop/reject rule on this gateway.
 pub fn blocks_source(gateway: &Gateway, ip: IpAddr) -> bool {
     let text = ip.to_string();
@@ -1211,6 +1281,37 @@ mod tests {
         assert_eq!(out.stdout, "samgate-rule 0 0\nsamgate-rule 1 1\n");
         assert!(out.stderr.contains("invalid IP address"));
         assert_eq!(out.exit, 0, "the last command (echo) succeeded");
+    }
+
+    #[test]
+    fn the_history_tells_a_rule_sent_while_one_was_active() {
+        let mut gw = Gateway::default();
+        run(&mut gw, "fw sam -t 60 -J src 192.0.2.1");
+        run(&mut gw, "fw sam -t 60 -J src 192.0.2.1"); // refreshes: sent twice
+        run(&mut gw, "fw samp add -a d -t 60 ip -s 192.0.2.2");
+        run(&mut gw, "fw sam -t 60 -n src 192.0.2.3"); // notify blocks nothing
+        let later = NOW_MS + 61_000;
+        gw.run_script("fw sam -t 60 -J src 192.0.2.1", later); // the first one expired
+        gw.wipe();
+        gw.run_script("fw samp add -a d -t 60 ip -s 192.0.2.2", later);
+        let seen: Vec<(String, bool)> = gw
+            .adds
+            .iter()
+            .map(|a| (a.source.unwrap().to_string(), a.while_active))
+            .collect();
+        let expected = [
+            ("192.0.2.1", false),
+            ("192.0.2.1", true),
+            ("192.0.2.2", false),
+            ("192.0.2.1", false),
+            ("192.0.2.2", false),
+        ];
+        let expected: Vec<(String, bool)> = expected
+            .iter()
+            .map(|(ip, a)| (ip.to_string(), *a))
+            .collect();
+        assert_eq!(seen, expected);
+        assert!(blocked_sources(&gw).contains(&"192.0.2.2".parse().unwrap()));
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct SimulatorConfig {
     pub login_limit_status: u16,
     /// How long a run-script task stays `in progress`.
     pub task_duration: Duration,
+    /// Scripts kept for `/sim/state` (the newest).
+    pub kept_scripts: usize,
     pub faults: Faults,
 }
 
@@ -72,6 +74,7 @@ impl Default for SimulatorConfig {
             logins_per_minute: 3,
             login_limit_status: 429,
             task_duration: Duration::from_millis(1000),
+            kept_scripts: 1000,
             faults: Faults::default(),
         }
     }
@@ -93,6 +96,16 @@ pub struct Faults {
     pub task_status: Option<String>,
     /// Gateways that answer as unknown targets (404 `generic_err_object_not_found`).
     pub unknown_targets: Vec<String>,
+    /// The next N `run-script` calls are carried out on the gateways, then their answer is lost
+    /// (the connection is cut mid-response): the caller cannot know the rules are in place.
+    pub lost_answers_next: u32,
+    /// Answer the next N `show-task` calls with an nginx-style HTML 502.
+    pub show_task_errors_next: u32,
+    /// The next N `run-script` calls are carried out, but their tasks never leave `in progress`
+    /// (the caller's task timeout fires).
+    pub stuck_tasks_next: u32,
+    /// How long tasks take from now on, overriding `task_duration` (slow gateways).
+    pub task_duration_ms: Option<u64>,
 }
 
 /// A partial update of [`Faults`] (`POST /sim/faults`); `expire_sessions` drops every session.
@@ -105,8 +118,14 @@ pub struct FaultsUpdate {
     pub http_500_next: Option<u32>,
     pub task_status: Option<Option<String>>,
     pub unknown_targets: Option<Vec<String>>,
+    pub lost_answers_next: Option<u32>,
+    pub show_task_errors_next: Option<u32>,
+    pub stuck_tasks_next: Option<u32>,
+    pub task_duration_ms: Option<Option<u64>>,
     pub logins_per_minute: Option<u32>,
     pub expire_sessions: bool,
+    /// Drop every rule of this gateway (a reinstall, a wiped table).
+    pub wipe_gateway: Option<String>,
     /// Clear every fault.
     pub clear: bool,
 }
@@ -127,12 +146,17 @@ struct SimTask {
     duration: Duration,
     outcome: gateway::ScriptOutcome,
     status_override: Option<String>,
+    /// Never finishes (a task-timeout fault).
+    stuck: bool,
     transaction: u64,
 }
 
 #[derive(Debug, Serialize)]
 struct ScriptRecord {
+    /// Unix seconds.
     at: i64,
+    /// Unix milliseconds.
+    at_ms: i64,
     name: String,
     targets: Vec<String>,
     script: String,
@@ -158,10 +182,12 @@ struct SimState {
     scripts: VecDeque<ScriptRecord>,
     scripts_total: u64,
     faults: Faults,
+    /// Every session id handed out (newest last, bounded), so tests can look for them in logs.
+    issued_sids: VecDeque<String>,
 }
 
-/// Scripts kept for `/sim/state` (the newest); `scripts_total` counts all.
-const KEPT_SCRIPTS: usize = 1000;
+/// Session ids kept for [`RunningSimulator::issued_session_ids`].
+const KEPT_SIDS: usize = 10_000;
 
 type Shared = Arc<Mutex<SimState>>;
 
@@ -182,6 +208,37 @@ impl RunningSimulator {
     /// What `GET /sim/state` answers, without a request.
     pub fn state(&self) -> Value {
         snapshot(&mut self.state.lock().expect("sim state"))
+    }
+
+    /// Every rule add each gateway received, oldest first (`GET /sim/history`).
+    pub fn history(&self) -> BTreeMap<String, Vec<gateway::RuleAdd>> {
+        history(&self.state.lock().expect("sim state"))
+    }
+
+    /// The source addresses each gateway blocks right now (drop or reject rules).
+    pub fn blocked_sources(
+        &self,
+    ) -> BTreeMap<String, std::collections::BTreeSet<std::net::IpAddr>> {
+        let mut s = self.state.lock().expect("sim state");
+        let now = now_unix_ms();
+        s.gateways
+            .iter_mut()
+            .map(|(name, gw)| {
+                gw.tables.expire(now);
+                (name.clone(), gateway::blocked_sources(&gw.tables))
+            })
+            .collect()
+    }
+
+    /// Every session id this server handed out (the newest 10,000): secrets a log must not show.
+    pub fn issued_session_ids(&self) -> Vec<String> {
+        let s = self.state.lock().expect("sim state");
+        s.issued_sids.iter().cloned().collect()
+    }
+
+    /// Switches faults, as `POST /sim/faults` does.
+    pub fn set_faults(&self, update: FaultsUpdate) -> Faults {
+        apply_faults(&mut self.state.lock().expect("sim state"), update)
     }
 
     /// Stops serving and waits for the server to end.
@@ -223,10 +280,12 @@ pub async fn start(config: SimulatorConfig) -> anyhow::Result<RunningSimulator> 
         calls: BTreeMap::new(),
         scripts: VecDeque::new(),
         scripts_total: 0,
+        issued_sids: VecDeque::new(),
     }));
     let app = Router::new()
         .route("/sim/state", get(sim_state))
         .route("/sim/faults", post(sim_faults))
+        .route("/sim/history", get(sim_history))
         .route("/{*path}", post(api))
         .with_state(state.clone());
     let handle = axum_server::Handle::new();
@@ -354,8 +413,33 @@ fn snapshot(s: &mut SimState) -> Value {
     })
 }
 
-async fn sim_faults(State(state): State<Shared>, Json(update): Json<FaultsUpdate>) -> Json<Faults> {
+fn history(s: &SimState) -> BTreeMap<String, Vec<gateway::RuleAdd>> {
+    s.gateways
+        .iter()
+        .map(|(name, gw)| (name.clone(), gw.tables.adds.iter().cloned().collect()))
+        .collect()
+}
+
+/// Every rule add per gateway, with whether an active rule already blocked its source.
+async fn sim_history(State(state): State<Shared>) -> Json<Value> {
+    Json(json!({"gateways": history(&state.lock().expect("sim state"))}))
+}
+
+async fn sim_faults(State(state): State<Shared>, Json(update): Json<FaultsUpdate>) -> Response {
     let mut s = state.lock().expect("sim state");
+    if let Some(name) = &update.wipe_gateway {
+        if !s.gateways.contains_key(name) {
+            return error(
+                404,
+                "generic_err_object_not_found",
+                format!("no gateway {name}"),
+            );
+        }
+    }
+    Json(apply_faults(&mut s, update)).into_response()
+}
+
+fn apply_faults(s: &mut SimState, update: FaultsUpdate) -> Faults {
     if update.clear {
         s.faults = Faults::default();
     }
@@ -378,13 +462,31 @@ async fn sim_faults(State(state): State<Shared>, Json(update): Json<FaultsUpdate
     if let Some(v) = update.unknown_targets {
         f.unknown_targets = v;
     }
+    if let Some(v) = update.lost_answers_next {
+        f.lost_answers_next = v;
+    }
+    if let Some(v) = update.show_task_errors_next {
+        f.show_task_errors_next = v;
+    }
+    if let Some(v) = update.stuck_tasks_next {
+        f.stuck_tasks_next = v;
+    }
+    if let Some(v) = update.task_duration_ms {
+        f.task_duration_ms = v;
+    }
     if let Some(v) = update.logins_per_minute {
         s.config.logins_per_minute = v;
     }
     if update.expire_sessions {
         s.sessions.clear();
     }
-    Json(s.faults.clone())
+    if let Some(gw) = update
+        .wipe_gateway
+        .and_then(|name| s.gateways.get_mut(&name))
+    {
+        gw.tables.wipe();
+    }
+    s.faults.clone()
 }
 
 /// Every `POST …/web_api[/vX]/<command>`.
@@ -478,6 +580,10 @@ async fn api(
         );
     }
     *s.calls.entry(command.to_owned()).or_default() += 1;
+    if command == "show-task" && s.faults.show_task_errors_next > 0 {
+        s.faults.show_task_errors_next -= 1;
+        return html(StatusCode::BAD_GATEWAY, "502 Bad Gateway");
+    }
     if command == "login" {
         return login(&mut s, &request);
     }
@@ -536,7 +642,14 @@ async fn api(
             Json(json!({"objects": objects, "from": 1, "to": total, "total": total}))
                 .into_response()
         }
-        "run-script" => run_script(&mut s, &request),
+        "run-script" => {
+            let answer = run_script(&mut s, &request);
+            if answer.status().is_success() && s.faults.lost_answers_next > 0 {
+                s.faults.lost_answers_next -= 1;
+                return cut_connection();
+            }
+            answer
+        }
         "show-task" => show_task(&s, &request),
         _ => error(
             404,
@@ -544,6 +657,18 @@ async fn api(
             format!("Command not found: {command}"),
         ),
     }
+}
+
+/// A 200 whose body never arrives: the connection is cut after the headers.
+fn cut_connection() -> Response {
+    let body = futures_util::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("answer lost (simulated fault)"))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from_stream(body))
+        .expect("a valid response")
 }
 
 fn login(s: &mut SimState, request: &Value) -> Response {
@@ -607,6 +732,10 @@ fn login(s: &mut SimState, request: &Value) -> Response {
     log.push_back(now);
     s.logins += 1;
     let sid = random_token(32);
+    if s.issued_sids.len() == KEPT_SIDS {
+        s.issued_sids.pop_front();
+    }
+    s.issued_sids.push_back(sid.clone());
     let uid = uuid_like("session");
     s.sessions.insert(
         sid.clone(),
@@ -681,14 +810,21 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
     s.scripts_total += 1;
     s.scripts.push_back(ScriptRecord {
         at: now_unix_ms().div_euclid(1000),
+        at_ms: now_unix_ms(),
         name: name.clone(),
         targets: targets.clone(),
         script: script.clone(),
     });
-    while s.scripts.len() > KEPT_SCRIPTS {
+    while s.scripts.len() > s.config.kept_scripts {
         s.scripts.pop_front();
     }
     let now = now_unix_ms();
+    let stuck = s.faults.stuck_tasks_next > 0;
+    s.faults.stuck_tasks_next = s.faults.stuck_tasks_next.saturating_sub(1);
+    let duration = s
+        .faults
+        .task_duration_ms
+        .map_or(s.config.task_duration, Duration::from_millis);
     let mut tasks = Vec::new();
     for target in targets {
         let gw = s.gateways.get_mut(&target).expect("checked above");
@@ -702,9 +838,10 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
                 target: target.clone(),
                 gateway_uid,
                 created: Instant::now(),
-                duration: s.config.task_duration,
+                duration,
                 outcome,
                 status_override: s.faults.task_status.clone(),
+                stuck,
                 transaction,
             },
         );
@@ -739,7 +876,7 @@ fn show_task(s: &SimState, request: &Value) -> Response {
             );
         };
         let elapsed = task.created.elapsed();
-        let done = elapsed >= task.duration;
+        let done = elapsed >= task.duration && !task.stuck;
         let progress = if done {
             100
         } else {
