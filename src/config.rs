@@ -112,9 +112,13 @@ pub struct PolicyConfig {
     pub act_on_unknown_priority: bool,
     /// Perspectives acted on; empty means any.
     pub perspectives: Vec<String>,
-    /// Networks never blocked, at any site. The management servers' and collectors' addresses
+    /// Networks never blocked, at any site (a `suppressed` result). The collectors' addresses
     /// are always added.
     pub never_block: Vec<ipnet::IpNet>,
+    /// Ranges no rule may ever name (a `not_blockable` result): unspecified, loopback,
+    /// link-local, multicast and reserved addresses by default. The management servers' own
+    /// addresses and 255.255.255.255 are always not blockable.
+    pub not_blockable: Vec<ipnet::IpNet>,
     /// Block durations: the first block of a source takes the first step, each repeat within
     /// `escalation_window` the next one, up to the last.
     pub durations: Vec<HumanDuration>,
@@ -147,12 +151,29 @@ impl Default for PolicyConfig {
             act_on_unknown_priority: false,
             perspectives: Vec::new(),
             never_block: Vec::new(),
+            not_blockable: SPECIAL_RANGES
+                .iter()
+                .map(|net| net.parse().expect("a valid network"))
+                .collect(),
             durations: vec![hours(1), hours(6), hours(24), hours(24 * 7)],
             critical_skips_a_step: true,
             escalation_window: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
+
+/// The default `policy.not_blockable`: addresses that never name one attacking host.
+pub const SPECIAL_RANGES: &[&str] = &[
+    "0.0.0.0/8",      // "this network", unspecified
+    "127.0.0.0/8",    // loopback
+    "169.254.0.0/16", // link-local
+    "224.0.0.0/4",    // multicast
+    "240.0.0.0/4",    // reserved, and the broadcast address
+    "::/128",         // unspecified
+    "::1/128",        // loopback
+    "fe80::/10",      // link-local
+    "ff00::/8",       // multicast
+];
 
 /// A site: one Flowmon installation (or several collectors of one network).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -866,7 +887,12 @@ mod tests {
     #[test]
     fn the_example_config_parses_and_validates() {
         let text = include_str!("../samgate.example.toml");
-        Config::from_toml(text).unwrap().validate().unwrap();
+        let config = Config::from_toml(text).unwrap().validate().unwrap();
+        assert_eq!(
+            config.policy,
+            PolicyConfig::default(),
+            "the example shows the defaults"
+        );
     }
 
     #[test]

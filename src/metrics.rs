@@ -3,8 +3,8 @@
 //! outcomes, commands), never an IP, an event id or a key.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use strum::IntoEnumIterator;
 
@@ -39,6 +39,18 @@ pub struct Metrics {
     pub consumer_lag: IntGauge,
     /// Always 1, labelled with the version: present while samgate runs (for "samgate down").
     pub build_info: IntGaugeVec,
+    /// Work of a revoked partition dropped before it reached a firewall or the results topic.
+    pub fenced: IntCounter,
+    /// Partitions owned whose block state is still being read (not consumed meanwhile).
+    pub state_loading: IntGauge,
+    /// Failed attempts to read a partition's block state (each is retried).
+    pub state_load_failures: IntCounter,
+    /// Keys tracked in memory (active, in-flight, unconfirmed blocks and recent history).
+    pub tracked_blocks: IntGauge,
+    /// New blocks refused because `run.max_tracked_blocks` active blocks are tracked.
+    pub state_full: IntCounter,
+    /// Messages Kafka refused for good (too large, not authorised), by topic.
+    pub kafka_write_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -57,6 +69,13 @@ impl Metrics {
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
             g
+        };
+        let plain_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
         };
         let seconds = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -154,6 +173,31 @@ impl Metrics {
                 "samgate_consumer_lag_messages",
                 "Messages behind the end of the events topic.",
             ),
+            fenced: plain_counter(
+                "samgate_fenced_work_total",
+                "Rules and results of a revoked partition dropped before a firewall or the results topic.",
+            ),
+            state_loading: gauge(
+                "samgate_state_loading_partitions",
+                "Owned partitions whose block state is still being read (not consumed meanwhile).",
+            ),
+            state_load_failures: plain_counter(
+                "samgate_state_load_failures_total",
+                "Failed attempts to read a partition's block state (each is retried).",
+            ),
+            tracked_blocks: gauge(
+                "samgate_tracked_blocks",
+                "Keys tracked in memory: active, in-flight and unconfirmed blocks, recent history.",
+            ),
+            state_full: plain_counter(
+                "samgate_state_full_total",
+                "New blocks refused because run.max_tracked_blocks active blocks are tracked.",
+            ),
+            kafka_write_failures: counter(
+                "samgate_kafka_write_failures_total",
+                "Messages Kafka refused for good (too large, not authorised), by topic.",
+                &["topic"],
+            ),
             registry,
         }
     }
@@ -166,7 +210,7 @@ impl Metrics {
     /// Every metric's name with its label names: what a dashboard or an alert may select on.
     pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 12] = [
+        let collectors: [&dyn Collector; 18] = [
             &self.build_info,
             &self.events_consumed,
             &self.decisions,
@@ -179,6 +223,12 @@ impl Metrics {
             &self.active_blocks,
             &self.in_flight,
             &self.consumer_lag,
+            &self.fenced,
+            &self.state_loading,
+            &self.state_load_failures,
+            &self.tracked_blocks,
+            &self.state_full,
+            &self.kafka_write_failures,
         ];
         collectors
             .iter()

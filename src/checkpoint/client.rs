@@ -621,13 +621,12 @@ impl ManagementClient {
             detail.push_str(&inner.to_string());
             source = inner.source();
         }
-        let lower = detail.to_ascii_lowercase();
+        let tls = refused_certificate(&detail);
         ApiError::Transport {
             server: self.name.clone(),
             timeout: error.is_timeout(),
-            tls: lower.contains("certificate")
-                || lower.contains("tls")
-                || lower.contains("fingerprint"),
+            maybe_delivered: !tls && !error.is_connect(),
+            tls,
             detail,
         }
     }
@@ -643,6 +642,21 @@ impl ManagementClient {
 
 /// `message`, plus the texts of `errors` / `blocking-errors` / `warnings` when present (they may
 /// be objects with `message` or plain strings).
+/// Whether a transport error is TLS refusing the server's certificate (a configuration matter),
+/// as opposed to a connection that broke (`peer closed connection without sending TLS
+/// close_notify`, a handshake cut short), which is worth retrying.
+fn refused_certificate(detail: &str) -> bool {
+    let lower = detail.to_ascii_lowercase();
+    [
+        "certificate",
+        "fingerprint",
+        "unknownissuer",
+        "bad signature",
+    ]
+    .iter()
+    .any(|needle| lower.contains(needle))
+}
+
 fn error_message(error: &Map<String, Value>) -> String {
     let mut message = error
         .get("message")
@@ -706,6 +720,21 @@ fn parse_task(task: &Value) -> Task {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_a_refused_certificate_is_a_tls_configuration_error() {
+        let cases = [
+            ("invalid peer certificate: UnknownIssuer", true),
+            ("certificate fingerprint mismatch: expected AB:CD, presented EF:01", true),
+            ("client error (SendRequest): connection error: peer closed connection without sending TLS close_notify", false),
+            ("tls handshake eof", false),
+            ("connection refused", false),
+            ("operation timed out", false),
+        ];
+        for (detail, expected) in cases {
+            assert_eq!(super::refused_certificate(detail), expected, "{detail}");
+        }
+    }
+
     #[test]
     fn the_first_look_at_a_task_learns_how_long_tasks_take() {
         let polling = Polling::default();

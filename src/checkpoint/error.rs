@@ -13,8 +13,11 @@ pub enum ApiError {
         detail: String,
         /// The request timed out (worth retrying).
         timeout: bool,
-        /// TLS refused the server (a configuration matter, not worth retrying).
+        /// TLS refused the server's certificate (a configuration matter, not worth retrying).
         tls: bool,
+        /// The request may have reached the server (it was sent, or the answer was lost): an
+        /// action it carried may have been carried out.
+        maybe_delivered: bool,
     },
     /// An HTTP answer that is not JSON: something in front of (or instead of) the API answered.
     #[error("{server}: `{command}` got HTTP {status} with a non-JSON body: {hint}")]
@@ -181,6 +184,7 @@ mod tests {
             detail: "x".into(),
             timeout,
             tls,
+            maybe_delivered: !tls,
         };
         let not_json = |status| ApiError::NotJson {
             server: "mgmt".into(),

@@ -11,5 +11,5 @@ pub mod error;
 pub mod sam;
 pub mod tls;
 
-pub use client::{ManagementClient, RunScript, Task, TaskRef, TaskStatus};
+pub use client::{ManagementClient, RunScript, Task, TaskDetail, TaskRef, TaskStatus};
 pub use error::{classify, ApiError, ErrorClass};

@@ -115,6 +115,10 @@ impl RuleKey {
         Some(Self(bytes))
     }
 
+    pub fn bytes(&self) -> [u8; 16] {
+        self.0
+    }
+
     /// The rule name samgate gives this key on the gateway.
     pub fn rule_name(&self) -> String {
         format!("samgate-{}", &self.to_string()[..16])
@@ -367,7 +371,7 @@ pub fn batch_script(
 
 /// One script that asks the gateway whether each rule is in place: `fw sam -M` with the rule's
 /// action class and criteria, or `fw samp get` filtered by the rule's samgate comment. Each
-/// query is followed by the outcome marker; see [`parse_sections`].
+/// query is followed by the outcome marker; see [`split_sections`].
 pub fn verify_script(rules: &[SamRule], mode: SamMode) -> String {
     let mut script = format!("# samgate: verify {} rule(s)\n", rules.len());
     for (i, rule) in rules.iter().enumerate() {
@@ -395,23 +399,24 @@ pub fn verify_script(rules: &[SamRule], mode: SamMode) -> String {
 }
 
 /// Splits a script's output at the outcome markers: for each of `count` rules, its exit status
-/// and whether its command printed anything (a listing that found the rule).
-pub fn parse_sections(output: &str, count: usize) -> Vec<Option<(i32, bool)>> {
+/// and what its command printed (the lines since the previous marker).
+pub fn split_sections(output: &str, count: usize) -> Vec<Option<(i32, String)>> {
     let mut sections = vec![None; count];
-    let mut printed = false;
+    let mut printed = String::new();
     for line in output.lines() {
         let mut words = line.split_whitespace();
         if words.next() == Some(OUTCOME_MARKER) {
             let index = words.next().and_then(|w| w.parse::<usize>().ok());
             let status = words.next().and_then(|w| w.parse::<i32>().ok());
+            let text = std::mem::take(&mut printed);
             if let (Some(index), Some(status)) = (index, status) {
                 if let Some(slot) = sections.get_mut(index) {
-                    *slot = Some((status, printed));
+                    *slot = Some((status, text));
                 }
             }
-            printed = false;
         } else if !line.trim().is_empty() {
-            printed = true;
+            printed.push_str(line);
+            printed.push('\n');
         }
     }
     sections
@@ -508,6 +513,33 @@ pub struct SamMonitorEntry {
     /// Unix time the rule expires, `None` for "never".
     pub expires: Option<i64>,
     pub addresses: Vec<String>,
+}
+
+/// Whether a `fw sam -M` line is `rule`: the same criteria and address, action, close flag and
+/// log type. (The listing carries no tags, so a foreign rule with exactly these flags counts too:
+/// it blocks the same connections.)
+pub fn monitor_entry_is(entry: &SamMonitorEntry, rule: &SamRule) -> bool {
+    let (kind, address) = match rule.criteria {
+        Criteria::Src(ip) => ("src", ip),
+        Criteria::Dst(ip) => ("dst", ip),
+        Criteria::Any(ip) => ("any", ip),
+        _ => return false,
+    };
+    let action = match rule.action {
+        SamAction::Drop => "drop",
+        SamAction::Reject => "reject",
+        SamAction::Notify => "notify",
+    };
+    let actions: Vec<&str> = entry.actions.split('|').collect();
+    entry.kind == kind
+        && entry
+            .addresses
+            .first()
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            == Some(address)
+        && actions.contains(&action)
+        && actions.contains(&"close") == rule.close_connections
+        && actions.contains(&rule.log.fw_sam())
 }
 
 /// Parses `fw sam -M` output (see [`SamMonitorEntry`]); other lines are ignored.
@@ -724,8 +756,15 @@ mod tests {
             .contains("fw samp get -k comment -t in -v samgate:0123456789abcdef0123456789abcdef"));
         let output = "src,drop|close|long_noalert,1763640000,192.0.2.1\nsamgate-rule 0 0\nsamgate-rule 1 0\n";
         assert_eq!(
-            parse_sections(output, 3),
-            vec![Some((0, true)), Some((0, false)), None]
+            split_sections(output, 3),
+            vec![
+                Some((
+                    0,
+                    "src,drop|close|long_noalert,1763640000,192.0.2.1\n".into()
+                )),
+                Some((0, String::new())),
+                None
+            ]
         );
     }
 

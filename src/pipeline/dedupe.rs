@@ -2,19 +2,23 @@
 //! firewall call; and what was blocked recently, so a repeat offender's next block is longer.
 //!
 //! The state is owned per events partition (one partition, one owner per site and IP). Every
-//! enforced block is written to the compacted state topic, to the same partition number as the
-//! event, keyed by idempotency key; a replica that is assigned a partition reads that state
-//! partition to its end before it takes any event from it.
+//! block is written to the compacted state topic, to the same partition number as the event,
+//! keyed by idempotency key: a *pending* record before the rule is sent (write-ahead), an
+//! *active* one when the gateways confirmed it. A replica assigned a partition reads that state
+//! partition to its end before it takes any event from it; a pending record without an active
+//! one after it means the previous owner may have sent the rule: the key is *unconfirmed*, and
+//! the gateways are asked before anything is sent.
 //!
-//! Memory: one entry per key blocked within `policy.escalation_window` (about 200 bytes each),
-//! at most `run.max_tracked_blocks`; past that, entries whose block has expired go first
-//! (oldest first), then the oldest active ones (which can only cost a redundant block).
+//! Memory: one fixed-size entry per key (about 60 bytes with the map's overhead), at most
+//! `run.max_tracked_blocks`. Past that, history whose block has expired goes first, oldest first;
+//! an active, in-flight or unconfirmed block is never dropped. When only those are left, a new
+//! key is refused ([`Full`]), which the pipeline reports as a `failed` result (`state_full`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::sam::RuleKey;
@@ -22,7 +26,7 @@ use crate::checkpoint::sam::RuleKey;
 /// Schema id of state records.
 pub const STATE_SCHEMA: &str = "samgate.state.v1";
 
-/// One enforced block, as kept in memory and on the state topic.
+/// One block as written to the state topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockRecord {
     pub schema: String,
@@ -38,141 +42,284 @@ pub struct BlockRecord {
     pub expires_at: DateTime<Utc>,
     /// The event whose decision made this block.
     pub event_id: String,
-    /// Written before the firewall call: the block may or may not be in place. A replica that
-    /// finds a pending record (after a crash) asks the gateway before blocking again.
+    /// Written before the firewall call: the block may or may not be in place.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+}
+
+impl BlockRecord {
+    pub fn tracked(&self) -> TrackedBlock {
+        TrackedBlock {
+            level: self.level,
+            blocked_at: self.blocked_at,
+            expires_at: self.expires_at,
+            event_id: Some(self.event_id.clone()).filter(|e| !e.is_empty()),
+        }
+    }
+}
+
+/// A block as decisions and results see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackedBlock {
+    pub level: u32,
+    pub blocked_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// The samgate event that made it.
+    pub event_id: Option<String>,
 }
 
 /// What the state says about a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
     /// Blocked until `expires_at`: a repeat is a duplicate.
-    Active(BlockRecord),
+    Active(TrackedBlock),
     /// A block for this key is being enforced right now.
     Pending,
-    /// A block for this key was being enforced when its previous owner stopped: it may be in
-    /// place. Verify on the gateway before blocking.
-    Unconfirmed(BlockRecord),
+    /// A block for this key may be in place (its sender stopped before it could tell): ask the
+    /// gateways before blocking.
+    Unconfirmed(TrackedBlock),
     /// Blocked before, expired, within the escalation window: block at `level`.
     Repeat { level: u32 },
     /// Never blocked (or long ago): block at level 0.
     New,
 }
 
+/// Refused: every tracked key is an active, in-flight or unconfirmed block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// The fields describe a block that was confirmed (active until `expires_ms`).
+    Settled,
+    /// A block for this key is on its way to the firewall; the fields are the last settled one.
+    InFlight,
+    /// The fields describe a block that may or may not be in place.
+    Unconfirmed,
+}
+
+/// One key in memory: fixed size, no heap.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    partition: i32,
+    status: Status,
+    /// Whether the fields hold a block at all (an in-flight first block has none yet).
+    known: bool,
+    level: u32,
+    blocked_ms: i64,
+    expires_ms: i64,
+    /// The event id's 16 bytes (samgate ids are 32 hex digits); all zero when unknown.
+    event: [u8; 16],
+}
+
+impl Entry {
+    fn block(&self) -> TrackedBlock {
+        let at = |ms: i64| Utc.timestamp_millis_opt(ms).single().unwrap_or_default();
+        TrackedBlock {
+            level: self.level,
+            blocked_at: at(self.blocked_ms),
+            expires_at: at(self.expires_ms),
+            event_id: (self.event != [0; 16]).then(|| hex(&self.event)),
+        }
+    }
+
+    fn set_block(&mut self, block: &TrackedBlock) {
+        self.known = true;
+        self.level = block.level;
+        self.blocked_ms = block.blocked_at.timestamp_millis();
+        self.expires_ms = block.expires_at.timestamp_millis();
+        self.event = block
+            .event_id
+            .as_deref()
+            .and_then(|id| RuleKey::parse(id).map(|k| k.bytes()))
+            .unwrap_or([0; 16]);
+    }
+}
+
+fn hex(bytes: &[u8; 16]) -> String {
+    RuleKey::from_bytes(*bytes).to_string()
+}
+
 /// Blocks by idempotency key, tagged with the events partition that owns them.
 #[derive(Debug)]
 pub struct BlockState {
-    records: HashMap<RuleKey, (i32, BlockRecord)>,
-    pending: HashMap<RuleKey, i32>,
-    unconfirmed: HashMap<RuleKey, (i32, BlockRecord)>,
+    entries: HashMap<RuleKey, Entry>,
     max: usize,
-    window: Duration,
+    window_ms: i64,
 }
 
 impl BlockState {
     pub fn new(max: usize, window: Duration) -> Self {
         Self {
-            records: HashMap::new(),
-            pending: HashMap::new(),
-            unconfirmed: HashMap::new(),
+            entries: HashMap::new(),
             max,
-            window,
+            window_ms: i64::try_from(window.as_millis()).unwrap_or(i64::MAX),
         }
     }
 
     pub fn check(&self, key: &RuleKey, now: DateTime<Utc>) -> Check {
-        if self.pending.contains_key(key) {
-            return Check::Pending;
-        }
-        if let Some((_, r)) = self.unconfirmed.get(key) {
-            return Check::Unconfirmed(r.clone());
-        }
-        match self.records.get(key) {
-            Some((_, r)) if r.expires_at > now => Check::Active(r.clone()),
-            Some((_, r)) if self.remembered(r, now) => Check::Repeat { level: r.level + 1 },
+        let now = now.timestamp_millis();
+        let Some(entry) = self.entries.get(key) else {
+            return Check::New;
+        };
+        match entry.status {
+            Status::InFlight => Check::Pending,
+            Status::Unconfirmed if entry.expires_ms > now => Check::Unconfirmed(entry.block()),
+            _ if !entry.known => Check::New,
+            Status::Settled if entry.expires_ms > now => Check::Active(entry.block()),
+            _ if entry.blocked_ms.saturating_add(self.window_ms) > now => Check::Repeat {
+                level: entry.level + 1,
+            },
             _ => Check::New,
         }
     }
 
-    fn remembered(&self, record: &BlockRecord, now: DateTime<Utc>) -> bool {
-        let window = chrono::Duration::from_std(self.window).unwrap_or(chrono::Duration::MAX);
-        record.blocked_at + window > now
+    /// A block for `key` is on its way to the firewall. A new key is refused when only blocks
+    /// that must not be forgotten are tracked.
+    pub fn begin(&mut self, key: RuleKey, partition: i32, now: DateTime<Utc>) -> Result<(), Full> {
+        if let Some(entry) = self.entries.get_mut(&key) {
+            entry.status = Status::InFlight;
+            entry.partition = partition;
+            return Ok(());
+        }
+        if self.entries.len() >= self.max && self.evict(now) == 0 {
+            return Err(Full);
+        }
+        self.entries.insert(
+            key,
+            Entry {
+                partition,
+                status: Status::InFlight,
+                known: false,
+                level: 0,
+                blocked_ms: 0,
+                expires_ms: 0,
+                event: [0; 16],
+            },
+        );
+        Ok(())
     }
 
-    /// A block for `key` is on its way to the firewall.
-    pub fn begin(&mut self, key: RuleKey, partition: i32) {
-        self.unconfirmed.remove(&key);
-        self.pending.insert(key, partition);
-    }
-
-    /// The block did not happen (failed, or its partition was revoked).
+    /// The block was not sent anywhere (dropped, or refused for good): back to what was known.
     pub fn abort(&mut self, key: &RuleKey) {
-        self.pending.remove(key);
+        let forget = match self.entries.get_mut(key) {
+            Some(entry) if entry.status == Status::InFlight => {
+                entry.status = Status::Settled;
+                !entry.known
+            }
+            _ => false,
+        };
+        if forget {
+            self.entries.remove(key);
+        }
     }
 
-    /// The block is enforced (or was loaded from the state topic).
-    pub fn record(&mut self, partition: i32, record: BlockRecord, now: DateTime<Utc>) {
+    /// The block may be in place and nobody knows: the next decision asks the gateways first.
+    pub fn unconfirm(&mut self, key: RuleKey, partition: i32, block: &TrackedBlock) {
+        let entry = self.entries.entry(key).or_insert(Entry {
+            partition,
+            status: Status::Unconfirmed,
+            known: true,
+            level: 0,
+            blocked_ms: 0,
+            expires_ms: 0,
+            event: [0; 16],
+        });
+        entry.status = Status::Unconfirmed;
+        entry.partition = partition;
+        entry.set_block(block);
+    }
+
+    /// The block is confirmed on every gateway.
+    pub fn confirm(&mut self, key: RuleKey, partition: i32, block: &TrackedBlock) {
+        let entry = self.entries.entry(key).or_insert(Entry {
+            partition,
+            status: Status::Settled,
+            known: true,
+            level: 0,
+            blocked_ms: 0,
+            expires_ms: 0,
+            event: [0; 16],
+        });
+        entry.status = Status::Settled;
+        entry.partition = partition;
+        entry.set_block(block);
+    }
+
+    /// A record read from the state topic (later records of a key replace earlier ones).
+    /// Loading never refuses: the topic holds blocks that are in place.
+    pub fn load(&mut self, partition: i32, record: &BlockRecord, now: DateTime<Utc>) {
+        let block = record.tracked();
+        let past_window = block
+            .blocked_at
+            .timestamp_millis()
+            .saturating_add(self.window_ms)
+            <= now.timestamp_millis();
         if record.pending {
-            // Only ever loaded from the state topic: a block whose outcome nobody saw.
-            if !self.pending.contains_key(&record.key) && record.expires_at > now {
-                self.unconfirmed.insert(record.key, (partition, record));
-            }
-            return;
+            self.unconfirm(record.key, partition, &block);
+        } else if past_window && block.expires_at <= now {
+            self.entries.remove(&record.key);
+        } else {
+            self.confirm(record.key, partition, &block);
         }
-        self.unconfirmed.remove(&record.key);
-        self.pending.remove(&record.key);
-        if !self.remembered(&record, now) {
-            self.records.remove(&record.key);
-            return;
-        }
-        self.records.insert(record.key, (partition, record));
-        if self.records.len() > self.max {
-            self.evict(now);
-        }
+    }
+
+    /// Takes over the entries of a partition's freshly read state.
+    pub fn absorb(&mut self, part: BlockState) {
+        self.entries.extend(part.entries);
     }
 
     /// Forgets a key (a tombstone on the state topic).
     pub fn remove(&mut self, key: &RuleKey) {
-        self.records.remove(key);
-        self.unconfirmed.remove(key);
+        self.entries.remove(key);
     }
 
     /// Drops everything a revoked partition owned.
     pub fn drop_partition(&mut self, partition: i32) {
-        self.records.retain(|_, (p, _)| *p != partition);
-        self.pending.retain(|_, p| *p != partition);
-        self.unconfirmed.retain(|_, (p, _)| *p != partition);
+        self.entries.retain(|_, e| e.partition != partition);
     }
 
     /// Blocks active now.
     pub fn active(&self, now: DateTime<Utc>) -> usize {
-        self.records
+        let now = now.timestamp_millis();
+        self.entries
             .values()
-            .filter(|(_, r)| r.expires_at > now)
+            .filter(|e| e.known && e.status == Status::Settled && e.expires_ms > now)
             .count()
     }
 
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.entries.is_empty()
     }
 
-    fn evict(&mut self, now: DateTime<Utc>) {
-        let target = self.max - self.max / 10; // free 10 % at once, not one per insert
-        let mut by_age: Vec<(bool, DateTime<Utc>, RuleKey)> = self
-            .records
-            .values()
-            .map(|(_, r)| (r.expires_at > now, r.blocked_at, r.key))
+    /// Frees a tenth of the bound from expired history, oldest first. Returns how many went.
+    fn evict(&mut self, now: DateTime<Utc>) -> usize {
+        let now = now.timestamp_millis();
+        let mut expired: Vec<(i64, RuleKey)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.status == Status::Settled && e.expires_ms <= now)
+            .map(|(k, e)| (e.blocked_ms, *k))
             .collect();
-        by_age.sort(); // expired (false) first, then oldest
-        let excess = self.records.len().saturating_sub(target);
-        for (_, _, key) in by_age.into_iter().take(excess) {
-            self.records.remove(&key);
+        let room = (self.max / 10).max(1);
+        if expired.len() > room {
+            expired.select_nth_unstable(room - 1);
+            expired.truncate(room);
         }
+        for (_, key) in &expired {
+            self.entries.remove(key);
+        }
+        expired.len()
+    }
+}
+
+impl super::decide::BlockView for BlockState {
+    fn check(&self, key: &RuleKey, now: DateTime<Utc>) -> Check {
+        BlockState::check(self, key, now)
     }
 }
 
@@ -180,98 +327,159 @@ impl BlockState {
 mod tests {
     use super::*;
 
+    /// Now, to the millisecond (what the state keeps).
+    fn now_ms() -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(Utc::now().timestamp_millis())
+            .unwrap()
+    }
+
     fn key(n: u8) -> RuleKey {
         RuleKey::from_bytes([n; 16])
     }
 
-    fn record(n: u8, blocked: DateTime<Utc>, hours: i64, level: u32) -> BlockRecord {
+    fn block(blocked: DateTime<Utc>, hours: i64, level: u32) -> TrackedBlock {
+        TrackedBlock {
+            level,
+            blocked_at: blocked,
+            expires_at: blocked + chrono::Duration::hours(hours),
+            event_id: Some("0123456789abcdef0123456789abcdef".into()),
+        }
+    }
+
+    fn record(n: u8, block: &TrackedBlock, pending: bool) -> BlockRecord {
         BlockRecord {
             schema: STATE_SCHEMA.into(),
             key: key(n),
             site: "s".into(),
             ip: "192.0.2.1".parse().unwrap(),
             target: "t".into(),
-            level,
-            blocked_at: blocked,
-            expires_at: blocked + chrono::Duration::hours(hours),
-            event_id: "e".into(),
-            pending: false,
+            level: block.level,
+            blocked_at: block.blocked_at,
+            expires_at: block.expires_at,
+            event_id: block.event_id.clone().unwrap_or_default(),
+            pending,
         }
     }
 
     #[test]
-    fn active_pending_repeat_and_new() {
-        let now = Utc::now();
+    fn a_key_goes_from_new_to_pending_to_active_to_repeat() {
+        let now = now_ms();
         let mut s = BlockState::new(100, Duration::from_secs(30 * 86400));
         assert_eq!(s.check(&key(1), now), Check::New);
-        s.begin(key(1), 0);
+        s.begin(key(1), 0, now).unwrap();
         assert_eq!(s.check(&key(1), now), Check::Pending);
-        s.record(0, record(1, now, 1, 0), now);
-        assert!(matches!(s.check(&key(1), now), Check::Active(_)));
+        let b = block(now, 1, 0);
+        s.confirm(key(1), 0, &b);
+        assert_eq!(s.check(&key(1), now), Check::Active(b.clone()));
         let later = now + chrono::Duration::hours(2);
         assert_eq!(s.check(&key(1), later), Check::Repeat { level: 1 });
+        s.begin(key(1), 0, later).unwrap();
+        s.abort(&key(1));
+        assert_eq!(
+            s.check(&key(1), later),
+            Check::Repeat { level: 1 },
+            "an abort keeps the history for escalation"
+        );
         let much_later = now + chrono::Duration::days(31);
         assert_eq!(
             s.check(&key(1), much_later),
             Check::New,
             "outside the window"
         );
-        s.begin(key(2), 0);
+        s.begin(key(2), 0, now).unwrap();
         s.abort(&key(2));
         assert_eq!(s.check(&key(2), now), Check::New);
+        assert_eq!(s.len(), 1, "an aborted first block leaves nothing behind");
     }
 
     #[test]
-    fn a_pending_record_from_the_state_topic_asks_for_verification() {
-        let now = Utc::now();
+    fn a_block_whose_fate_is_unknown_stays_unconfirmed_until_settled() {
+        let now = now_ms();
         let mut s = BlockState::new(100, Duration::from_secs(86400));
-        let mut pending = record(1, now, 1, 2);
-        pending.pending = true;
-        s.record(0, pending.clone(), now);
-        assert_eq!(s.check(&key(1), now), Check::Unconfirmed(pending));
-        s.record(0, record(1, now, 1, 2), now);
-        assert!(
-            matches!(s.check(&key(1), now), Check::Active(_)),
-            "confirmed"
+        s.begin(key(1), 0, now).unwrap();
+        let b = block(now, 1, 2);
+        s.unconfirm(key(1), 0, &b);
+        assert_eq!(s.check(&key(1), now), Check::Unconfirmed(b.clone()));
+        let expired = now + chrono::Duration::hours(2);
+        assert_eq!(
+            s.check(&key(1), expired),
+            Check::Repeat { level: 3 },
+            "once it would have expired, it is gone either way"
         );
+        s.confirm(key(1), 0, &b);
+        assert_eq!(s.check(&key(1), now), Check::Active(b));
+    }
+
+    #[test]
+    fn records_from_the_state_topic_rebuild_the_state() {
+        let now = now_ms();
+        let mut s = BlockState::new(100, Duration::from_secs(86400));
+        let b = block(now, 1, 2);
+        s.load(0, &record(1, &b, true), now);
+        assert_eq!(s.check(&key(1), now), Check::Unconfirmed(b.clone()));
+        s.load(0, &record(1, &b, false), now);
+        assert_eq!(s.check(&key(1), now), Check::Active(b.clone()));
+        let old = block(now - chrono::Duration::hours(30), 1, 0);
+        s.load(0, &record(2, &old, false), now);
+        assert_eq!(
+            s.check(&key(2), now),
+            Check::New,
+            "outside the window: not kept"
+        );
+        assert_eq!(s.len(), 1);
+        s.remove(&key(1));
+        assert!(s.is_empty());
     }
 
     #[test]
     fn partitions_own_their_keys() {
-        let now = Utc::now();
+        let now = now_ms();
         let mut s = BlockState::new(100, Duration::from_secs(86400));
-        s.record(0, record(1, now, 1, 0), now);
-        s.record(1, record(2, now, 1, 0), now);
+        s.confirm(key(1), 0, &block(now, 1, 0));
+        s.confirm(key(2), 1, &block(now, 1, 0));
         s.drop_partition(0);
         assert_eq!(s.check(&key(1), now), Check::New);
         assert!(matches!(s.check(&key(2), now), Check::Active(_)));
     }
 
     #[test]
-    fn memory_is_bounded_and_expired_blocks_go_first() {
-        let now = Utc::now();
+    fn memory_is_bounded_and_only_expired_history_is_evicted() {
+        let now = now_ms();
         let mut s = BlockState::new(10, Duration::from_secs(30 * 86400));
-        s.record(0, record(200, now - chrono::Duration::hours(5), 1, 0), now); // expired
-        for n in 0..12u8 {
-            s.record(0, record(n, now, 1, 0), now);
+        for n in 0..5u8 {
+            let b = block(now - chrono::Duration::hours(5 + i64::from(n)), 1, 0);
+            s.confirm(key(100 + n), 0, &b); // expired history
         }
-        assert!(s.len() <= 10);
+        for n in 0..5u8 {
+            s.confirm(key(n), 0, &block(now, 1, 0)); // active
+        }
+        assert_eq!(s.len(), 10);
+        s.begin(key(50), 0, now).unwrap();
         assert_eq!(
-            s.check(&key(200), now),
+            s.check(&key(104), now),
             Check::New,
-            "the expired one was evicted first"
+            "the oldest expired history went first"
         );
-        assert!(
-            matches!(s.check(&key(11), now), Check::Active(_)),
-            "the newest is kept"
-        );
+        assert!(matches!(s.check(&key(103), now), Check::Repeat { .. }));
+        for n in 0..5u8 {
+            assert!(matches!(s.check(&key(n), now), Check::Active(_)));
+        }
+        // Fill with blocks that must be kept: a new key is refused, nothing is dropped.
+        let mut s = BlockState::new(3, Duration::from_secs(86400));
+        s.confirm(key(1), 0, &block(now, 1, 0));
+        s.begin(key(2), 0, now).unwrap();
+        s.unconfirm(key(3), 0, &block(now, 1, 0));
+        assert_eq!(s.begin(key(4), 0, now), Err(Full));
+        assert_eq!(s.len(), 3);
+        s.begin(key(1), 0, now).unwrap(); // a tracked key is not new tracking
     }
 
     #[test]
-    fn records_outside_the_window_are_not_kept() {
-        let now = Utc::now();
-        let mut s = BlockState::new(10, Duration::from_secs(3600));
-        s.record(0, record(1, now - chrono::Duration::hours(3), 1, 0), now);
-        assert!(s.is_empty());
+    fn an_entry_is_small() {
+        assert!(
+            std::mem::size_of::<Entry>() <= 48,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
     }
 }

@@ -1,26 +1,38 @@
-//! Batch and enforce: per target, rules are gathered until `run.batch_max_rules` or
-//! `run.batch_max_delay`, sent as one `run-script`, and each rule's own outcome is mapped back to
-//! its event. Failed rules alone are retried, with exponential backoff and jitter, until
-//! `run.retry_deadline`; then they are reported `failed` and dead-lettered. Per management server,
-//! a semaphore caps concurrent batches and a governor rate limiter paces calls.
+//! Batch and enforce, the I/O shell around `pipeline::rule`: per target, rules are gathered
+//! until `run.batch_max_rules` or `run.batch_max_delay`, then each batch takes one of its
+//! management server's slots and goes out as few `run-script`s as its rules' next steps allow
+//! (one per step and gateway set: usually one *send* to every gateway of the target). What the
+//! tasks said moves each rule's [`Progress`]; a rule that is not done comes back after the delay
+//! [`retry_action`] gives, until it is done or fails.
+//!
+//! Per management server, a semaphore caps concurrent batches and a governor rate limiter paces
+//! calls. Before a rule is first sent, its *pending* state record is written (write-ahead), and
+//! the send holds a [`SendGuard`](super::ownership::SendGuard) that a revoke of its partition
+//! waits for; work of a revoked partition is dropped before it reaches the firewall.
 
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{error, info, warn};
 
-use super::dedupe::{BlockRecord, STATE_SCHEMA};
+use super::decide::{Code, Enforce};
+use super::dedupe::{BlockRecord, TrackedBlock, STATE_SCHEMA};
 use super::policy::Target;
-use super::report::{timestamp, Outcome, ResultMessage};
+use super::report::{self, ResultMessage, Settled, WriteError};
+use super::rule::{self, retry_action, Next, Progress, RetryPolicy, Step};
 use super::{Completion, Shared};
-use crate::checkpoint::sam::{self, Operation, RuleKey, SamRule};
-use crate::checkpoint::{classify, ErrorClass, ManagementClient, RunScript};
+use crate::checkpoint::sam::{self, Operation, SamRule};
+use crate::checkpoint::{
+    classify, ApiError, ErrorClass, ManagementClient, RunScript, Task, TaskRef,
+};
 use crate::event::{DeadLetter, DeadLetterStage};
 
 /// Courtesy towards one management server: concurrent batches and calls per second.
@@ -42,96 +54,381 @@ impl ServerLimits {
 /// One rule on its way to a target, with the event it answers.
 pub struct Work {
     pub completion: Arc<Completion>,
-    pub key: RuleKey,
-    pub rule: SamRule,
-    pub level: u32,
-    pub duration: Duration,
+    pub enforce: Enforce,
     /// The result, filled in with everything known at decision time.
     pub result: ResultMessage,
-    pub first_attempt: Instant,
-    pub attempts: u32,
+    pub progress: Progress,
+    pub first_try: Instant,
     pub next_try: Instant,
-    /// A block whose outcome nobody saw (its owner stopped mid-call): ask the gateway first.
-    pub verify: Option<BlockRecord>,
+    /// The pending state record is written (the rule may be sent).
+    pub pending_written: bool,
+    /// When this replica first sent the rule (its timeout counts from about then).
+    pub first_sent: Option<DateTime<Utc>>,
+    /// What went wrong in the last round, if anything (decides the retry delay).
+    trouble: Option<ErrorClass>,
 }
 
-/// Runs one target's batcher until its queue closes and nothing waits for a retry.
-pub async fn run_target(
-    target: Arc<Target>,
-    client: Arc<ManagementClient>,
-    limits: Arc<ServerLimits>,
-    mut queue: mpsc::Receiver<Work>,
-    shared: Arc<Shared>,
-) {
-    let max_rules = shared.config.run.batch_max_rules;
-    let max_delay = shared.config.run.batch_max_delay;
-    let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Work>();
-    let mut waiting: Vec<Work> = Vec::new(); // retries not yet due
-    let mut open = true;
-    let batches_running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    loop {
-        // Wait for the first rule of a batch: new work, or a retry coming due.
-        let next_due = waiting.iter().map(|w| w.next_try).min();
-        let mut batch: Vec<Work> = Vec::new();
-        tokio::select! {
-            work = queue.recv(), if open => match work {
-                Some(work) => batch.push(work),
-                None => open = false,
-            },
-            Some(work) = retry_rx.recv() => waiting.push(work),
-            _ = sleep_until(next_due), if next_due.is_some() => {}
+impl Work {
+    pub fn new(completion: Arc<Completion>, enforce: Enforce, result: ResultMessage) -> Self {
+        let progress = Progress::new(&enforce.target.gateways, enforce.verify_first.is_some());
+        let now = Instant::now();
+        Self {
+            completion,
+            enforce,
+            result,
+            progress,
+            first_try: now,
+            next_try: now,
+            pending_written: false,
+            first_sent: None,
+            trouble: None,
         }
-        if !open && batch.is_empty() && waiting.is_empty() {
-            if batches_running.load(std::sync::atomic::Ordering::Acquire) == 0 {
+    }
+
+    /// The block this rule makes (or made): a previous owner's, or ours from its first send.
+    fn block(&self) -> TrackedBlock {
+        if let (None, Some(found)) = (self.first_sent, &self.enforce.verify_first) {
+            return found.clone();
+        }
+        let from = self.first_sent.unwrap_or_else(Utc::now);
+        TrackedBlock {
+            level: self.enforce.level,
+            blocked_at: from,
+            expires_at: from
+                + chrono::Duration::from_std(self.enforce.duration)
+                    .unwrap_or(chrono::Duration::MAX),
+            event_id: self.result.event_ids.first().cloned(),
+        }
+    }
+
+    fn record(&self, pending: bool) -> BlockRecord {
+        let block = self.block();
+        BlockRecord {
+            schema: STATE_SCHEMA.into(),
+            key: self.enforce.key,
+            site: self.result.site.clone(),
+            ip: self.result.ip,
+            target: self.enforce.target.name.clone(),
+            level: block.level,
+            blocked_at: block.blocked_at,
+            expires_at: block.expires_at,
+            event_id: block.event_id.unwrap_or_default(),
+            pending,
+        }
+    }
+}
+
+/// One target's batcher: its client, its server's limits, the shared pipeline.
+pub struct Batcher {
+    pub target: Arc<Target>,
+    pub client: Arc<ManagementClient>,
+    pub limits: Arc<ServerLimits>,
+    pub shared: Arc<Shared>,
+}
+
+impl Batcher {
+    /// Runs until the queue closes and no batch is running. Once the pipeline stops, rules that
+    /// wait for a retry are let go (their events go back to the partition's next owner).
+    pub async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<Work>) {
+        let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<Work>();
+        let mut waiting: Vec<Work> = Vec::new();
+        let mut running = JoinSet::new();
+        let mut open = true;
+        loop {
+            if self.shared.stopping.is_cancelled() {
+                for work in waiting.drain(..) {
+                    abandon(&self.shared, work, "stopping");
+                }
+            }
+            if !open && waiting.is_empty() && running.is_empty() {
                 break;
             }
-            // A running batch may still hand back retries.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
+            let next_due = waiting.iter().map(|w| w.next_try).min();
+            let mut batch = Vec::new();
+            tokio::select! {
+                work = queue.recv(), if open => match work {
+                    Some(work) => batch.push(work),
+                    None => open = false,
+                },
+                Some(work) = retry_rx.recv() => waiting.push(work),
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                _ = sleep_until(next_due), if next_due.is_some() => {}
+            }
+            let now = Instant::now();
+            let (due, later): (Vec<Work>, Vec<Work>) =
+                waiting.drain(..).partition(|w| w.next_try <= now);
+            waiting = later;
+            batch.extend(due);
+            if batch.is_empty() {
+                continue;
+            }
+            if self.shared.stopping.is_cancelled() {
+                for work in batch {
+                    abandon(&self.shared, work, "stopping");
+                }
+                continue;
+            }
+            // Take a server slot first, then fill the batch: while the server is busy, rules
+            // queue up, so batches grow with the load.
+            let permit = self
+                .limits
+                .batches
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore open");
+            open &= self.fill(&mut batch, &mut queue).await;
+            running.spawn(self.clone().run_batch(batch, permit, retry_tx.clone()));
         }
-        let now = Instant::now();
-        let (due, later): (Vec<Work>, Vec<Work>) =
-            waiting.drain(..).partition(|w| w.next_try <= now);
-        waiting = later;
-        batch.extend(due);
-        if batch.is_empty() {
-            continue;
-        }
-        let flush_at = now + max_delay;
-        // Take a server slot first, then fill the batch: while the server is busy, rules queue up,
-        // so batches grow with the load. Stop when full or when the oldest rule waited long enough.
-        let permit = limits
-            .batches
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore open");
-        while batch.len() < max_rules && open {
+    }
+
+    /// Adds queued rules until the batch is full or its first rule waited `batch_max_delay`.
+    /// Returns false when the queue closed.
+    async fn fill(&self, batch: &mut Vec<Work>, queue: &mut mpsc::Receiver<Work>) -> bool {
+        let run = &self.shared.config.run;
+        let flush_at = Instant::now() + run.batch_max_delay;
+        while batch.len() < run.batch_max_rules {
             tokio::select! {
                 biased; // what is queued goes in even when the delay is already over
                 work = queue.recv() => match work {
                     Some(work) => batch.push(work),
-                    None => open = false,
+                    None => return false,
                 },
                 _ = tokio::time::sleep_until(flush_at) => break,
             }
         }
-        batches_running.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let running = batches_running.clone();
-        let batch_task = enforce_batch(
-            batch,
-            target.clone(),
-            client.clone(),
-            limits.clone(),
-            shared.clone(),
-            retry_tx.clone(),
-            permit,
-        );
-        tokio::spawn(async move {
-            batch_task.await;
-            running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        });
+        true
     }
+
+    /// One batch: its rules' next steps as few run-scripts as possible, then each rule on.
+    async fn run_batch(
+        self: Arc<Self>,
+        batch: Vec<Work>,
+        permit: OwnedSemaphorePermit,
+        retry: mpsc::UnboundedSender<Work>,
+    ) {
+        let mut groups: BTreeMap<(bool, Vec<String>), Vec<Work>> = BTreeMap::new();
+        for mut work in batch {
+            if !self.shared.ownership.is_current(work.completion.claim) {
+                self.shared.metrics.fenced.inc();
+                continue; // the partition moved on: its next owner answers the event
+            }
+            work.trouble = None;
+            match work.progress.next() {
+                Step::Verify(gateways) => groups.entry((false, gateways)).or_default().push(work),
+                Step::Send(gateways) => groups.entry((true, gateways)).or_default().push(work),
+                Step::Done => groups.entry((false, Vec::new())).or_default().push(work),
+            }
+        }
+        let mut settled = Vec::new();
+        for ((send, gateways), works) in groups {
+            settled.extend(match (send, gateways.is_empty()) {
+                (_, true) => works,
+                (true, false) => self.send(works, &gateways).await,
+                (false, false) => self.verify(works, &gateways).await,
+            });
+        }
+        // The firewall's part is done: let the next batch use the server while Kafka answers.
+        drop(permit);
+        let mut reports = JoinSet::new();
+        for work in settled {
+            let (shared, retry) = (self.shared.clone(), retry.clone());
+            reports.spawn(async move { settle(&shared, work, &retry).await });
+        }
+        while let Some(joined) = reports.join_next().await {
+            if let Err(e) = joined {
+                error!(error = %e, "a reporting task failed; its event will be redelivered");
+            }
+        }
+    }
+
+    /// Sends the rules to `gateways`: write-ahead records, the fence, one run-script.
+    async fn send(&self, works: Vec<Work>, gateways: &[String]) -> Vec<Work> {
+        let mut works = self.write_ahead(works).await;
+        let claims: Vec<_> = works.iter().map(|w| w.completion.claim).collect();
+        let (guard, current) = self.shared.ownership.begin_send(&claims);
+        let stale = current.iter().filter(|c| !**c).count();
+        self.shared.metrics.fenced.inc_by(stale as u64);
+        let mut keep = current.into_iter();
+        works.retain(|_| keep.next().unwrap_or(false));
+        if works.is_empty() {
+            return works;
+        }
+        let rules: Vec<SamRule> = works.iter().map(|w| w.enforce.rule).collect();
+        self.shared.metrics.batch_rules.observe(rules.len() as f64);
+        let script = match sam::batch_script(&rules, self.target.mode, Operation::Block) {
+            Ok(script) => script,
+            Err(e) => return unrenderable(works, e),
+        };
+        let now = Utc::now();
+        for work in &mut works {
+            work.first_sent.get_or_insert(now);
+        }
+        let step = Step::Send(gateways.to_vec());
+        let answer = self
+            .run_script("samgate block", &script, gateways, rules.len())
+            .await;
+        drop(guard);
+        match answer {
+            Ok((refs, tasks)) => {
+                let verdicts = rule::send_verdicts(&refs, &tasks, gateways, works.len());
+                for (work, verdicts) in works.iter_mut().zip(verdicts) {
+                    work.result
+                        .task_ids
+                        .extend(refs.iter().map(|r| r.task_id.clone()));
+                    if verdicts.iter().any(|(_, v)| *v != rule::Sent::Confirmed) {
+                        work.trouble = Some(ErrorClass::Retryable);
+                    }
+                    work.progress.after_send(&verdicts);
+                }
+            }
+            Err(Failure::Call(e)) => for_each_error(&mut works, &step, &e),
+            Err(Failure::Tasks(e)) => {
+                // The script was handed to the gateways: whatever happened next, it may have run.
+                for work in &mut works {
+                    work.progress.after_lost_answer(gateways, &e);
+                    work.trouble = Some(classify(&e));
+                }
+            }
+        }
+        works
+    }
+
+    /// Asks `gateways` whether each rule is in place.
+    async fn verify(&self, mut works: Vec<Work>, gateways: &[String]) -> Vec<Work> {
+        let rules: Vec<SamRule> = works.iter().map(|w| w.enforce.rule).collect();
+        let script = sam::verify_script(&rules, self.target.mode);
+        let step = Step::Verify(gateways.to_vec());
+        match self
+            .run_script("samgate verify", &script, gateways, rules.len())
+            .await
+        {
+            Ok((refs, tasks)) => {
+                let verdicts =
+                    rule::verify_verdicts(&refs, &tasks, gateways, &rules, self.target.mode);
+                let found = verdicts
+                    .iter()
+                    .filter(|v| v.iter().all(|(_, p)| *p == rule::Presence::InPlace))
+                    .count();
+                info!(
+                    target = self.target.name,
+                    checked = rules.len(),
+                    in_place = found,
+                    "asked the gateways about rules whose fate was unknown"
+                );
+                for (work, verdicts) in works.iter_mut().zip(verdicts) {
+                    if verdicts
+                        .iter()
+                        .any(|(_, p)| matches!(p, rule::Presence::Unknown(_)))
+                    {
+                        work.trouble = Some(ErrorClass::Retryable);
+                    }
+                    work.progress.after_verify(&verdicts);
+                }
+            }
+            Err(Failure::Call(e) | Failure::Tasks(e)) => for_each_error(&mut works, &step, &e),
+        }
+        works
+    }
+
+    /// Writes the pending record of every rule not sent before; a rule whose record cannot be
+    /// written is not sent.
+    async fn write_ahead(&self, works: Vec<Work>) -> Vec<Work> {
+        let mut writes = JoinSet::new();
+        for (i, work) in works.iter().enumerate() {
+            if work.pending_written {
+                continue;
+            }
+            let (shared, record) = (self.shared.clone(), work.record(true));
+            let partition = work.completion.claim.partition;
+            writes.spawn(async move {
+                let payload = serde_json::to_string(&record).expect("state serializes");
+                let topic = &shared.config.kafka.topics.state;
+                let key = record.key.to_string();
+                let written = report::write(
+                    &shared.producer,
+                    topic,
+                    &key,
+                    &payload,
+                    Some(partition),
+                    &shared.stopping,
+                )
+                .await;
+                (i, written)
+            });
+        }
+        let mut failed = vec![None; works.len()];
+        while let Some(joined) = writes.join_next().await {
+            match joined {
+                Ok((i, Ok(()))) => failed[i] = Some(false),
+                Ok((i, Err(e))) => {
+                    warn!(error = %e, "a pending state record was not written; its rule is not sent");
+                    failed[i] = Some(true);
+                }
+                Err(e) => error!(error = %e, "a state write failed"),
+            }
+        }
+        let mut ready = Vec::new();
+        for (mut work, failed) in works.into_iter().zip(failed) {
+            match failed {
+                Some(true) => abandon(&self.shared, work, "its pending record was not written"),
+                _ => {
+                    work.pending_written = true;
+                    ready.push(work);
+                }
+            }
+        }
+        ready
+    }
+
+    /// `run-script` to `gateways`, then its tasks to the end.
+    async fn run_script(
+        &self,
+        name: &str,
+        script: &str,
+        gateways: &[String],
+        rules: usize,
+    ) -> Result<(Vec<TaskRef>, Vec<Task>), Failure> {
+        self.limits.calls.until_ready().await;
+        let comments = format!("samgate: {rules} rule(s)");
+        let request = RunScript {
+            name,
+            script,
+            targets: gateways,
+            comments: &comments,
+        };
+        let refs = self
+            .client
+            .run_script(&request)
+            .await
+            .map_err(Failure::Call)?;
+        let ids: Vec<String> = refs.iter().map(|r| r.task_id.clone()).collect();
+        let tasks = self.client.wait_tasks(&ids).await.map_err(Failure::Tasks)?;
+        Ok((refs, tasks))
+    }
+}
+
+/// A run-script that did not end with its tasks.
+enum Failure {
+    /// `run-script` itself failed.
+    Call(ApiError),
+    /// `run-script` was accepted; following its tasks failed.
+    Tasks(ApiError),
+}
+
+fn for_each_error(works: &mut [Work], step: &Step, error: &ApiError) {
+    for work in works {
+        work.progress.after_error(step, error);
+        work.trouble = Some(classify(error));
+    }
+}
+
+fn unrenderable(mut works: Vec<Work>, e: sam::RenderError) -> Vec<Work> {
+    for work in &mut works {
+        work.progress.last_problem = Some(format!("unrenderable rule: {e}"));
+        work.trouble = Some(ErrorClass::Permanent);
+    }
+    works
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -141,396 +438,163 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// One `run-script` for a batch, then each rule to its outcome.
-async fn enforce_batch(
-    batch: Vec<Work>,
-    target: Arc<Target>,
-    client: Arc<ManagementClient>,
-    limits: Arc<ServerLimits>,
-    shared: Arc<Shared>,
-    retry: mpsc::UnboundedSender<Work>,
-    permit: OwnedSemaphorePermit,
-) {
-    // Blocks of a stopped owner: those already on every gateway are done without a new rule.
-    // When the gateways cannot be asked, the question is retried like a failed block (sending
-    // the rule blind could issue it twice).
-    let (to_verify, mut batch): (Vec<Work>, Vec<Work>) =
-        batch.into_iter().partition(|w| w.verify.is_some());
-    let mut unverified: Vec<(Work, Verdict)> = Vec::new();
-    if !to_verify.is_empty() {
-        match verify(to_verify, &target, &client, &limits).await {
-            Ok(checked) => {
-                let mut reports = tokio::task::JoinSet::new();
-                for (mut work, in_place) in checked {
-                    if in_place {
-                        work.attempts += 1; // the question was a firewall call
-                        let shared = shared.clone();
-                        reports.spawn(async move { blocked(&shared, work).await });
-                    } else {
-                        batch.push(work);
-                    }
-                }
-                join_all(&mut reports).await;
-            }
-            Err((works, e)) => {
-                let reason = format!("cannot verify a stopped replica's block: {e}");
-                let class = classify(&e);
-                unverified.extend(works.into_iter().map(|w| (w, Err((class, reason.clone())))));
-            }
-        }
+/// After a round: report a rule that is done, retry one that is not, or give up on it.
+async fn settle(shared: &Arc<Shared>, mut work: Work, retry: &mpsc::UnboundedSender<Work>) {
+    if work.progress.next() == Step::Done {
+        return blocked(shared, work).await;
     }
-    // Write-ahead: the state topic learns of each block before the firewall does, so whoever
-    // owns the partition next can tell "maybe blocked" from "never tried". When a record cannot
-    // be written (shutting down), nothing of the batch is sent: its events go back to the
-    // partition's next owner.
-    let mut acks = tokio::task::JoinSet::new();
-    for work in &batch {
-        let record = state_record(work, Utc::now(), true);
-        let (shared, key, partition) = (
-            shared.clone(),
-            work.key.to_string(),
-            work.completion.partition,
-        );
-        acks.spawn(async move {
-            let payload = serde_json::to_string(&record).expect("state serializes");
-            crate::pipeline::report::produce_acked(
-                &shared.producer,
-                &shared.config.kafka.topics.state,
-                &key,
-                &payload,
-                Some(partition),
-                &shared.cancel,
-            )
-            .await
-        });
+    if shared.stopping.is_cancelled() {
+        return abandon(shared, work, "stopping");
     }
-    let mut all_written = true;
-    while let Some(joined) = acks.join_next().await {
-        all_written &= joined.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "a state write failed; its batch is not sent");
-            false
-        });
-    }
-    if !all_written {
-        let mut state = shared.state.lock().expect("state");
-        for work in batch.iter().chain(unverified.iter().map(|(w, _)| w)) {
-            state.abort(&work.key);
-        }
-        return;
-    }
-    if batch.is_empty() && unverified.is_empty() {
-        return;
-    }
-    let (verdicts, task_ids) = if batch.is_empty() {
-        (Vec::new(), Vec::new())
-    } else {
-        block(&batch, &target, &client, &limits, &shared).await
-    };
-    // The firewall's part is done: let the next batch use the server while Kafka acknowledges.
-    drop(permit);
-    // Reports run concurrently: each waits for its own acknowledgements, none for another's.
-    let mut reports = tokio::task::JoinSet::new();
-    for (mut work, verdict) in batch.into_iter().zip(verdicts).chain(unverified) {
-        work.attempts += 1;
-        work.result.task_ids.extend(task_ids.iter().cloned());
-        match verdict {
-            Ok(()) => {
-                let shared = shared.clone();
-                reports.spawn(async move { blocked(&shared, work).await });
-            }
-            Err((class, reason)) => {
-                let delay = match class {
-                    ErrorClass::Retryable => Some(backoff(&shared, work.attempts)),
-                    ErrorClass::RateLimited(d) => Some(d.max(backoff(&shared, work.attempts))),
-                    ErrorClass::Auth | ErrorClass::Permanent => None,
-                };
-                let deadline = work.first_attempt + shared.config.run.retry_deadline;
-                match delay {
-                    Some(d) if Instant::now() + d < deadline && !shared.cancel.is_cancelled() => {
-                        warn!(target = target.name, attempts = work.attempts, retry_in = ?d, reason, "rule not enforced; will retry");
-                        work.next_try = Instant::now() + d;
-                        if let Err(mpsc::error::SendError(work)) = retry.send(work) {
-                            let shared = shared.clone();
-                            reports.spawn(
-                                async move { fail(&shared, work, "shutdown", reason).await },
-                            );
-                        }
-                    }
-                    _ => {
-                        let code = match class {
-                            ErrorClass::Auth => "auth",
-                            ErrorClass::Permanent => "permanent",
-                            _ => "retries_exhausted",
-                        };
-                        let shared = shared.clone();
-                        reports.spawn(async move { fail(&shared, work, code, reason).await });
-                    }
-                }
-            }
-        }
-    }
-    join_all(&mut reports).await;
-}
-
-/// A rule's fate in a batch: done, or why not and whether to try again.
-type Verdict = Result<(), (ErrorClass, String)>;
-
-/// One `run-script` for the batch's rules on the target's gateways: each rule's verdict, and
-/// the task ids.
-async fn block(
-    batch: &[Work],
-    target: &Target,
-    client: &ManagementClient,
-    limits: &ServerLimits,
-    shared: &Shared,
-) -> (Vec<Verdict>, Vec<String>) {
-    let rules: Vec<SamRule> = batch.iter().map(|w| w.rule).collect();
-    shared.metrics.batch_rules.observe(rules.len() as f64);
-    let script = match sam::batch_script(&rules, target.mode, Operation::Block) {
-        Ok(script) => script,
-        Err(e) => {
-            let reason = format!("unrenderable rule: {e}");
-            return (
-                vec![Err((ErrorClass::Permanent, reason)); rules.len()],
-                Vec::new(),
-            );
-        }
-    };
-    limits.calls.until_ready().await;
-    let comments = format!("samgate: {} rule(s)", rules.len());
-    let request = RunScript {
-        name: "samgate block",
-        script: &script,
-        targets: &target.gateways,
-        comments: &comments,
-    };
-    let outcome = client.run_script_to_end(&request).await;
-    // Per rule: Ok, or (retry class, reason).
-    let verdicts: Vec<Verdict> = match &outcome {
-        Ok(tasks) => {
-            // Each gateway's output, parsed once: the exit status of every rule.
-            let per_task: Vec<Vec<Option<i32>>> = tasks
-                .iter()
-                .map(|task| {
-                    let output = task.details.first().map_or("", |d| d.output.as_str());
-                    sam::parse_outcomes(output, rules.len())
-                })
-                .collect();
-            (0..rules.len())
-                .map(|i| {
-                    for (task, statuses) in tasks.iter().zip(&per_task) {
-                        let status = statuses[i];
-                        let ok_task = task.status.is_success()
-                            || task.status == crate::checkpoint::TaskStatus::PartiallySucceeded;
-                        if !ok_task || status != Some(0) {
-                            let detail = task.details.first();
-                            let gateway =
-                                detail.and_then(|d| d.gateway.clone()).unwrap_or_default();
-                            let error = detail
-                                .map(|d| d.error.trim().to_owned())
-                                .unwrap_or_default();
-                            let reason = format!(
-                                "gateway {gateway}: task {}, rule exit status {}{}",
-                                task.status.as_str(),
-                                status.map_or("missing".to_string(), |s| s.to_string()),
-                                if error.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(": {}", error.lines().next().unwrap_or(""))
-                                }
-                            );
-                            return Err((ErrorClass::Retryable, reason));
-                        }
-                    }
-                    Ok(())
-                })
-                .collect()
-        }
-        Err(e) => vec![Err((classify(e), e.to_string())); rules.len()],
-    };
-    let task_ids = outcome
-        .map(|tasks| tasks.into_iter().map(|t| t.task_id).collect())
-        .unwrap_or_default();
-    (verdicts, task_ids)
-}
-
-/// `retry_initial · 2^(attempts-1)`, capped at `retry_max`, with ±25 % jitter.
-fn backoff(shared: &Shared, attempts: u32) -> Duration {
     let run = &shared.config.run;
-    let base = run
-        .retry_initial
-        .saturating_mul(2u32.saturating_pow(attempts.saturating_sub(1)))
-        .min(run.retry_max);
-    let jitter = rand::rng().random_range(0.75..1.25);
-    base.mul_f64(jitter)
-}
-
-/// Asks the gateways whether each rule is in place: `true` on every gateway (the work's
-/// `verify` record says until when); `false` when not, so block it. When the gateways cannot be
-/// asked, the works come back with the error.
-async fn verify(
-    works: Vec<Work>,
-    target: &Target,
-    client: &ManagementClient,
-    limits: &ServerLimits,
-) -> Result<Vec<(Work, bool)>, (Vec<Work>, crate::checkpoint::ApiError)> {
-    let rules: Vec<SamRule> = works.iter().map(|w| w.rule).collect();
-    let script = sam::verify_script(&rules, target.mode);
-    limits.calls.until_ready().await;
-    let request = RunScript {
-        name: "samgate verify",
-        script: &script,
-        targets: &target.gateways,
-        comments: "samgate: verify blocks of a stopped replica",
+    let policy = RetryPolicy {
+        initial: run.retry_initial,
+        max: run.retry_max,
+        deadline: run.retry_deadline,
     };
-    let found: Vec<bool> = match client.run_script_to_end(&request).await {
-        Ok(tasks) => {
-            let per_task: Vec<Vec<Option<(i32, bool)>>> = tasks
-                .iter()
-                .map(|t| {
-                    let output = t.details.first().map_or("", |d| d.output.as_str());
-                    sam::parse_sections(output, rules.len())
-                })
-                .collect();
-            (0..rules.len())
-                .map(|i| per_task.iter().all(|s| s[i] == Some((0, true))))
-                .collect()
-        }
-        Err(e) => {
-            warn!(target = target.name, error = %e, "cannot verify blocks of a stopped replica; will ask again");
-            return Err((works, e));
-        }
+    let next = match work.trouble {
+        // Progress without trouble (the gateways said "absent"): send at once.
+        None => Next::Retry(Duration::ZERO),
+        Some(class) => retry_action(
+            class,
+            work.progress.attempts,
+            work.first_try.elapsed(),
+            &policy,
+            rand::rng().random_range(0.75..1.25),
+        ),
     };
-    tracing::info!(
-        target = target.name,
-        checked = rules.len(),
-        in_place = found.iter().filter(|f| **f).count(),
-        "verified blocks left unconfirmed by a stopped replica"
-    );
-    Ok(works
-        .into_iter()
-        .zip(found)
-        .map(|(mut work, found)| {
-            if !found {
-                work.verify = None;
+    match next {
+        Next::Retry(delay) => {
+            if !delay.is_zero() {
+                let problem = work.progress.last_problem.as_deref().unwrap_or("-");
+                warn!(target = work.enforce.target.name, ip = %work.result.ip, attempts = work.progress.attempts, retry_in = ?delay, problem, "rule not confirmed yet; will try again");
             }
-            (work, found)
-        })
-        .collect())
-}
-
-fn state_record(work: &Work, now: chrono::DateTime<Utc>, pending: bool) -> BlockRecord {
-    let expires = match (&work.verify, pending) {
-        (Some(found), false) => found.expires_at,
-        _ => now + chrono::Duration::from_std(work.duration).unwrap_or(chrono::Duration::MAX),
-    };
-    BlockRecord {
-        schema: STATE_SCHEMA.into(),
-        key: work.key,
-        site: work.result.site.clone(),
-        ip: work.result.ip,
-        target: work.result.target.clone().unwrap_or_default(),
-        level: work.level,
-        blocked_at: work
-            .verify
-            .as_ref()
-            .filter(|_| !pending)
-            .map_or(now, |r| r.blocked_at),
-        expires_at: expires,
-        event_id: work.result.event_ids.first().cloned().unwrap_or_default(),
-        pending,
+            work.next_try = Instant::now() + delay;
+            if let Err(mpsc::error::SendError(work)) = retry.send(work) {
+                abandon(shared, work, "its batcher stopped");
+            }
+        }
+        Next::Fail(code) => failed(shared, work, code).await,
     }
 }
 
 /// The rule is on every gateway: remember it (state topic first), then report.
 async fn blocked(shared: &Arc<Shared>, mut work: Work) {
-    let now = Utc::now();
-    let record = state_record(&work, now, false);
-    let expires = record.expires_at;
-    let verified = work.verify.is_some();
+    let claim = work.completion.claim;
+    if !shared.ownership.is_current(claim) {
+        shared.metrics.fenced.inc();
+        return;
+    }
+    let block = work.block();
+    let record = work.record(false);
     let payload = serde_json::to_string(&record).expect("state serializes");
-    let partition = work.completion.partition;
-    crate::pipeline::report::produce_acked(
+    let topic = &shared.config.kafka.topics.state;
+    match report::write(
         &shared.producer,
-        &shared.config.kafka.topics.state,
-        &work.key.to_string(),
+        topic,
+        &record.key.to_string(),
         &payload,
-        Some(partition),
-        &shared.cancel,
+        Some(claim.partition),
+        &shared.stopping,
     )
-    .await;
+    .await
+    {
+        Ok(()) => {}
+        Err(WriteError::Stopping) => return,
+        Err(e @ WriteError::Refused(_)) => {
+            error!(error = %e, key = %record.key, "the state record of a block was refused: a restart may verify it again");
+        }
+    }
     shared
         .state
         .lock()
         .expect("state")
-        .record(partition, record, now);
-    work.result.outcome = Outcome::Blocked;
-    if verified {
-        work.result.code = "verified".into();
-        work.result.reason = format!(
-            "blocked on {} (found in place after a restart; not sent again)",
-            work.result.gateways.join(", ")
-        );
-    } else {
-        work.result.code = "enforced".into();
-        work.result.reason = format!(
-            "blocked on {} for {}",
-            work.result.gateways.join(", "),
-            humantime::format_duration(work.duration)
-        );
-    }
-    work.result.attempts = work.attempts;
-    work.result.expires_at = Some(timestamp(expires));
-    work.result.enforced_at = Some(timestamp(now));
+        .confirm(work.enforce.key, claim.partition, &block);
     if let Some(detected) = work.result.detected() {
-        let latency = (now - detected).to_std().unwrap_or_default();
+        let latency = (Utc::now() - detected).to_std().unwrap_or_default();
         shared
             .metrics
             .detection_to_enforcement
             .observe(latency.as_secs_f64());
     }
+    work.result.settle(Settled::Blocked {
+        verified: work.first_sent.is_none(),
+        attempts: work.progress.attempts,
+        block,
+        duration: work.enforce.duration,
+    });
     super::finish(shared, &work.completion, work.result).await;
 }
 
-/// The rule could not be enforced: forget the pending block, dead-letter, report.
-async fn fail(shared: &Arc<Shared>, mut work: Work, code: &str, reason: String) {
-    shared.state.lock().expect("state").abort(&work.key);
-    work.result.outcome = Outcome::Failed;
-    work.result.code = code.to_owned();
-    work.result.reason = format!("not enforced after {} attempt(s): {reason}", work.attempts);
-    work.result.attempts = work.attempts;
+/// The rule could not be enforced: dead-letter and report. A rule that may be on a gateway stays
+/// *unconfirmed*, so the next detection asks the gateways before sending it.
+async fn failed(shared: &Arc<Shared>, mut work: Work, code: Code) {
+    let claim = work.completion.claim;
+    if !shared.ownership.is_current(claim) {
+        shared.metrics.fenced.inc();
+        return;
+    }
+    forget_or_keep(shared, &work);
+    work.result.settle(Settled::Failed {
+        code,
+        attempts: work.progress.attempts,
+        problem: work
+            .progress
+            .last_problem
+            .clone()
+            .unwrap_or_else(|| "no reason recorded".into()),
+    });
     let json = serde_json::to_string(&work.result).expect("results serialize");
     let mut dead = DeadLetter::new(
         DeadLetterStage::Enforce,
-        code,
+        code.as_str(),
         work.result.reason.clone(),
         json.as_bytes(),
         json.len(),
     );
     dead.site = Some(work.result.site.clone());
     let payload = serde_json::to_string(&dead).expect("dead letters serialize");
-    crate::pipeline::report::produce_acked(
+    let topic = &shared.config.kafka.topics.dlq;
+    match report::write(
         &shared.producer,
-        &shared.config.kafka.topics.dlq,
-        &work.key.to_string(),
+        topic,
+        &work.enforce.key.to_string(),
         &payload,
         None,
-        &shared.cancel,
+        &shared.stopping,
     )
-    .await;
-    shared
-        .metrics
-        .dead_letters
-        .with_label_values(&[DeadLetterStage::Enforce.as_str()])
-        .inc();
+    .await
+    {
+        Ok(()) => shared
+            .metrics
+            .dead_letters
+            .with_label_values(&[DeadLetterStage::Enforce.as_str()])
+            .inc(),
+        Err(WriteError::Stopping) => return,
+        Err(e) => error!(error = %e, "a dead letter was refused"),
+    }
     super::finish(shared, &work.completion, work.result).await;
 }
 
-/// Waits for every task of `set`; a task that panicked is a bug worth an ERROR line.
-async fn join_all<T: 'static>(set: &mut tokio::task::JoinSet<T>) {
-    while let Some(joined) = set.join_next().await {
-        if let Err(e) = joined {
-            tracing::error!(error = %e, "a reporting task failed; its event will be redelivered");
-        }
+/// Lets a rule go without a result (stopping, or its record could not be written): its event
+/// goes back to the partition's next owner.
+fn abandon(shared: &Shared, work: Work, why: &str) {
+    if shared.ownership.is_current(work.completion.claim) {
+        forget_or_keep(shared, &work);
+    }
+    tracing::debug!(ip = %work.result.ip, why, "rule let go; its event will be redelivered");
+}
+
+/// In memory: a rule that may be in place is unconfirmed; one that is surely not is forgotten.
+fn forget_or_keep(shared: &Shared, work: &Work) {
+    let mut state = shared.state.lock().expect("state");
+    if work.progress.maybe_in_place() {
+        state.unconfirm(
+            work.enforce.key,
+            work.completion.claim.partition,
+            &work.block(),
+        );
+    } else {
+        state.abort(&work.enforce.key);
     }
 }

@@ -1,5 +1,5 @@
 //! `samgate run`: the enforcement pipeline. Read this file top to bottom in the order data flows:
-//! consume → decode → policy → dedupe → (never-block, last) → batch → enforce → report → commit.
+//! consume → decode → decide → (batch → enforce, in `enforce`) → report → commit.
 //!
 //! **When an offset becomes durable.** An event's offset is *finished* when the result message of
 //! every decision it caused has been acknowledged by Kafka (for a block: after the state record,
@@ -8,12 +8,24 @@
 //! synchronously on revoke and on shutdown. So a commit never covers an event without a durable
 //! result, and a crash redelivers at most the events after the last commit, whose repeats the
 //! idempotency key absorbs.
+//!
+//! **Ownership.** Each assignment of a partition is a [`Claim`] with its own generation. A
+//! partition is consumed only once its block state is rebuilt (until then it is paused), and the
+//! work of a revoked claim never reaches a firewall nor writes a result (`ownership`).
+//!
+//! **Backpressure.** At most `run.max_in_flight` events are between consumption and their
+//! result (one semaphore permit each). When none is left, every partition is paused and the
+//! consumer keeps polling, so the replica keeps its group membership however slow the firewall.
 
+pub mod decide;
 pub mod dedupe;
 pub mod enforce;
 pub mod offsets;
+pub mod ownership;
 pub mod policy;
+pub mod rebuild;
 pub mod report;
+pub mod rule;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -29,7 +41,8 @@ use rdkafka::consumer::{
 use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -38,11 +51,13 @@ use crate::config::Config;
 use crate::event::{DeadLetter, DeadLetterStage, Event, EVENT_SCHEMA};
 use crate::http::Readiness;
 use crate::metrics::Metrics;
-use dedupe::{BlockRecord, BlockState, Check};
-use enforce::{ServerLimits, Work};
+use decide::{Code, Decision};
+use dedupe::BlockState;
+use enforce::{Batcher, ServerLimits, Work};
 use offsets::OffsetTracker;
-use policy::{idempotency_key, Policy};
-use report::{ActiveBlock, Outcome, ResultMessage};
+use ownership::{Claim, Ownership};
+use policy::Policy;
+use report::{ResultMessage, Settled, WriteError};
 
 /// What every stage shares.
 pub struct Shared {
@@ -51,47 +66,17 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub tracker: Mutex<OffsetTracker>,
     pub state: Mutex<BlockState>,
-    pub cancel: CancellationToken,
+    pub ownership: Ownership,
+    /// Cancelled when shutdown begins: retries stop, writes stop waiting for Kafka.
+    pub stopping: CancellationToken,
 }
 
-/// Counts the decisions of one event still without an acknowledged result.
-pub struct Completion {
-    pub partition: i32,
-    pub offset: i64,
-    remaining: AtomicUsize,
-}
-
-/// Writes `result`, and finishes the event's offset once its last result is acknowledged.
-pub async fn finish(shared: &Arc<Shared>, completion: &Arc<Completion>, result: ResultMessage) {
-    let payload = serde_json::to_string(&result).expect("results serialize");
-    let written = report::produce_acked(
-        &shared.producer,
-        &shared.config.kafka.topics.results,
-        &result.kafka_key(),
-        &payload,
-        None,
-        &shared.cancel,
-    )
-    .await;
-    if !written {
-        return; // shutting down: the event is redelivered to whoever owns its partition next
-    }
-    shared
-        .metrics
-        .decisions
-        .with_label_values(&[result.outcome.as_str()])
-        .inc();
-    report::log_decision(&result);
-    if completion.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-        let mut tracker = shared.tracker.lock().expect("tracker");
-        tracker.finish(completion.partition, completion.offset);
-        shared.metrics.in_flight.set(tracker.in_flight() as i64);
-    }
-}
-
-fn spawn_finish(shared: &Arc<Shared>, completion: &Arc<Completion>, result: ResultMessage) {
-    let (shared, completion) = (shared.clone(), completion.clone());
-    tokio::spawn(async move { finish(&shared, &completion, result).await });
+/// Messages from the rebalance callbacks and the state readers to the consume loop.
+pub enum Control {
+    /// Partitions assigned (and paused): read their state.
+    Assigned(Vec<Claim>),
+    /// A partition's state is read: take it over and consume the partition.
+    Loaded(Claim, BlockState),
 }
 
 /// Runs the pipeline until `cancel`. Returns the HTTP listener's address through `on_listen`.
@@ -113,91 +98,169 @@ pub async fn run(
     on_listen(http_addr);
     info!(%http_addr, "serving /metrics, /healthz, /readyz");
 
-    // Management servers: one client (one session) each; their addresses are never blocked.
-    let mut clients = BTreeMap::new();
-    let mut server_addresses: Vec<IpAddr> = Vec::new();
-    for (name, server) in &config.checkpoint.servers {
-        let client = ManagementClient::new(name, server)
-            .map_err(|e| anyhow::anyhow!(e))?
-            .with_metrics(metrics.clone());
-        clients.insert(name.clone(), Arc::new(client));
-        server_addresses.extend(resolve(&server.url).await);
-    }
+    let (clients, server_addresses) = connect_servers(&config, &metrics).await?;
     let policy = Policy::new(&config, &server_addresses);
     metrics.zero_known_series(
         config.sites.keys().map(String::as_str),
         config.checkpoint.servers.keys().map(String::as_str),
     );
-
-    let topics = &config.kafka.topics;
-    crate::kafka::ensure_topics(
-        &config.kafka,
-        &[&topics.events, &topics.results, &topics.dlq],
-        Duration::from_secs(30),
-    )
-    .await?;
-    let partitions =
-        crate::kafka::partition_count(&config.kafka, &topics.events, Duration::from_secs(30))
-            .await?;
-    crate::kafka::ensure_state_topic(
-        &config.kafka,
-        &topics.state,
-        partitions,
-        Duration::from_secs(30),
-    )
-    .await?;
-
+    ensure_topics(&config).await?;
     let shared = Arc::new(Shared {
         producer: crate::kafka::producer(&config.kafka, Duration::from_secs(30))?,
-        metrics: metrics.clone(),
+        metrics,
         tracker: Mutex::new(OffsetTracker::default()),
         state: Mutex::new(BlockState::new(
             config.run.max_tracked_blocks,
             config.policy.escalation_window,
         )),
-        cancel: cancel.clone(),
+        ownership: Ownership::default(),
+        stopping: CancellationToken::new(),
         config,
     });
-    let config = &shared.config;
+    let (queues, batchers) = start_batchers(&shared, &policy, &clients);
+    let keepalive = CancellationToken::new();
+    let keepalives = start_keepalives(&clients, &keepalive);
 
-    // One batcher per target, with per-server courtesy limits.
-    let limits: BTreeMap<String, Arc<ServerLimits>> = clients
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let consumer = subscribe(&shared, &ready, control_tx.clone())?;
+    let mut pipeline = Pipeline {
+        in_flight: Arc::new(Semaphore::new(shared.config.run.max_in_flight)),
+        shared,
+        policy,
+        queues,
+        consumer,
+        control_tx,
+        control_rx,
+        ready,
+        backpressured: false,
+    };
+    pipeline.consume(&cancel).await;
+    pipeline.shut_down(batchers).await;
+    keepalive.cancel(); // after the batches: each client then logs out
+    for k in keepalives {
+        let _ = k.await;
+    }
+    let _ = http_task.await;
+    info!("stopped");
+    Ok(())
+}
+
+/// One client (one session) per management server, and the servers' own addresses, which no
+/// rule may name. A server whose address cannot be found refuses the start: it could be blocked.
+async fn connect_servers(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(
+    BTreeMap<String, Arc<ManagementClient>>,
+    Vec<(String, IpAddr)>,
+)> {
+    let mut clients = BTreeMap::new();
+    let mut addresses = Vec::new();
+    for (name, server) in &config.checkpoint.servers {
+        let client = ManagementClient::new(name, server)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .with_metrics(metrics.clone());
+        clients.insert(name.clone(), Arc::new(client));
+        for ip in resolve(name, &server.url).await? {
+            addresses.push((name.clone(), ip));
+        }
+    }
+    Ok((clients, addresses))
+}
+
+/// The addresses of a management server URL's host, tried for up to 30 seconds.
+async fn resolve(name: &str, url: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let parsed = url::Url::parse(url).with_context(|| format!("server {name}: bad url"))?;
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let host = match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => return Ok(vec![IpAddr::V4(ip)]),
+        Some(url::Host::Ipv6(ip)) => return Ok(vec![IpAddr::V6(ip)]),
+        Some(url::Host::Domain(host)) => host.to_owned(),
+        None => anyhow::bail!("server {name}: the url has no host"),
+    };
+    let mut delay = Duration::from_millis(500);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(addrs) => return Ok(addrs.map(|a| a.ip().to_canonical()).collect()),
+            Err(e) if tokio::time::Instant::now() + delay > deadline => anyhow::bail!(
+                "checkpoint.servers.{name}: cannot resolve {host} ({e}); samgate must know a \
+                 management server's address to never block it: fix DNS or use its IP address"
+            ),
+            Err(e) => {
+                warn!(server = name, host, error = %e, "cannot resolve a management server yet; trying again")
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
+    let topics = &config.kafka.topics;
+    let timeout = Duration::from_secs(30);
+    crate::kafka::ensure_topics(
+        &config.kafka,
+        &[&topics.events, &topics.results, &topics.dlq],
+        timeout,
+    )
+    .await?;
+    let partitions = crate::kafka::partition_count(&config.kafka, &topics.events, timeout).await?;
+    crate::kafka::ensure_state_topic(&config.kafka, &topics.state, partitions, timeout).await?;
+    Ok(())
+}
+
+/// One batcher per target, with per-server courtesy limits; their queues are as deep as
+/// `max_in_flight`, which bounds them already (one rule per event and target).
+fn start_batchers(
+    shared: &Arc<Shared>,
+    policy: &Policy,
+    clients: &BTreeMap<String, Arc<ManagementClient>>,
+) -> (BTreeMap<String, mpsc::Sender<Work>>, JoinSet<()>) {
+    let run = &shared.config.run;
+    let limits: BTreeMap<&String, Arc<ServerLimits>> = clients
         .keys()
         .map(|name| {
-            (
-                name.clone(),
-                Arc::new(ServerLimits::new(
-                    config.run.server_concurrency,
-                    config.run.server_calls_per_second,
-                )),
-            )
+            let limits = ServerLimits::new(run.server_concurrency, run.server_calls_per_second);
+            (name, Arc::new(limits))
         })
         .collect();
-    let mut queues: BTreeMap<String, mpsc::Sender<Work>> = BTreeMap::new();
-    let mut enforcers = Vec::new();
-    for (name, target_config) in &config.targets {
-        // As deep as `max_in_flight` (which bounds memory already), so one busy target cannot
-        // stall the consume loop for the others while there is room in flight.
-        let (tx, rx) = mpsc::channel(config.run.max_in_flight);
-        queues.insert(name.clone(), tx);
+    let mut queues = BTreeMap::new();
+    let mut batchers = JoinSet::new();
+    for name in shared.config.targets.keys() {
         let target = Arc::new(policy.target(name).expect("validated target").clone());
-        enforcers.push(tokio::spawn(enforce::run_target(
+        let (tx, rx) = mpsc::channel(run.max_in_flight);
+        queues.insert(name.clone(), tx);
+        let batcher = Arc::new(Batcher {
+            client: clients[&target.server].clone(),
+            limits: limits[&target.server].clone(),
+            shared: shared.clone(),
             target,
-            clients[&target_config.server].clone(),
-            limits[&target_config.server].clone(),
-            rx,
-            shared.clone(),
-        )));
+        });
+        batchers.spawn(batcher.run(rx));
     }
-    let keepalive_cancel = CancellationToken::new();
-    let keepalives: Vec<_> = clients
+    (queues, batchers)
+}
+
+fn start_keepalives(
+    clients: &BTreeMap<String, Arc<ManagementClient>>,
+    cancel: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    clients
         .values()
         .map(|c| {
-            let (c, token) = (c.clone(), keepalive_cancel.clone());
+            let (c, token) = (c.clone(), cancel.clone());
             tokio::spawn(async move { c.run_keepalive(token).await })
         })
-        .collect();
+        .collect()
+}
 
+fn subscribe(
+    shared: &Arc<Shared>,
+    ready: &Readiness,
+    control: mpsc::UnboundedSender<Control>,
+) -> anyhow::Result<StreamConsumer<PipelineContext>> {
+    let config = &shared.config;
     let consumer: StreamConsumer<PipelineContext> = crate::kafka::base_config(&config.kafka)
         .set("group.id", &config.run.group_id)
         .set("partition.assignment.strategy", "cooperative-sticky")
@@ -208,6 +271,7 @@ pub async fn run(
         .create_with_context(PipelineContext {
             shared: shared.clone(),
             ready: ready.clone(),
+            control,
         })
         .context("cannot create the Kafka consumer")?;
     consumer.subscribe(&[&config.kafka.topics.events])?;
@@ -217,256 +281,289 @@ pub async fn run(
         dry_run = config.run.dry_run,
         "consuming"
     );
+    Ok(consumer)
+}
 
-    let mut commit_tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        // Backpressure: the one place consumption waits for enforcement to catch up.
-        while shared.tracker.lock().expect("tracker").in_flight() >= config.run.max_in_flight
-            && !cancel.is_cancelled()
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = commit_tick.tick() => {
-                commit(&consumer, &shared, CommitMode::Async);
-                let active = shared.state.lock().expect("state").active(Utc::now());
-                shared.metrics.active_blocks.set(active as i64);
-            }
-            message = consumer.recv() => match message {
-                Ok(m) => {
-                    let (partition, offset, payload) = (m.partition(), m.offset(), m.payload().map(<[u8]>::to_vec));
-                    drop(m);
-                    handle(&shared, &policy, &queues, partition, offset, payload).await;
+/// The consume loop and what it owns.
+struct Pipeline {
+    shared: Arc<Shared>,
+    policy: Policy,
+    queues: BTreeMap<String, mpsc::Sender<Work>>,
+    consumer: StreamConsumer<PipelineContext>,
+    control_tx: mpsc::UnboundedSender<Control>,
+    control_rx: mpsc::UnboundedReceiver<Control>,
+    ready: Readiness,
+    /// One permit per event between consumption and its result.
+    in_flight: Arc<Semaphore>,
+    /// Every partition is paused until a tenth of the permits are back.
+    backpressured: bool,
+}
+
+impl Pipeline {
+    async fn consume(&mut self, cancel: &CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let room = (self.shared.config.run.max_in_flight / 10).max(1) as u32;
+        loop {
+            let permits = self.in_flight.clone();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                Some(control) = self.control_rx.recv() => self.on_control(control),
+                _ = tick.tick() => self.tick(),
+                Ok(room) = permits.acquire_many_owned(room), if self.backpressured => {
+                    drop(room);
+                    self.backpressured = false;
+                    self.resume_ready();
                 }
-                Err(e) => warn!(error = %e, "Kafka consumer error"),
-            },
-        }
-    }
-
-    // Shutdown: stop taking input, let in-flight work finish (bounded), commit, log out.
-    info!("shutting down: finishing in-flight work");
-    ready.set(false);
-    drop(queues);
-    let deadline = tokio::time::Instant::now() + config.run.shutdown_timeout;
-    while shared.tracker.lock().expect("tracker").in_flight() > 0
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let left = shared.tracker.lock().expect("tracker").in_flight();
-    if left > 0 {
-        warn!(
-            left,
-            "events still in flight at the shutdown deadline; they will be redelivered"
-        );
-    }
-    commit(&consumer, &shared, CommitMode::Sync);
-    keepalive_cancel.cancel();
-    for k in keepalives {
-        let _ = k.await;
-    }
-    for e in enforcers {
-        e.abort();
-    }
-    drop(consumer);
-    let _ = http_task.await;
-    info!("stopped");
-    Ok(())
-}
-
-/// Decode, decide, dedupe, and hand blocks to their target's batcher.
-async fn handle(
-    shared: &Arc<Shared>,
-    policy: &Policy,
-    queues: &BTreeMap<String, mpsc::Sender<Work>>,
-    partition: i32,
-    offset: i64,
-    payload: Option<Vec<u8>>,
-) {
-    shared
-        .tracker
-        .lock()
-        .expect("tracker")
-        .begin(partition, offset);
-    let payload = payload.unwrap_or_default();
-
-    // Decode: anything that is not a samgate.event.v1 goes to the dead-letter topic.
-    let event = match serde_json::from_slice::<Event>(&payload) {
-        Ok(e) if e.schema == EVENT_SCHEMA => e,
-        Ok(e) => {
-            return dead_letter(
-                shared,
-                partition,
-                offset,
-                &payload,
-                format!("unknown schema {:?}", e.schema),
-            )
-            .await
-        }
-        Err(e) => {
-            return dead_letter(
-                shared,
-                partition,
-                offset,
-                &payload,
-                format!("not a samgate.event.v1 message: {e}"),
-            )
-            .await
-        }
-    };
-    let site_label = if shared.config.sites.contains_key(&event.site) {
-        event.site.as_str()
-    } else {
-        "unknown"
-    };
-    shared
-        .metrics
-        .events_consumed
-        .with_label_values(&[site_label, event.flowmon.format.as_str()])
-        .inc();
-
-    // Policy: which targets, or why none.
-    let targets = match policy.route(&event) {
-        Ok(targets) => targets,
-        Err(filtered) => {
-            let completion = completion(partition, offset, 1);
-            let result =
-                ResultMessage::for_event(&event, Outcome::Filtered, filtered.code, filtered.detail);
-            return spawn_finish(shared, &completion, result);
-        }
-    };
-    let completion = completion(partition, offset, targets.len());
-    let source = event.flowmon.source;
-    let now = Utc::now();
-    for target in targets {
-        let key = idempotency_key(&event.site, target, source);
-        let mut result = ResultMessage::for_event(&event, Outcome::Blocked, "", String::new());
-        result.key = Some(key.to_string());
-        result.target = Some(target.name.clone());
-        result.server = Some(target.server.clone());
-        result.gateways = target.gateways.clone();
-        result.action = Some(target.action_name().into());
-        result.mode = Some(match target.mode {
-            crate::checkpoint::sam::SamMode::FwSam => "fw_sam".into(),
-            crate::checkpoint::sam::SamMode::FwSamp => "fw_samp".into(),
-        });
-
-        // Dedupe: an active (or pending) block for this key means no firewall call.
-        let check = shared.state.lock().expect("state").check(&key, now);
-        let mut verify = None;
-        let level = match check {
-            Check::Active(block) => {
-                duplicate(&mut result, Some(&block));
-                spawn_finish(shared, &completion, result);
-                continue;
+                message = self.consumer.recv() => match message {
+                    Ok(m) => {
+                        let (partition, offset) = (m.partition(), m.offset());
+                        let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                        drop(m);
+                        self.take(partition, offset, payload).await;
+                    }
+                    Err(e) => warn!(error = %e, "Kafka consumer error"),
+                },
             }
-            Check::Pending => {
-                duplicate(&mut result, None);
-                spawn_finish(shared, &completion, result);
-                continue;
-            }
-            Check::Unconfirmed(record) => {
-                let level = record.level;
-                verify = Some(record);
-                level
-            }
-            Check::Repeat { level } => level,
-            Check::New => 0,
+        }
+    }
+
+    /// One message: taken only from a partition that is ready and with a permit to spare;
+    /// otherwise it is left for later (its partition rewound and paused).
+    async fn take(&mut self, partition: i32, offset: i64, payload: Vec<u8>) {
+        let claim = self.shared.ownership.claim(partition);
+        let Some(claim) = claim.filter(|_| self.shared.ownership.ready(partition)) else {
+            return self.rewind(partition, offset);
         };
-        let duration = policy.duration(event.flowmon.priority, level);
-        result.level = Some(level);
-        result.duration_s = Some(duration.as_secs());
-
-        // Safety last: the never-block check sits immediately before the command is built.
-        if let Some(network) = policy.never_block(&event.site, source) {
-            result.outcome = Outcome::Suppressed;
-            result.code = "never_block".into();
-            result.reason = format!("{source} is in never-block network {network}");
-            result.suppressed_by = Some(network.to_string());
-            spawn_finish(shared, &completion, result);
-            continue;
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            self.pause_all();
+            self.backpressured = true;
+            return self.rewind(partition, offset);
+        };
+        self.shared
+            .tracker
+            .lock()
+            .expect("tracker")
+            .begin(claim, offset);
+        let completion = |decisions| {
+            Arc::new(Completion {
+                claim,
+                offset,
+                remaining: AtomicUsize::new(decisions),
+                _permit: permit,
+            })
+        };
+        match decode(&payload) {
+            Ok(event) => self.decide(event, completion).await,
+            Err(reason) => dead_letter(&self.shared, completion(1), &payload, reason),
         }
-        let rule = target.rule(source, duration, key);
-        result.command = Some(match target.mode {
-            crate::checkpoint::sam::SamMode::FwSam => rule.fw_sam(),
-            crate::checkpoint::sam::SamMode::FwSamp => rule.fw_samp_add().unwrap_or_default(),
-        });
-        if shared.config.run.dry_run {
-            result.outcome = Outcome::DryRun;
-            result.code = "dry_run".into();
-            result.reason = format!(
-                "dry run: would block for {}",
-                humantime::format_duration(duration)
+    }
+
+    /// Decide, then hand each decision on: enforcement to its target's batcher, the rest
+    /// straight to its result.
+    async fn decide(&mut self, event: Event, completion: impl FnOnce(usize) -> Arc<Completion>) {
+        let shared = &self.shared;
+        let site = match shared.config.sites.contains_key(&event.site) {
+            true => event.site.as_str(),
+            false => "unknown",
+        };
+        let format = event.flowmon.format.as_str();
+        shared
+            .metrics
+            .events_consumed
+            .with_label_values(&[site, format])
+            .inc();
+        let now = Utc::now();
+        let decisions = {
+            let state = shared.state.lock().expect("state");
+            decide::decide(
+                &event,
+                &self.policy,
+                &*state,
+                shared.config.run.dry_run,
+                now,
+            )
+        };
+        let completion = completion(decisions.len());
+        for decision in decisions {
+            let mut result = ResultMessage::decided(&event, &decision);
+            let Decision::Enforce(enforce) = decision else {
+                spawn_finish(shared, &completion, result);
+                continue;
+            };
+            let claim = completion.claim;
+            if shared
+                .state
+                .lock()
+                .expect("state")
+                .begin(enforce.key, claim.partition, now)
+                .is_err()
+            {
+                shared.metrics.state_full.inc();
+                error!(max = shared.config.run.max_tracked_blocks, "block state full of active blocks: a new block is refused (raise run.max_tracked_blocks)");
+                result.settle(Settled::Failed {
+                    code: Code::StateFull,
+                    attempts: 0,
+                    problem: "run.max_tracked_blocks active blocks are tracked already".into(),
+                });
+                spawn_finish(shared, &completion, result);
+                continue;
+            }
+            let queue = &self.queues[&enforce.target.name];
+            let work = Work::new(completion.clone(), enforce, result);
+            if queue.send(work).await.is_err() {
+                error!("a target's batcher is gone; its rule is let go and its event redelivered");
+            }
+        }
+    }
+
+    /// Leaves a message for later: its partition goes back to it, paused.
+    fn rewind(&self, partition: i32, offset: i64) {
+        let topic = &self.shared.config.kafka.topics.events;
+        let mut list = TopicPartitionList::new();
+        list.add_partition(topic, partition);
+        let _ = self.consumer.pause(&list);
+        if let Err(e) = self
+            .consumer
+            .seek(topic, partition, Offset::Offset(offset), Duration::ZERO)
+        {
+            warn!(partition, offset, error = %e, "cannot rewind a partition; its message is redelivered after the next rebalance");
+        }
+    }
+
+    fn pause_all(&self) {
+        if let Ok(assigned) = self.consumer.assignment() {
+            let _ = self.consumer.pause(&assigned);
+        }
+    }
+
+    /// Resumes every owned partition whose state is loaded.
+    fn resume_ready(&self) {
+        let topic = &self.shared.config.kafka.topics.events;
+        let Ok(assigned) = self.consumer.assignment() else {
+            return;
+        };
+        let mut list = TopicPartitionList::new();
+        for e in assigned.elements_for_topic(topic) {
+            if self.shared.ownership.ready(e.partition()) {
+                list.add_partition(topic, e.partition());
+            }
+        }
+        if list.count() > 0 {
+            let _ = self.consumer.resume(&list);
+        }
+    }
+
+    fn on_control(&mut self, control: Control) {
+        match control {
+            Control::Assigned(claims) => {
+                let (shared, tx) = (self.shared.clone(), self.control_tx.clone());
+                tokio::spawn(rebuild::load(shared, claims, tx));
+            }
+            Control::Loaded(claim, part) => {
+                if !self.shared.ownership.loaded(claim) {
+                    return; // revoked meanwhile
+                }
+                let blocks = part.len();
+                self.shared.state.lock().expect("state").absorb(part);
+                info!(
+                    partition = claim.partition,
+                    blocks, "partition's block state rebuilt; consuming it"
+                );
+                if !self.backpressured {
+                    self.resume_ready();
+                }
+            }
+        }
+        let loading = self.shared.ownership.loading().len();
+        self.shared.metrics.state_loading.set(loading as i64);
+        self.ready
+            .set(loading == 0 && !self.shared.stopping.is_cancelled());
+    }
+
+    /// Every second: commit what moved, refresh the gauges.
+    fn tick(&self) {
+        commit(&self.consumer, &self.shared, CommitMode::Async);
+        let state = self.shared.state.lock().expect("state");
+        self.shared
+            .metrics
+            .active_blocks
+            .set(state.active(Utc::now()) as i64);
+        self.shared.metrics.tracked_blocks.set(state.len() as i64);
+        drop(state);
+        let in_flight = self.shared.config.run.max_in_flight - self.in_flight.available_permits();
+        self.shared.metrics.in_flight.set(in_flight as i64);
+    }
+
+    /// One bounded drain: stop taking events and retrying, let sends in progress end and their
+    /// results be written, commit, and leave the group. Events without a result by
+    /// `run.shutdown_timeout` go back to the partitions' next owners (never as `failed`).
+    async fn shut_down(mut self, mut batchers: JoinSet<()>) {
+        info!("shutting down: finishing in-flight work");
+        self.ready.set(false);
+        self.shared.stopping.cancel();
+        self.pause_all();
+        self.queues.clear(); // the batchers end once their running batches end
+        let deadline = tokio::time::Instant::now() + self.shared.config.run.shutdown_timeout;
+        let all = self.shared.config.run.max_in_flight as u32;
+        let drained =
+            tokio::time::timeout_at(deadline, self.in_flight.clone().acquire_many_owned(all));
+        if drained.await.is_err() {
+            let left = all as usize - self.in_flight.available_permits();
+            warn!(
+                left,
+                "events still in flight at the shutdown deadline; they will be redelivered"
             );
-            spawn_finish(shared, &completion, result);
-            continue;
         }
-        shared.state.lock().expect("state").begin(key, partition);
-        let work = Work {
-            completion: completion.clone(),
-            key,
-            rule,
-            level,
-            duration,
-            result,
-            first_attempt: tokio::time::Instant::now(),
-            attempts: 0,
-            next_try: tokio::time::Instant::now(),
-            verify,
-        };
-        // A full queue makes this wait: consumption pauses, memory does not grow.
-        if let Err(mpsc::error::SendError(work)) = queues[&target.name].send(work).await {
-            shared.state.lock().expect("state").abort(&work.key);
-        }
-    }
-    // (`active_blocks` counts every record, so it is refreshed on the commit tick, not here.)
-    let in_flight = shared.tracker.lock().expect("tracker").in_flight();
-    shared.metrics.in_flight.set(in_flight as i64);
-}
-
-fn completion(partition: i32, offset: i64, decisions: usize) -> Arc<Completion> {
-    Arc::new(Completion {
-        partition,
-        offset,
-        remaining: AtomicUsize::new(decisions),
-    })
-}
-
-fn duplicate(result: &mut ResultMessage, block: Option<&BlockRecord>) {
-    result.outcome = Outcome::Duplicate;
-    result.code = "active_block".into();
-    match block {
-        Some(b) => {
-            result.reason = format!("already blocked until {}", report::timestamp(b.expires_at));
-            result.expires_at = Some(report::timestamp(b.expires_at));
-            result.level = Some(b.level);
-            result.active_block = Some(ActiveBlock {
-                blocked_at: Some(report::timestamp(b.blocked_at)),
-                expires_at: Some(report::timestamp(b.expires_at)),
-                event_id: Some(b.event_id.clone()),
-                level: Some(b.level),
-            });
-        }
-        None => {
-            result.reason = "a block for this source is being enforced".into();
-            result.active_block = Some(ActiveBlock {
-                blocked_at: None,
-                expires_at: None,
-                event_id: None,
-                level: None,
-            });
+        commit(&self.consumer, &self.shared, CommitMode::Sync);
+        let batches_done = async { while batchers.join_next().await.is_some() {} };
+        if tokio::time::timeout_at(deadline, batches_done)
+            .await
+            .is_err()
+        {
+            warn!("firewall calls still running at the shutdown deadline; stopping them");
+            batchers.abort_all();
         }
     }
 }
 
-async fn dead_letter(
-    shared: &Arc<Shared>,
-    partition: i32,
-    offset: i64,
-    payload: &[u8],
-    reason: String,
-) {
+/// Counts the decisions of one event still without an acknowledged result; holds the event's
+/// in-flight permit.
+pub struct Completion {
+    pub claim: Claim,
+    pub offset: i64,
+    remaining: AtomicUsize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Completion {
+    /// One of the event's results is durable; after the last, its offset is finished.
+    fn done(&self, shared: &Shared) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            shared
+                .tracker
+                .lock()
+                .expect("tracker")
+                .finish(self.claim, self.offset);
+        }
+    }
+}
+
+/// Decode: anything that is not a `samgate.event.v1` is a dead letter. Addresses are made
+/// canonical here, where they enter the pipeline (`::ffff:10.0.0.5` is 10.0.0.5).
+fn decode(payload: &[u8]) -> Result<Event, String> {
+    match serde_json::from_slice::<Event>(payload) {
+        Ok(mut e) if e.schema == EVENT_SCHEMA => {
+            e.flowmon.source = e.flowmon.source.to_canonical();
+            Ok(e)
+        }
+        Ok(e) => Err(format!("unknown schema {:?}", e.schema)),
+        Err(e) => Err(format!("not a samgate.event.v1 message: {e}")),
+    }
+}
+
+fn dead_letter(shared: &Arc<Shared>, completion: Arc<Completion>, payload: &[u8], reason: String) {
+    let (partition, offset) = (completion.claim.partition, completion.offset);
     warn!(
         partition,
         offset, reason, "undecodable message; sending it to the dead-letter topic"
@@ -482,31 +579,68 @@ async fn dead_letter(
     let key = format!("{}/{partition}/{offset}", shared.config.kafka.topics.events);
     let shared = shared.clone();
     tokio::spawn(async move {
-        if report::produce_acked(
-            &shared.producer,
-            &shared.config.kafka.topics.dlq,
-            &key,
-            &json,
-            None,
-            &shared.cancel,
-        )
-        .await
-        {
-            shared
-                .metrics
-                .dead_letters
-                .with_label_values(&[DeadLetterStage::Decode.as_str()])
-                .inc();
-            shared
-                .tracker
-                .lock()
-                .expect("tracker")
-                .finish(partition, offset);
+        let topic = &shared.config.kafka.topics.dlq;
+        match report::write(&shared.producer, topic, &key, &json, None, &shared.stopping).await {
+            Ok(()) => {}
+            Err(WriteError::Stopping) => return,
+            Err(e) => {
+                error!(error = %e, partition, offset, "a dead letter was refused; the message is skipped")
+            }
         }
+        let stage = DeadLetterStage::Decode.as_str();
+        shared
+            .metrics
+            .dead_letters
+            .with_label_values(&[stage])
+            .inc();
+        completion.done(&shared);
     });
 }
 
-/// Commits every partition's committable position that moved.
+/// Report: writes `result`, and finishes the event's offset once its last result is durable.
+/// The result of a revoked claim is not written: its next owner answers the event.
+pub async fn finish(shared: &Arc<Shared>, completion: &Arc<Completion>, result: ResultMessage) {
+    if !shared.ownership.is_current(completion.claim) {
+        shared.metrics.fenced.inc();
+        return;
+    }
+    let payload = serde_json::to_string(&result).expect("results serialize");
+    let topic = &shared.config.kafka.topics.results;
+    match report::write(
+        &shared.producer,
+        topic,
+        &result.kafka_key(),
+        &payload,
+        None,
+        &shared.stopping,
+    )
+    .await
+    {
+        Ok(()) => {
+            let outcome = result.outcome.as_str();
+            shared.metrics.decisions.with_label_values(&[outcome]).inc();
+            report::log_decision(&result);
+        }
+        Err(WriteError::Stopping) => return,
+        Err(e) => {
+            shared
+                .metrics
+                .kafka_write_failures
+                .with_label_values(&[topic])
+                .inc();
+            error!(error = %e, ip = %result.ip, outcome = result.outcome.as_str(), "a result was refused for good; its event is finished without it");
+        }
+    }
+    completion.done(shared);
+}
+
+fn spawn_finish(shared: &Arc<Shared>, completion: &Arc<Completion>, result: ResultMessage) {
+    let (shared, completion) = (shared.clone(), completion.clone());
+    tokio::spawn(async move { finish(&shared, &completion, result).await });
+}
+
+/// Commits every partition's committable position that moved (marked committed once Kafka
+/// confirms, in [`PipelineContext::commit_callback`]).
 fn commit<C: Consumer<PipelineContext>>(consumer: &C, shared: &Shared, mode: CommitMode) {
     let pending = shared.tracker.lock().expect("tracker").pending_commits();
     if pending.is_empty() {
@@ -517,41 +651,16 @@ fn commit<C: Consumer<PipelineContext>>(consumer: &C, shared: &Shared, mode: Com
     for (partition, position) in &pending {
         let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*position));
     }
-    match consumer.commit(&list, mode) {
-        Ok(()) => {
-            let mut tracker = shared.tracker.lock().expect("tracker");
-            for (partition, position) in pending {
-                tracker.mark_committed(partition, position);
-            }
-        }
-        Err(e) => warn!(error = %e, "offset commit failed; will retry"),
+    if let Err(e) = consumer.commit(&list, mode) {
+        warn!(error = %e, "offset commit failed; will retry");
     }
 }
 
-/// The addresses of a management server URL's host (never blocked).
-async fn resolve(url: &str) -> Vec<IpAddr> {
-    let Ok(parsed) = url::Url::parse(url) else {
-        return Vec::new();
-    };
-    let port = parsed.port_or_known_default().unwrap_or(443);
-    match parsed.host() {
-        Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
-        Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
-        Some(url::Host::Domain(host)) => match tokio::net::lookup_host((host, port)).await {
-            Ok(addrs) => addrs.map(|a| a.ip()).collect(),
-            Err(e) => {
-                warn!(host, error = %e, "cannot resolve a management server; its address is not in the never-block list");
-                Vec::new()
-            }
-        },
-        None => Vec::new(),
-    }
-}
-
-/// Rebalance and statistics hooks.
+/// Rebalance, commit and statistics hooks, called on the consumer's polling thread.
 pub struct PipelineContext {
     shared: Arc<Shared>,
     ready: Readiness,
+    control: mpsc::UnboundedSender<Control>,
 }
 
 impl ClientContext for PipelineContext {
@@ -579,161 +688,100 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+impl PipelineContext {
+    fn partitions(&self, list: &TopicPartitionList) -> Vec<i32> {
+        let topic = &self.shared.config.kafka.topics.events;
+        list.elements_for_topic(topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect()
+    }
+}
+
 impl ConsumerContext for PipelineContext {
-    /// Revoke: wait (bounded) for the partitions' in-flight events, commit them synchronously,
-    /// and forget their state. Unfinished events go back to the group.
+    /// Revoke: fence the partitions (their queued and retrying work is stale from now on), wait
+    /// (bounded) for their sends in progress, commit what is finished, and forget their state.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else {
             return;
         };
-        let shared = &self.shared;
-        let topic = &shared.config.kafka.topics.events;
-        let partitions: Vec<i32> = list
-            .elements_for_topic(topic)
-            .iter()
-            .map(|e| e.partition())
-            .collect();
+        let partitions = self.partitions(list);
         if partitions.is_empty() {
             return;
         }
+        let shared = &self.shared;
+        shared.ownership.revoke(&partitions);
         info!(
             ?partitions,
-            "partitions revoked; finishing their in-flight events"
+            "partitions revoked; waiting for their sends in progress"
         );
         blocking(|| {
-            let deadline = std::time::Instant::now() + shared.config.run.shutdown_timeout;
-            while std::time::Instant::now() < deadline {
-                let busy = {
-                    let t = shared.tracker.lock().expect("tracker");
-                    partitions.iter().any(|p| t.in_flight_on(*p) > 0)
-                };
-                if !busy {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            let busy = shared
+                .ownership
+                .wait_idle(&partitions, shared.config.run.shutdown_timeout);
+            if busy > 0 {
+                warn!(?partitions, busy, "sends still running when the partitions went: the next owner may verify before they land");
             }
+            let topic = &shared.config.kafka.topics.events;
             let mut commits = TopicPartitionList::new();
-            {
-                let t = shared.tracker.lock().expect("tracker");
-                for p in &partitions {
-                    if let Some(position) = t.committable(*p) {
-                        let _ = commits.add_partition_offset(topic, *p, Offset::Offset(position));
-                    }
+            let mut tracker = shared.tracker.lock().expect("tracker");
+            for p in &partitions {
+                if let Some(position) = tracker.committable(*p) {
+                    let _ = commits.add_partition_offset(topic, *p, Offset::Offset(position));
                 }
+                tracker.forget(*p);
             }
+            drop(tracker);
             if commits.count() > 0 {
                 if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
                     warn!(error = %e, "commit on revoke failed");
                 }
             }
-            let mut t = shared.tracker.lock().expect("tracker");
             let mut state = shared.state.lock().expect("state");
             for p in &partitions {
-                t.forget(*p);
                 state.drop_partition(*p);
             }
         });
     }
 
-    /// Assign: rebuild the partitions' block state from the state topic before any of their
-    /// events is taken.
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// Assign: new claims, paused until their block state is read (by the consume loop).
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
-                let topic = &self.shared.config.kafka.topics.events;
-                let partitions: Vec<i32> = list
-                    .elements_for_topic(topic)
-                    .iter()
-                    .map(|e| e.partition())
-                    .collect();
+                let partitions = self.partitions(list);
                 if !partitions.is_empty() {
-                    blocking(|| match load_state(&self.shared, &partitions) {
-                        Ok(n) => info!(
-                            ?partitions,
-                            blocks = n,
-                            "partitions assigned; block state rebuilt"
-                        ),
-                        Err(e) => {
-                            error!(?partitions, error = %e, "cannot rebuild block state; repeats may be blocked again")
-                        }
-                    });
+                    let _ = consumer.pause(list);
+                    let claims = self.shared.ownership.assign(&partitions);
+                    info!(
+                        ?partitions,
+                        "partitions assigned; reading their block state"
+                    );
+                    let _ = self.control.send(Control::Assigned(claims));
                 }
-                self.ready.set(true);
+                let loading = self.shared.ownership.loading().is_empty();
+                self.ready
+                    .set(loading && !self.shared.stopping.is_cancelled());
             }
-            Rebalance::Revoke(_) => self.ready.set(true),
+            Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
         }
     }
-}
 
-/// Reads the state topic's `partitions` to their current end into the block state.
-fn load_state(shared: &Shared, partitions: &[i32]) -> anyhow::Result<usize> {
-    let topic = &shared.config.kafka.topics.state;
-    let reader: BaseConsumer = crate::kafka::base_config(&shared.config.kafka)
-        .set(
-            "group.id",
-            format!("{}-state-loader", shared.config.run.group_id),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()?;
-    let timeout = Duration::from_secs(30);
-    // Partitions still to read. The end of each is the consumer's "partition EOF", not the
-    // listed high watermark: tansu 0.6 lists the last *batch's* base offset + 1 there, which
-    // would stop the rebuild before the records of a multi-record batch.
-    let mut unread = std::collections::BTreeSet::new();
-    let mut list = TopicPartitionList::new();
-    for &p in partitions {
-        let (low, high) = reader.fetch_watermarks(topic, p, timeout)?;
-        if high > low {
-            unread.insert(p);
-            list.add_partition_offset(topic, p, Offset::Offset(low))?;
+    /// A commit is marked done only when Kafka confirmed it.
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if result.is_err() {
+            return;
+        }
+        let topic = &self.shared.config.kafka.topics.events;
+        let mut tracker = self.shared.tracker.lock().expect("tracker");
+        for e in offsets.elements_for_topic(topic) {
+            if let Offset::Offset(position) = e.offset() {
+                tracker.mark_committed(e.partition(), position);
+            }
         }
     }
-    if unread.is_empty() {
-        return Ok(0);
-    }
-    reader.assign(&list)?;
-    let now = Utc::now();
-    let mut loaded = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !unread.is_empty() && std::time::Instant::now() < deadline {
-        let message = match reader.poll(Duration::from_millis(200)) {
-            None => continue,
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                unread.remove(&p);
-                continue;
-            }
-            // A transient error (a broker hiccup, a timeout) is not the end of the rebuild:
-            // librdkafka goes on fetching; only the deadline gives up.
-            Some(Err(e)) => {
-                warn!(error = %e, "reading the state topic; going on");
-                continue;
-            }
-            Some(Ok(message)) => message,
-        };
-        let p = message.partition();
-        let key = message
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .and_then(crate::checkpoint::sam::RuleKey::parse);
-        let mut state = shared.state.lock().expect("state");
-        match (key, message.payload()) {
-            (Some(key), None) => state.remove(&key),
-            (_, Some(payload)) => match serde_json::from_slice::<BlockRecord>(payload) {
-                Ok(record) => {
-                    state.record(p, record, now);
-                    loaded += 1;
-                }
-                Err(e) => {
-                    warn!(partition = p, offset = message.offset(), error = %e, "skipping undecodable state record")
-                }
-            },
-            _ => {}
-        }
-    }
-    if !unread.is_empty() {
-        anyhow::bail!("state partitions {unread:?} not read to their end in time");
-    }
-    Ok(loaded)
 }

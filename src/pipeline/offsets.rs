@@ -1,11 +1,16 @@
 //! Which offsets may be committed: per partition, the lowest offset still in flight (or one past
 //! the highest finished when nothing is). An offset is finished only when its result message was
-//! acknowledged by Kafka, so a commit never covers an event without a durable result.
+//! acknowledged by Kafka, so a commit never covers an event without a durable result. Offsets are
+//! tracked per assignment ([`Claim`]): an event finished under an older assignment of the
+//! partition moves nothing.
 
 use std::collections::{BTreeSet, HashMap};
 
+use super::ownership::Claim;
+
 #[derive(Debug, Default)]
 struct PartitionOffsets {
+    generation: u64,
     in_flight: BTreeSet<i64>,
     /// One past the highest offset begun.
     next: Option<i64>,
@@ -20,17 +25,25 @@ pub struct OffsetTracker {
 }
 
 impl OffsetTracker {
-    /// An event at `offset` was taken from `partition`.
-    pub fn begin(&mut self, partition: i32, offset: i64) {
-        let p = self.partitions.entry(partition).or_default();
+    /// An event at `offset` was taken under `claim`.
+    pub fn begin(&mut self, claim: Claim, offset: i64) {
+        let p = self.partitions.entry(claim.partition).or_default();
+        if p.generation != claim.generation {
+            *p = PartitionOffsets {
+                generation: claim.generation,
+                ..PartitionOffsets::default()
+            };
+        }
         p.in_flight.insert(offset);
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
     }
 
     /// Its result is durable.
-    pub fn finish(&mut self, partition: i32, offset: i64) {
-        if let Some(p) = self.partitions.get_mut(&partition) {
-            p.in_flight.remove(&offset);
+    pub fn finish(&mut self, claim: Claim, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&claim.partition) {
+            if p.generation == claim.generation {
+                p.in_flight.remove(&offset);
+            }
         }
     }
 
@@ -82,21 +95,29 @@ impl OffsetTracker {
 mod tests {
     use super::*;
 
+    fn claim(partition: i32) -> Claim {
+        Claim {
+            partition,
+            generation: 1,
+        }
+    }
+
     #[test]
     fn commits_advance_only_over_an_unbroken_run_of_finished_offsets() {
         let mut t = OffsetTracker::default();
+        let p0 = claim(0);
         for o in 10..15 {
-            t.begin(0, o);
+            t.begin(p0, o);
         }
         assert_eq!(t.committable(0), Some(10));
-        t.finish(0, 11);
-        t.finish(0, 12);
+        t.finish(p0, 11);
+        t.finish(p0, 12);
         assert_eq!(t.committable(0), Some(10), "10 is still in flight");
-        t.finish(0, 10);
+        t.finish(p0, 10);
         assert_eq!(t.committable(0), Some(13));
-        t.finish(0, 14);
+        t.finish(p0, 14);
         assert_eq!(t.committable(0), Some(13));
-        t.finish(0, 13);
+        t.finish(p0, 13);
         assert_eq!(t.committable(0), Some(15), "one past the last finished");
         assert_eq!(t.in_flight(), 0);
     }
@@ -104,17 +125,35 @@ mod tests {
     #[test]
     fn partitions_are_independent_and_commits_are_not_repeated() {
         let mut t = OffsetTracker::default();
-        t.begin(0, 5);
-        t.begin(1, 7);
-        t.finish(1, 7);
+        t.begin(claim(0), 5);
+        t.begin(claim(1), 7);
+        t.finish(claim(1), 7);
         assert_eq!(t.pending_commits(), vec![(0, 5), (1, 8)]);
         t.mark_committed(0, 5);
         t.mark_committed(1, 8);
         assert!(t.pending_commits().is_empty());
-        t.finish(0, 5);
+        t.finish(claim(0), 5);
         assert_eq!(t.pending_commits(), vec![(0, 6)]);
         t.forget(0);
         assert_eq!(t.committable(0), None);
         assert_eq!(t.in_flight_on(1), 0);
+    }
+
+    #[test]
+    fn an_older_assignment_moves_nothing() {
+        let mut t = OffsetTracker::default();
+        let old = claim(0);
+        let new = Claim {
+            partition: 0,
+            generation: 2,
+        };
+        t.begin(old, 5);
+        t.forget(0);
+        t.begin(new, 5);
+        t.begin(new, 6);
+        t.finish(old, 5);
+        assert_eq!(t.committable(0), Some(5), "the old finish does not count");
+        t.finish(new, 5);
+        assert_eq!(t.committable(0), Some(6));
     }
 }

@@ -1,5 +1,5 @@
-//! Decide, as pure code: which events are acted on, where their blocks go, for how long, and
-//! which addresses are never blocked.
+//! The policy, compiled from config: which events are acted on, where their blocks go, for how
+//! long, and which addresses are never blocked. Pure; `pipeline::decide` applies it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
+use super::decide::Code;
 use crate::checkpoint::sam::{Criteria, LogType, RuleKey, SamAction, SamMode, SamRule};
 use crate::config::{Config, CriteriaKind};
 use crate::event::Event;
@@ -55,7 +56,7 @@ impl Target {
 /// Why an event is not acted on (`filtered` results carry the code and the detail).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filtered {
-    pub code: &'static str,
+    pub code: Code,
     pub detail: String,
 }
 
@@ -69,6 +70,10 @@ pub struct Policy {
     perspectives: HashSet<String>,
     global_never_block: Vec<IpNet>,
     site_never_block: BTreeMap<String, Vec<IpNet>>,
+    /// Ranges no rule may name (`policy.not_blockable`).
+    special: Vec<IpNet>,
+    /// The management servers' own addresses, by server name.
+    servers: Vec<(String, IpAddr)>,
     routes: BTreeMap<String, Vec<Arc<Target>>>,
     targets: BTreeMap<String, Arc<Target>>,
     durations: Vec<Duration>,
@@ -77,12 +82,11 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Compiles a validated config. `server_addresses` are the management servers' addresses,
-    /// always never-blocked.
-    pub fn new(config: &Config, server_addresses: &[IpAddr]) -> Self {
+    /// Compiles a validated config. `servers` are the management servers' addresses (by server
+    /// name): no rule may ever name them.
+    pub fn new(config: &Config, servers: &[(String, IpAddr)]) -> Self {
         let p = &config.policy;
-        let mut global_never_block = p.never_block.clone();
-        global_never_block.extend(server_addresses.iter().map(|ip| IpNet::from(*ip)));
+        let global_never_block = p.never_block.clone();
         let targets: BTreeMap<String, Arc<Target>> = config
             .targets
             .iter()
@@ -121,6 +125,11 @@ impl Policy {
             perspectives: p.perspectives.iter().cloned().collect(),
             global_never_block,
             site_never_block,
+            special: p.not_blockable.clone(),
+            servers: servers
+                .iter()
+                .map(|(name, ip)| (name.clone(), ip.to_canonical()))
+                .collect(),
             routes,
             targets,
             durations: p.durations.iter().map(|d| d.0).collect(),
@@ -139,13 +148,13 @@ impl Policy {
     pub fn route(&self, event: &Event) -> Result<&[Arc<Target>], Filtered> {
         let f = &event.flowmon;
         let targets = self.routes.get(&event.site).ok_or_else(|| Filtered {
-            code: "unknown_site",
+            code: Code::UnknownSite,
             detail: format!("site {:?} has no [sites] entry", event.site),
         })?;
         if f.format.is_ids() {
             if !self.ids_events {
                 return Err(Filtered {
-                    code: "ids_not_enabled",
+                    code: Code::IdsNotEnabled,
                     detail: "IDS events are not acted on (policy.ids_events = false)".into(),
                 });
             }
@@ -158,7 +167,7 @@ impl Policy {
                     .is_some_and(|m| self.methods.contains(m));
             if !allowed {
                 return Err(Filtered {
-                    code: "method_not_allowed",
+                    code: Code::MethodNotAllowed,
                     detail: format!(
                         "method {} is not in policy.methods",
                         with_subtype.as_deref().unwrap_or(if method.is_empty() {
@@ -173,7 +182,7 @@ impl Policy {
         match f.priority {
             Priority::Unknown if !self.act_on_unknown_priority => {
                 return Err(Filtered {
-                    code: "priority_unknown",
+                    code: Code::PriorityUnknown,
                     detail: "the event has no priority (policy.act_on_unknown_priority = false)"
                         .into(),
                 })
@@ -181,7 +190,7 @@ impl Policy {
             Priority::Unknown => {}
             p if p < self.min_priority => {
                 return Err(Filtered {
-                    code: "priority_below_minimum",
+                    code: Code::PriorityBelowMinimum,
                     detail: format!(
                         "priority {} is below {}",
                         p.as_str(),
@@ -195,7 +204,7 @@ impl Policy {
             let perspective = f.perspective.as_deref().unwrap_or("");
             if !self.perspectives.contains(perspective) {
                 return Err(Filtered {
-                    code: "perspective_not_allowed",
+                    code: Code::PerspectiveNotAllowed,
                     detail: format!("perspective {perspective:?} is not in policy.perspectives"),
                 });
             }
@@ -216,6 +225,35 @@ impl Policy {
             .chain(site_nets)
             .find(|net| net.contains(&ip))
             .copied()
+    }
+
+    /// Why no rule may name `ip`, if so: a special range (loopback, multicast, …) or a
+    /// management server's own address.
+    pub fn not_blockable(&self, ip: IpAddr) -> Option<(Code, String)> {
+        let ip = ip.to_canonical();
+        if let Some((name, _)) = self.servers.iter().find(|(_, server)| *server == ip) {
+            return Some((
+                Code::ManagementServer,
+                format!("{ip} is the address of management server {name}"),
+            ));
+        }
+        if let IpAddr::V4(v4) = ip {
+            if v4.is_broadcast() {
+                return Some((
+                    Code::SpecialAddress,
+                    format!("{ip} is the broadcast address"),
+                ));
+            }
+        }
+        self.special
+            .iter()
+            .find(|net| net.contains(&ip))
+            .map(|net| {
+                (
+                    Code::SpecialAddress,
+                    format!("{ip} is in {net}, which no rule may name (policy.not_blockable)"),
+                )
+            })
     }
 
     /// Block duration for a source's `level`-th block (0 = first) at `priority`, capped at the
@@ -313,7 +351,7 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        Policy::new(&config(), &["192.0.2.250".parse().unwrap()])
+        Policy::new(&config(), &[("hq".into(), "192.0.2.250".parse().unwrap())])
     }
 
     #[test]
@@ -329,12 +367,12 @@ mod tests {
             let f = p
                 .route(&event(victim, Priority::Critical, "198.51.100.1"))
                 .unwrap_err();
-            assert_eq!(f.code, "method_not_allowed", "{victim}");
+            assert_eq!(f.code, Code::MethodNotAllowed, "{victim}");
         }
         let mut blacklist = event("BLACKLIST", Priority::High, "198.51.100.1");
         assert_eq!(
             p.route(&blacklist).unwrap_err().code,
-            "method_not_allowed",
+            Code::MethodNotAllowed,
             "only some subtypes"
         );
         blacklist.flowmon.subtype = Some("BotnetDomains".into());
@@ -348,20 +386,20 @@ mod tests {
             p.route(&event("SCANS", Priority::Low, "198.51.100.1"))
                 .unwrap_err()
                 .code,
-            "priority_below_minimum"
+            Code::PriorityBelowMinimum
         );
         assert_eq!(
             p.route(&event("SCANS", Priority::Unknown, "198.51.100.1"))
                 .unwrap_err()
                 .code,
-            "priority_unknown"
+            Code::PriorityUnknown
         );
         let mut e = event("SCANS", Priority::High, "198.51.100.1");
         e.site = "brno".into();
-        assert_eq!(p.route(&e).unwrap_err().code, "unknown_site");
+        assert_eq!(p.route(&e).unwrap_err().code, Code::UnknownSite);
         let mut e = event("SCANS", Priority::High, "198.51.100.1");
         e.flowmon.format = InputFormat::Ids;
-        assert_eq!(p.route(&e).unwrap_err().code, "ids_not_enabled");
+        assert_eq!(p.route(&e).unwrap_err().code, Code::IdsNotEnabled);
         let mut c = config();
         c.policy.perspectives = vec!["Other".into()];
         let strict = Policy::new(&c, &[]);
@@ -370,12 +408,12 @@ mod tests {
                 .route(&event("SCANS", Priority::High, "198.51.100.1"))
                 .unwrap_err()
                 .code,
-            "perspective_not_allowed"
+            Code::PerspectiveNotAllowed
         );
     }
 
     #[test]
-    fn never_block_covers_global_site_collectors_and_servers() {
+    fn never_block_covers_global_site_and_collectors_and_servers_are_not_blockable() {
         let p = policy();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
@@ -391,8 +429,8 @@ mod tests {
             Some("10.2.0.5/32".parse().unwrap())
         );
         assert_eq!(
-            p.never_block("prague", ip("192.0.2.250")),
-            Some("192.0.2.250/32".parse().unwrap())
+            p.not_blockable(ip("192.0.2.250")).map(|(code, _)| code),
+            Some(Code::ManagementServer)
         );
         assert_eq!(
             p.never_block("brno", ip("10.1.0.77")),

@@ -1,15 +1,20 @@
 //! Report: one `samgate.result.v1` message per decision on the results topic, keyed by the
 //! idempotency key (or `<site>/<ip>` for decisions with no target), plus dead letters. Schema:
-//! `docs/schemas/samgate.result.v1.json`.
+//! `docs/schemas/samgate.result.v1.json`. [`ResultMessage::decided`] is the one place a decision
+//! becomes a result; [`ResultMessage::settle`] finishes an enforced one.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use super::decide::{Code, Decision, Enforce};
+use super::dedupe::TrackedBlock;
+use crate::checkpoint::sam::SamMode;
 use crate::event::{rfc3339_millis, Event};
 
 /// Schema id of result messages.
@@ -25,6 +30,8 @@ pub enum Outcome {
     Duplicate,
     /// The address is in a never-block network: no rule.
     Suppressed,
+    /// No rule may name the address (loopback, multicast, a management server, …).
+    NotBlockable,
     /// The policy does not act on this event.
     Filtered,
     /// Dry-run mode: the rule that would have been sent.
@@ -39,6 +46,7 @@ impl Outcome {
             Self::Blocked => "blocked",
             Self::Duplicate => "duplicate",
             Self::Suppressed => "suppressed",
+            Self::NotBlockable => "not_blockable",
             Self::Filtered => "filtered",
             Self::DryRun => "dry_run",
             Self::Failed => "failed",
@@ -65,7 +73,7 @@ pub struct ResultMessage {
     pub schema: String,
     pub outcome: Outcome,
     /// A short stable code (`method_not_allowed`, `never_block`, `active_block`, `enforced`, …).
-    pub code: String,
+    pub code: Code,
     /// A human sentence.
     pub reason: String,
     /// The idempotency key (32 hex digits), absent for decisions with no target.
@@ -128,16 +136,16 @@ pub fn timestamp(t: DateTime<Utc>) -> String {
 
 impl ResultMessage {
     /// A result for `event` with everything the event itself tells.
-    pub fn for_event(event: &Event, outcome: Outcome, code: &str, reason: String) -> Self {
+    pub fn for_event(event: &Event, outcome: Outcome, code: Code, reason: String) -> Self {
         let f = &event.flowmon;
         Self {
             schema: RESULT_SCHEMA.to_owned(),
             outcome,
-            code: code.to_owned(),
+            code,
             reason,
             key: None,
             site: event.site.clone(),
-            ip: f.source,
+            ip: f.source.to_canonical(),
             target: None,
             server: None,
             gateways: Vec::new(),
@@ -162,6 +170,163 @@ impl ResultMessage {
         }
     }
 
+    /// The result of `decision` for `event`. For an `Enforce` decision, what is known before the
+    /// firewall is asked; [`Self::settle`] completes it.
+    pub fn decided(event: &Event, decision: &Decision) -> Self {
+        match decision {
+            Decision::Filtered { code, detail } => {
+                Self::for_event(event, Outcome::Filtered, *code, detail.clone())
+            }
+            Decision::Duplicate { target, key, block } => {
+                let mut r =
+                    Self::for_event(event, Outcome::Duplicate, Code::ActiveBlock, String::new());
+                r.target_fields(target, *key);
+                r.refer_to(block.as_ref());
+                r
+            }
+            Decision::Suppressed {
+                target,
+                key,
+                level,
+                duration,
+                network,
+            } => {
+                let reason = format!(
+                    "{} is in never-block network {network}",
+                    event.flowmon.source
+                );
+                let mut r = Self::for_event(event, Outcome::Suppressed, Code::NeverBlock, reason);
+                r.target_fields(target, *key);
+                r.level = Some(*level);
+                r.duration_s = Some(duration.as_secs());
+                r.suppressed_by = Some(network.to_string());
+                r
+            }
+            Decision::NotBlockable {
+                target,
+                key,
+                code,
+                detail,
+            } => {
+                let mut r = Self::for_event(event, Outcome::NotBlockable, *code, detail.clone());
+                r.target_fields(target, *key);
+                r
+            }
+            Decision::DryRun(enforce) => {
+                let reason = format!(
+                    "dry run: would block for {}",
+                    humantime::format_duration(enforce.duration)
+                );
+                let mut r = Self::for_event(event, Outcome::DryRun, Code::DryRun, reason);
+                r.enforce_fields(enforce);
+                r
+            }
+            Decision::Enforce(enforce) => {
+                let mut r = Self::for_event(event, Outcome::Blocked, Code::Enforced, String::new());
+                r.enforce_fields(enforce);
+                r
+            }
+        }
+    }
+
+    fn target_fields(
+        &mut self,
+        target: &super::policy::Target,
+        key: crate::checkpoint::sam::RuleKey,
+    ) {
+        self.key = Some(key.to_string());
+        self.target = Some(target.name.clone());
+        self.server = Some(target.server.clone());
+        self.gateways = target.gateways.clone();
+        self.action = Some(target.action_name().into());
+        self.mode = Some(
+            match target.mode {
+                SamMode::FwSam => "fw_sam",
+                SamMode::FwSamp => "fw_samp",
+            }
+            .into(),
+        );
+    }
+
+    fn enforce_fields(&mut self, enforce: &Enforce) {
+        self.target_fields(&enforce.target, enforce.key);
+        self.level = Some(enforce.level);
+        self.duration_s = Some(enforce.duration.as_secs());
+        self.command = Some(match enforce.target.mode {
+            SamMode::FwSam => enforce.rule.fw_sam(),
+            SamMode::FwSamp => enforce.rule.fw_samp_add().unwrap_or_default(),
+        });
+    }
+
+    /// A duplicate's reference to the block in place (`None`: still being enforced).
+    fn refer_to(&mut self, block: Option<&TrackedBlock>) {
+        match block {
+            Some(b) => {
+                self.reason = format!("already blocked until {}", timestamp(b.expires_at));
+                self.expires_at = Some(timestamp(b.expires_at));
+                self.level = Some(b.level);
+                self.active_block = Some(ActiveBlock {
+                    blocked_at: Some(timestamp(b.blocked_at)),
+                    expires_at: Some(timestamp(b.expires_at)),
+                    event_id: b.event_id.clone(),
+                    level: Some(b.level),
+                });
+            }
+            None => {
+                self.code = Code::BeingEnforced;
+                self.reason = "a block for this source is being enforced".into();
+                self.active_block = Some(ActiveBlock {
+                    blocked_at: None,
+                    expires_at: None,
+                    event_id: None,
+                    level: None,
+                });
+            }
+        }
+    }
+
+    /// Completes an enforced rule's result: `blocked` (enforced or verified) or `failed`.
+    pub fn settle(&mut self, settled: Settled) {
+        match settled {
+            Settled::Blocked {
+                verified,
+                attempts,
+                block,
+                duration,
+            } => {
+                self.outcome = Outcome::Blocked;
+                let gateways = self.gateways.join(", ");
+                (self.code, self.reason) = if verified {
+                    (
+                        Code::Verified,
+                        format!("blocked on {gateways} (found in place; not sent again)"),
+                    )
+                } else {
+                    (
+                        Code::Enforced,
+                        format!(
+                            "blocked on {gateways} for {}",
+                            humantime::format_duration(duration)
+                        ),
+                    )
+                };
+                self.attempts = attempts;
+                self.expires_at = Some(timestamp(block.expires_at));
+                self.enforced_at = Some(timestamp(Utc::now()));
+            }
+            Settled::Failed {
+                code,
+                attempts,
+                problem,
+            } => {
+                self.outcome = Outcome::Failed;
+                self.code = code;
+                self.attempts = attempts;
+                self.reason = format!("not enforced after {attempts} attempt(s): {problem}");
+            }
+        }
+    }
+
     /// The Kafka key: the idempotency key, else `<site>/<ip>`.
     pub fn kafka_key(&self) -> String {
         self.key
@@ -179,16 +344,64 @@ impl ResultMessage {
     }
 }
 
-/// Writes `payload` to `topic` until Kafka acknowledges it. Results gate offsets, so giving up
-/// would either lose a result or stall a partition: retry, loudly, until shutdown.
-pub async fn produce_acked(
+/// How an enforced rule ended.
+#[derive(Debug, Clone)]
+pub enum Settled {
+    Blocked {
+        /// Found in place, not sent by this replica.
+        verified: bool,
+        attempts: u32,
+        block: TrackedBlock,
+        duration: Duration,
+    },
+    Failed {
+        code: Code,
+        attempts: u32,
+        problem: String,
+    },
+}
+
+/// Why a message was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Shutting down while Kafka did not answer: the event goes back to its partition's next owner.
+    #[error("stopping before Kafka acknowledged the message")]
+    Stopping,
+    /// Kafka refused the message for good (too large, not authorised, …).
+    #[error("Kafka refused the message for good: {0}")]
+    Refused(KafkaError),
+}
+
+/// Errors that retrying cannot mend: the message or the permissions are wrong.
+fn refused_for_good(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | MessageBatchTooLarge
+                | InvalidRecord
+                | InvalidMessage
+                | InvalidTopic
+                | TopicAuthorizationFailed
+                | ClusterAuthorizationFailed
+                | PolicyViolation
+                | InvalidRequiredAcks
+        )
+    )
+}
+
+/// Writes `payload` to `topic` until Kafka acknowledges it. Results gate offsets, so a passing
+/// failure is retried, loudly, until `stop`; a refusal for good is returned at once.
+pub async fn write(
     producer: &FutureProducer,
     topic: &str,
     key: &str,
     payload: &str,
     partition: Option<i32>,
-    cancel: &tokio_util::sync::CancellationToken,
-) -> bool {
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<(), WriteError> {
     let mut delay = Duration::from_millis(100);
     loop {
         let mut record = FutureRecord::to(topic).key(key).payload(payload);
@@ -196,13 +409,14 @@ pub async fn produce_acked(
             record = record.partition(p);
         }
         match producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => return true,
+            Ok(_) => return Ok(()),
+            Err((e, _)) if refused_for_good(&e) => return Err(WriteError::Refused(e)),
             Err((e, _)) => {
                 warn!(topic, error = %e, "cannot write to Kafka; retrying");
-                if cancel.is_cancelled() {
-                    return false;
+                tokio::select! {
+                    _ = stop.cancelled() => return Err(WriteError::Stopping),
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
@@ -213,7 +427,7 @@ pub async fn produce_acked(
 pub fn log_decision(result: &ResultMessage) {
     info!(
         outcome = result.outcome.as_str(),
-        code = result.code,
+        code = result.code.as_str(),
         site = result.site,
         ip = %result.ip,
         target = result.target.as_deref().unwrap_or("-"),

@@ -92,7 +92,9 @@ pub struct Faults {
     pub html_403_next: u32,
     /// Answer the next N calls with HTTP 500 `generic_internal_error`.
     pub http_500_next: u32,
-    /// Make every run-script task end with this status (`failed`, `partially succeeded`, …).
+    /// Make every run-script task end with this status. `failed` models a gateway the server
+    /// cannot reach: the script does not run there, the task prints nothing and reports the
+    /// error. Any other status (`partially succeeded`, …) only replaces the status.
     pub task_status: Option<String>,
     /// Gateways that answer as unknown targets (404 `generic_err_object_not_found`).
     pub unknown_targets: Vec<String>,
@@ -827,8 +829,17 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
         .map_or(s.config.task_duration, Duration::from_millis);
     let mut tasks = Vec::new();
     for target in targets {
+        let unreachable = s.faults.task_status.as_deref() == Some("failed");
         let gw = s.gateways.get_mut(&target).expect("checked above");
-        let outcome = gw.tables.run_script(&script, now);
+        let outcome = if unreachable {
+            gateway::ScriptOutcome {
+                stdout: String::new(),
+                stderr: format!("Gateway {target} is not reachable\n"),
+                exit: 1,
+            }
+        } else {
+            gw.tables.run_script(&script, now)
+        };
         let gateway_uid = gw.uid.clone();
         let task_id = uuid_like("task");
         let transaction = s.scripts_total;

@@ -1,0 +1,533 @@
+//! Decide, as pure code: for one event, what happens at each target of its site. No I/O, no
+//! locks, no clock: the policy, a view of the block state and `now` come in, [`Decision`]s come
+//! out, and `pipeline::report` turns each into a result message.
+//!
+//! The order is the safety order: route and filter, then dedupe (a block already in place costs
+//! nothing), then the escalation level and duration, and **last**, immediately before the rule is
+//! built, the never-block networks and the addresses no rule may ever name.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::dedupe::{Check, TrackedBlock};
+use super::policy::{idempotency_key, Policy, Target};
+use crate::checkpoint::sam::{RuleKey, SamRule};
+use crate::event::Event;
+
+/// Why a result has its outcome: a short, stable code (the `code` of `samgate.result.v1`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumIter,
+    strum::IntoStaticStr,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum Code {
+    // filtered
+    UnknownSite,
+    IdsNotEnabled,
+    MethodNotAllowed,
+    PriorityUnknown,
+    PriorityBelowMinimum,
+    PerspectiveNotAllowed,
+    // duplicate
+    /// A block for the same key is in place.
+    ActiveBlock,
+    /// A block for the same key is being enforced right now.
+    BeingEnforced,
+    // suppressed
+    NeverBlock,
+    // not_blockable
+    /// Unspecified, loopback, multicast, broadcast, link-local or another special range.
+    SpecialAddress,
+    /// A management server's own address.
+    ManagementServer,
+    // dry_run
+    DryRun,
+    // blocked
+    /// Sent, and every gateway confirmed it.
+    Enforced,
+    /// Found in place on every gateway (its sender stopped before it could tell), not sent again.
+    Verified,
+    // failed
+    /// Still not confirmed at `run.retry_deadline`.
+    RetriesExhausted,
+    /// The management server refused samgate's credentials or permissions.
+    Auth,
+    /// The request can never succeed as configured (an unknown gateway, a refused certificate…).
+    Permanent,
+    /// `run.max_tracked_blocks` active blocks are tracked already; this one would not be.
+    StateFull,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// What the state knows of a key, as decide needs it.
+pub trait BlockView {
+    fn check(&self, key: &RuleKey, now: DateTime<Utc>) -> Check;
+}
+
+/// A rule to enforce (or, in dry-run mode, to show).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Enforce {
+    pub target: Arc<Target>,
+    pub key: RuleKey,
+    pub rule: SamRule,
+    /// 0 for a first block, +1 per repeat within the escalation window.
+    pub level: u32,
+    pub duration: Duration,
+    /// A previous owner may have sent this rule already (its outcome was never seen): ask the
+    /// gateways before sending anything.
+    pub verify_first: Option<TrackedBlock>,
+}
+
+/// What happens to one event at one target (or, for `Filtered`, at all of them).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// The policy does not act on the event.
+    Filtered { code: Code, detail: String },
+    /// A block for this key is in place or on its way: no firewall call.
+    Duplicate {
+        target: Arc<Target>,
+        key: RuleKey,
+        /// The block in place (`None` while it is still being enforced).
+        block: Option<TrackedBlock>,
+    },
+    /// The address is in a never-block network.
+    Suppressed {
+        target: Arc<Target>,
+        key: RuleKey,
+        level: u32,
+        duration: Duration,
+        network: IpNet,
+    },
+    /// No rule may name this address (loopback, multicast, a management server, …).
+    NotBlockable {
+        target: Arc<Target>,
+        key: RuleKey,
+        code: Code,
+        detail: String,
+    },
+    /// Dry-run mode: the rule that would be enforced.
+    DryRun(Enforce),
+    /// Enforce this rule.
+    Enforce(Enforce),
+}
+
+/// Decides what `event` leads to at each target of its site.
+pub fn decide(
+    event: &Event,
+    policy: &Policy,
+    state: &impl BlockView,
+    dry_run: bool,
+    now: DateTime<Utc>,
+) -> Vec<Decision> {
+    let targets = match policy.route(event) {
+        Ok(targets) => targets,
+        Err(filtered) => {
+            return vec![Decision::Filtered {
+                code: filtered.code,
+                detail: filtered.detail,
+            }]
+        }
+    };
+    let source = event.flowmon.source.to_canonical();
+    targets
+        .iter()
+        .map(|target| decide_target(event, source, target, policy, state, dry_run, now))
+        .collect()
+}
+
+fn decide_target(
+    event: &Event,
+    source: IpAddr,
+    target: &Arc<Target>,
+    policy: &Policy,
+    state: &impl BlockView,
+    dry_run: bool,
+    now: DateTime<Utc>,
+) -> Decision {
+    let key = idempotency_key(&event.site, target, source);
+    let (level, verify_first) = match state.check(&key, now) {
+        Check::Active(block) => {
+            return Decision::Duplicate {
+                target: target.clone(),
+                key,
+                block: Some(block),
+            }
+        }
+        Check::Pending => {
+            return Decision::Duplicate {
+                target: target.clone(),
+                key,
+                block: None,
+            }
+        }
+        Check::Unconfirmed(block) => (block.level, Some(block)),
+        Check::Repeat { level } => (level, None),
+        Check::New => (0, None),
+    };
+    let duration = policy.duration(event.flowmon.priority, level);
+    // Safety last: nothing below this line may be skipped on the way to a rule.
+    if let Some(network) = policy.never_block(&event.site, source) {
+        return Decision::Suppressed {
+            target: target.clone(),
+            key,
+            level,
+            duration,
+            network,
+        };
+    }
+    if let Some((code, detail)) = policy.not_blockable(source) {
+        return Decision::NotBlockable {
+            target: target.clone(),
+            key,
+            code,
+            detail,
+        };
+    }
+    let enforce = Enforce {
+        target: target.clone(),
+        key,
+        rule: target.rule(source, duration, key),
+        level,
+        duration,
+        verify_first,
+    };
+    if dry_run {
+        Decision::DryRun(enforce)
+    } else {
+        Decision::Enforce(enforce)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::checkpoint::sam::Criteria;
+    use crate::config::Config;
+    use crate::flowmon::{FlowmonEvent, InputFormat, Priority};
+
+    /// A state that answers from a table.
+    #[derive(Default)]
+    struct Table(HashMap<RuleKey, Check>);
+
+    impl BlockView for Table {
+        fn check(&self, key: &RuleKey, _now: DateTime<Utc>) -> Check {
+            self.0.get(key).cloned().unwrap_or(Check::New)
+        }
+    }
+
+    fn policy() -> Policy {
+        let config = Config::from_toml(
+            r#"
+            [policy]
+            never_block = ["10.99.0.0/16"]
+            [checkpoint.servers.hq]
+            url = "https://192.0.2.250"
+            api_key = "k"
+            [targets.edge]
+            server = "hq"
+            gateways = ["gw-1", "gw-2"]
+            [targets.branch]
+            server = "hq"
+            gateways = ["gw-3"]
+            mode = "fw_samp"
+            [sites.prague]
+            targets = ["edge", "branch"]
+            never_block = ["10.1.0.0/24"]
+            collectors = ["10.2.0.5"]
+            "#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        Policy::new(&config, &[("hq".into(), "192.0.2.250".parse().unwrap())])
+    }
+
+    fn event(method: &str, priority: Priority, source: &str) -> Event {
+        Event {
+            schema: "samgate.event.v1".into(),
+            id: "0".repeat(32),
+            site: "prague".into(),
+            collector: "fm".into(),
+            received_at: Utc::now(),
+            line: 1,
+            flowmon: FlowmonEvent {
+                format: InputFormat::AdsStandard,
+                event_id: Some("1".into()),
+                method: Some(method.into()),
+                subtype: None,
+                mitre: None,
+                description: None,
+                perspective: Some("Security".into()),
+                priority,
+                priority_raw: None,
+                detected_at: None,
+                first_flow: None,
+                detail: None,
+                ports: None,
+                protocol: None,
+                source: source.parse().unwrap(),
+                source_name: None,
+                targets: vec![],
+                data_feed: None,
+                user_identity: None,
+                ids: None,
+            },
+            raw: String::new(),
+        }
+    }
+
+    /// One word per decision, for table tests.
+    fn shape(decisions: &[Decision]) -> Vec<String> {
+        decisions
+            .iter()
+            .map(|d| match d {
+                Decision::Filtered { code, .. } => format!("filtered:{}", code.as_str()),
+                Decision::Duplicate { block: Some(_), .. } => "duplicate:active".into(),
+                Decision::Duplicate { block: None, .. } => "duplicate:pending".into(),
+                Decision::Suppressed { network, .. } => format!("suppressed:{network}"),
+                Decision::NotBlockable { code, .. } => format!("not_blockable:{}", code.as_str()),
+                Decision::DryRun(e) => format!("dry_run:{}", e.level),
+                Decision::Enforce(e) => format!(
+                    "enforce:{}:{}s{}",
+                    e.level,
+                    e.duration.as_secs(),
+                    if e.verify_first.is_some() {
+                        ":verify"
+                    } else {
+                        ""
+                    }
+                ),
+            })
+            .collect()
+    }
+
+    fn block(level: u32) -> TrackedBlock {
+        let now = Utc::now();
+        TrackedBlock {
+            level,
+            blocked_at: now,
+            expires_at: now + chrono::Duration::hours(1),
+            event_id: None,
+        }
+    }
+
+    #[test]
+    fn each_event_gets_one_decision_per_target_in_safety_order() {
+        let p = policy();
+        let now = Utc::now();
+        let empty = Table::default();
+        let cases: Vec<(&str, Priority, &str, Vec<&str>)> = vec![
+            (
+                "SCANS",
+                Priority::High,
+                "198.51.100.1",
+                vec!["enforce:0:3600s"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::Critical,
+                "198.51.100.1",
+                vec!["enforce:0:21600s"; 2],
+            ),
+            (
+                "DOS",
+                Priority::High,
+                "198.51.100.1",
+                vec!["filtered:method_not_allowed"],
+            ),
+            (
+                "SCANS",
+                Priority::Low,
+                "198.51.100.1",
+                vec!["filtered:priority_below_minimum"],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "10.99.3.4",
+                vec!["suppressed:10.99.0.0/16"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "10.1.0.7",
+                vec!["suppressed:10.1.0.0/24"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "10.2.0.5",
+                vec!["suppressed:10.2.0.5/32"; 2],
+            ),
+            // A mapped IPv6 address is its IPv4 address: never-block holds for it too.
+            (
+                "SCANS",
+                Priority::High,
+                "::ffff:10.99.3.4",
+                vec!["suppressed:10.99.0.0/16"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "192.0.2.250",
+                vec!["not_blockable:management_server"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "::ffff:192.0.2.250",
+                vec!["not_blockable:management_server"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "127.0.0.1",
+                vec!["not_blockable:special_address"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "0.0.0.0",
+                vec!["not_blockable:special_address"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "255.255.255.255",
+                vec!["not_blockable:special_address"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "224.0.0.5",
+                vec!["not_blockable:special_address"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "169.254.1.1",
+                vec!["not_blockable:special_address"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "fe80::1",
+                vec!["not_blockable:special_address"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "::1",
+                vec!["not_blockable:special_address"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "ff02::1",
+                vec!["not_blockable:special_address"; 2],
+            ),
+            (
+                "SCANS",
+                Priority::High,
+                "2001:db8::7",
+                vec!["enforce:0:3600s"; 2],
+            ),
+        ];
+        for (method, priority, source, expected) in cases {
+            let decisions = decide(&event(method, priority, source), &p, &empty, false, now);
+            assert_eq!(
+                shape(&decisions),
+                expected,
+                "{method} {priority:?} {source}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_state_decides_duplicates_levels_and_verification() {
+        let p = policy();
+        let now = Utc::now();
+        let e = event("SCANS", Priority::High, "198.51.100.1");
+        let source = "198.51.100.1".parse().unwrap();
+        let keys: Vec<RuleKey> = p
+            .route(&e)
+            .unwrap()
+            .iter()
+            .map(|t| idempotency_key("prague", t, source))
+            .collect();
+        let cases = [
+            (Check::Active(block(0)), "duplicate:active"),
+            (Check::Pending, "duplicate:pending"),
+            (Check::Repeat { level: 2 }, "enforce:2:86400s"),
+            (Check::Unconfirmed(block(1)), "enforce:1:21600s:verify"),
+            (Check::New, "enforce:0:3600s"),
+        ];
+        for (check, expected) in cases {
+            let state = Table(HashMap::from([(keys[0], check.clone())]));
+            let decisions = decide(&e, &p, &state, false, now);
+            assert_eq!(
+                shape(&decisions),
+                vec![expected, "enforce:0:3600s"],
+                "{check:?} on the first target only"
+            );
+        }
+        // A block in place stays a duplicate even when its address became protected since.
+        let protected = event("SCANS", Priority::High, "10.99.3.4");
+        let key = idempotency_key(
+            "prague",
+            &p.route(&protected).unwrap()[0],
+            "10.99.3.4".parse().unwrap(),
+        );
+        let state = Table(HashMap::from([(key, Check::Active(block(0)))]));
+        assert_eq!(
+            shape(&decide(&protected, &p, &state, false, now))[0],
+            "duplicate:active"
+        );
+    }
+
+    #[test]
+    fn dry_run_builds_the_same_rule_and_sends_nothing() {
+        let p = policy();
+        let e = event("SCANS", Priority::High, "198.51.100.1");
+        let decisions = decide(&e, &p, &Table::default(), true, Utc::now());
+        assert_eq!(shape(&decisions), vec!["dry_run:0"; 2]);
+        let Decision::DryRun(enforce) = &decisions[0] else {
+            unreachable!()
+        };
+        assert_eq!(
+            enforce.rule.criteria,
+            Criteria::Src("198.51.100.1".parse().unwrap())
+        );
+        assert_eq!(enforce.rule.key, Some(enforce.key));
+    }
+
+    #[test]
+    fn every_code_has_a_stable_name() {
+        use strum::IntoEnumIterator;
+        for code in Code::iter() {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+}

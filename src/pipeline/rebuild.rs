@@ -1,0 +1,149 @@
+//! Rebuilding a partition's block state from the state topic, failing closed: a partition whose
+//! state cannot be read is not consumed (it stays paused, readiness is false, a metric and an
+//! error line name it) and the read is tried again with backoff, for as long as we own it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+use super::dedupe::{BlockRecord, BlockState};
+use super::ownership::Claim;
+use super::{Control, Shared};
+use crate::checkpoint::sam::RuleKey;
+
+/// How long a read may go without a message or the partition's end before it is given up (and
+/// tried again).
+const STALL: Duration = Duration::from_secs(30);
+
+/// Loads the state of `claims` (one assignment) until each is loaded or no longer ours; each
+/// partition is handed over ([`Control::Loaded`]) as soon as its end is reached.
+pub async fn load(
+    shared: Arc<Shared>,
+    claims: Vec<Claim>,
+    control: mpsc::UnboundedSender<Control>,
+) {
+    let mut left = claims;
+    let mut delay = Duration::from_secs(1);
+    loop {
+        left.retain(|c| shared.ownership.is_current(*c));
+        if left.is_empty() || shared.stopping.is_cancelled() {
+            return;
+        }
+        shared
+            .metrics
+            .state_loading
+            .set(shared.ownership.loading().len() as i64);
+        let (reader, claims, tx) = (shared.clone(), left.clone(), control.clone());
+        let outcome = tokio::task::spawn_blocking(move || read(&reader, &claims, &tx)).await;
+        left = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err((unread, reason))) => {
+                let partitions: Vec<i32> = unread.iter().map(|c| c.partition).collect();
+                error!(?partitions, reason, retry_in = ?delay, "cannot read the block state of these partitions; they are not consumed until it can be");
+                unread
+            }
+            Err(e) => {
+                error!(error = %e, "the state reader failed; trying again");
+                left
+            }
+        };
+        shared.metrics.state_load_failures.inc();
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Reads the state partitions of `claims` to their current end. Returns the claims it could not
+/// finish, with the reason.
+fn read(
+    shared: &Shared,
+    claims: &[Claim],
+    control: &mpsc::UnboundedSender<Control>,
+) -> Result<(), (Vec<Claim>, String)> {
+    let fail = |unread: Vec<Claim>, e: &dyn std::fmt::Display| Err((unread, e.to_string()));
+    let config = &shared.config;
+    let topic = &config.kafka.topics.state;
+    let reader: BaseConsumer = match crate::kafka::base_config(&config.kafka)
+        .set("group.id", format!("{}-state-loader", config.run.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+    {
+        Ok(reader) => reader,
+        Err(e) => return fail(claims.to_vec(), &e),
+    };
+    // Where each partition's records go until its end; the end is the consumer's "partition
+    // EOF", not the listed high watermark (tansu lists the last batch's base offset + 1).
+    let mut parts: BTreeMap<i32, (Claim, BlockState)> = BTreeMap::new();
+    let mut list = TopicPartitionList::new();
+    for claim in claims {
+        let (low, high) =
+            match reader.fetch_watermarks(topic, claim.partition, Duration::from_secs(10)) {
+                Ok(marks) => marks,
+                Err(e) => return fail(claims.to_vec(), &e),
+            };
+        let part = BlockState::new(usize::MAX, config.policy.escalation_window);
+        if high <= low {
+            let _ = control.send(Control::Loaded(*claim, part));
+            continue;
+        }
+        parts.insert(claim.partition, (*claim, part));
+        if let Err(e) = list.add_partition_offset(topic, claim.partition, Offset::Offset(low)) {
+            return fail(claims.to_vec(), &e);
+        }
+    }
+    if parts.is_empty() {
+        return Ok(());
+    }
+    if let Err(e) = reader.assign(&list) {
+        return fail(claims.to_vec(), &e);
+    }
+    let now = Utc::now();
+    let mut last_progress = Instant::now();
+    while !parts.is_empty() {
+        if last_progress.elapsed() > STALL || shared.stopping.is_cancelled() {
+            let unread = parts.values().map(|(c, _)| *c).collect();
+            return fail(unread, &format!("no progress for {STALL:?}"));
+        }
+        let message = match reader.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                if let Some((claim, part)) = parts.remove(&p) {
+                    let _ = control.send(Control::Loaded(claim, part));
+                }
+                continue;
+            }
+            // A passing error (a broker restart, a timeout) is not the end: librdkafka goes on.
+            Some(Err(e)) => {
+                warn!(error = %e, "reading the state topic; going on");
+                continue;
+            }
+            Some(Ok(message)) => message,
+        };
+        last_progress = Instant::now();
+        let Some((_, part)) = parts.get_mut(&message.partition()) else {
+            continue;
+        };
+        let key = message
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(RuleKey::parse);
+        match (key, message.payload()) {
+            (Some(key), None) => part.remove(&key),
+            (_, Some(payload)) => match serde_json::from_slice::<BlockRecord>(payload) {
+                Ok(record) => part.load(message.partition(), &record, now),
+                Err(e) => {
+                    warn!(partition = message.partition(), offset = message.offset(), error = %e, "skipping an undecodable state record")
+                }
+            },
+            _ => {}
+        }
+    }
+    Ok(())
+}
