@@ -264,9 +264,15 @@ pub struct ManagementServerConfig {
     /// Pin the API version in every URL (e.g. "1.8"); default: what the server announces at login.
     #[serde(default)]
     pub api_version: Option<String>,
-    /// Logins samgate may make per minute. R81+ allows 3 per admin and domain.
+    /// Logins the server allows per minute for this administrator. R81+ allows 3 per
+    /// administrator and domain.
     #[serde(default = "default_logins_per_minute")]
     pub logins_per_minute: u32,
+    /// How many `samgate run` replicas log in as this administrator. The server's limit is per
+    /// administrator, not per replica, so each replica keeps to `logins_per_minute /
+    /// login_share`. Best: one administrator (or API key) per replica, and 1 here.
+    #[serde(default = "default_login_share")]
+    pub login_share: u32,
     /// Longest wait for one HTTP answer.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -281,6 +287,10 @@ pub struct ManagementServerConfig {
 fn default_session_timeout() -> Duration {
     Duration::from_secs(600)
 }
+fn default_login_share() -> u32 {
+    1
+}
+
 fn default_logins_per_minute() -> u32 {
     3
 }
@@ -765,6 +775,16 @@ fn validate_server(name: &str, s: &ManagementServerConfig) -> Result<(), ConfigE
             "use 1 to 60 (R81+ allows 3)",
         ));
     }
+    if s.login_share == 0 || s.login_share > s.logins_per_minute {
+        return Err(invalid(
+            "checkpoint.servers.login_share",
+            named(format!(
+                "{} replicas cannot share {} logins per minute",
+                s.login_share, s.logins_per_minute
+            )),
+            "give each replica an administrator (or API key) of its own, or run at most logins_per_minute replicas per administrator",
+        ));
+    }
     if let Some(fp) = s.tls.normalized_fingerprint() {
         if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid(
@@ -943,6 +963,7 @@ mod tests {
             ("[checkpoint.servers.a]\nurl = \"https://x\"", "checkpoint.servers.api_key"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\nuser = \"u\"\npassword = \"p\"\napi_key = \"k\"", "checkpoint.servers.api_key"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nlogins_per_minute = 0", "checkpoint.servers.logins_per_minute"),
+            ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nlogin_share = 4", "checkpoint.servers.login_share"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nsession_timeout = \"2h\"", "checkpoint.servers.session_timeout"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\n[checkpoint.servers.a.tls]\nfingerprint_sha256 = \"AB:CD\"", "checkpoint.servers.tls.fingerprint_sha256"),
         ];

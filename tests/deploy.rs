@@ -477,6 +477,21 @@ fn the_chart_renders_valid_kubernetes_objects_for_its_settings() {
     let values = yaml("helm/samgate/values.yaml");
     let deployment = object(&objects, "Deployment", "samgate");
     assert_eq!(deployment["spec"]["replicas"], values["replicaCount"]);
+    // samgate's drain fits the pod's grace period, both from one value.
+    let shutdown = values["shutdownSeconds"].as_u64().unwrap();
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap(),
+        shutdown + 15
+    );
+    let config = object(&objects, "ConfigMap", "samgate");
+    let samgate_json: Value =
+        serde_json::from_str(config["data"]["samgate.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        samgate_json["run"]["shutdown_timeout"],
+        format!("{shutdown}s")
+    );
 
     // Everything on, on a cluster with the operator, credentials from an existing Secret.
     let objects = render_chart(

@@ -348,7 +348,7 @@ async fn a_gateway_that_keeps_failing_yields_failed_and_a_dead_letter() {
         &t,
         &format!("{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n", server_toml("hq", &sim)),
     );
-    sim_faults(&sim.url, json!({"task_status": "failed"})).await;
+    sim_faults(&sim.url, json!({"unreachable_gateways": ["gw-1"]})).await;
     let (_http, cancel, task) = start(cfg).await;
     shim(
         "prague",
@@ -635,4 +635,354 @@ async fn a_stopped_replicas_block_is_asked_about_again_not_sent_blind() {
     assert_eq!(sam_rules(&state, "gw-1").len(), 1);
     cancel.cancel();
     task.await.unwrap();
+}
+
+// ---- Faults the enforcement core must come through: nothing sent twice, nothing lost, nothing
+// ---- protected. Each counts what the gateways received (the simulator's history of adds).
+
+/// A site `prague` routed to one target on `gateways` of `sim`.
+fn one_target(sim: &RunningSimulator, gateways: &[&str]) -> String {
+    format!(
+        "{}\n[targets.edge]\nserver = \"hq\"\ngateways = {gateways:?}\n[sites.prague]\ntargets = [\"edge\"]\n",
+        server_toml("hq", sim)
+    )
+}
+
+/// How many rules for `ip` each gateway received, failing if one came while another was active.
+fn adds_for(sim: &RunningSimulator, ip: &str) -> std::collections::BTreeMap<String, usize> {
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    sim.history()
+        .into_iter()
+        .map(|(gateway, adds)| {
+            let mine: Vec<_> = adds.iter().filter(|a| a.source == Some(ip)).collect();
+            assert!(
+                mine.iter().all(|a| !a.while_active),
+                "{gateway} got a rule for {ip} while one was active: {mine:?}"
+            );
+            (gateway, mine.len())
+        })
+        .collect()
+}
+
+fn result_of<'a>(results: &'a [Received], ads_id: &str) -> &'a Value {
+    &results
+        .iter()
+        .find(|r| r.value["ads_event_id"] == ads_id)
+        .unwrap_or_else(|| panic!("no result for ADS event {ads_id}"))
+        .value
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_are_settled_by_asking_the_gateways_not_by_resending() {
+    let sim = sim().await;
+    let t = topics();
+    let cfg = config(&t, &one_target(&sim, &["gw-1", "gw-2"]));
+    let (_http, cancel, task) = start(cfg).await;
+
+    // The run-script is carried out, its answer never arrives.
+    sim_faults(&sim.url, json!({"lost_answers_next": 1})).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "198.51.100.41")],
+    );
+    let r = result_of(&read_topic(&t.results, 1), "1").clone();
+    assert_eq!(
+        (r["outcome"].as_str(), r["code"].as_str()),
+        (Some("blocked"), Some("enforced")),
+        "{r}"
+    );
+    assert_eq!(r["attempts"], 2, "sent once, then asked: {r}");
+
+    // The run-script is accepted, following its tasks fails twice (the send, then a question).
+    sim_faults(&sim.url, json!({"show_task_errors_next": 2})).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(2, "SCANS", "High", "198.51.100.42")],
+    );
+    let r = result_of(&read_topic(&t.results, 2), "2").clone();
+    assert_eq!(r["outcome"], "blocked", "{r}");
+    assert_eq!(r["attempts"], 3, "sent once, asked twice: {r}");
+
+    // An answer with no tasks at all proves nothing: the rule is asked about, then sent.
+    sim_faults(&sim.url, json!({"no_tasks_next": 1})).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(3, "SCANS", "High", "198.51.100.43")],
+    );
+    let r = result_of(&read_topic(&t.results, 3), "3").clone();
+    assert_eq!(r["outcome"], "blocked", "{r}");
+
+    for ip in ["198.51.100.41", "198.51.100.42", "198.51.100.43"] {
+        let adds = adds_for(&sim, ip);
+        assert_eq!(adds["gw-1"], 1, "{ip}: {adds:?}");
+        assert_eq!(adds["gw-2"], 1, "{ip}: {adds:?}");
+    }
+    let blocked = sim.blocked_sources();
+    for gw in ["gw-1", "gw-2"] {
+        assert!(
+            blocked[gw].contains(&"198.51.100.43".parse().unwrap()),
+            "the rule is really there"
+        );
+    }
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_fails_is_retried_alone() {
+    let sim = sim().await;
+    let t = topics();
+    let mut cfg = config(&t, &one_target(&sim, &["gw-1", "gw-2"]));
+    cfg.run.retry_deadline = Duration::from_secs(120);
+    sim_faults(&sim.url, json!({"unreachable_gateways": ["gw-2"]})).await;
+    let (_http, cancel, task) = start(cfg).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "198.51.100.44")],
+    );
+    // gw-1 takes the rule at once; gw-2 is asked again and again while it cannot be reached.
+    let started = std::time::Instant::now();
+    while sim.history()["gw-1"].is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "gw-1 never got the rule"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sim_faults(&sim.url, json!({"unreachable_gateways": []})).await;
+    let r = result_of(&read_topic(&t.results, 1), "1").clone();
+    assert_eq!(r["outcome"], "blocked", "{r}");
+    assert!(r["attempts"].as_u64().unwrap() >= 3, "{r}");
+    let adds = adds_for(&sim, "198.51.100.44");
+    assert_eq!(
+        (adds["gw-1"], adds["gw-2"]),
+        (1, 1),
+        "each gateway got the rule once: {adds:?}"
+    );
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_leaves_unfinished_blocks_to_the_next_owner_not_failed() {
+    let sim = sim().await;
+    let t = topics();
+    let mut cfg = config(&t, &one_target(&sim, &["gw-1"]));
+    cfg.run.retry_deadline = Duration::from_secs(120);
+    sim_faults(&sim.url, json!({"unreachable_gateways": ["gw-1"]})).await;
+    let (_http, cancel, task) = start(cfg.clone()).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "198.51.100.45")],
+    );
+    let started = std::time::Instant::now();
+    while sim_state(&sim).await["calls"]["run-script"]
+        .as_u64()
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "never tried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cancel.cancel();
+    task.await.unwrap();
+    assert!(
+        read_topic_within(&t.results, 0, Duration::from_secs(3)).is_empty(),
+        "no result at shutdown"
+    );
+    assert!(
+        read_topic_within(&t.dlq, 0, Duration::from_secs(1)).is_empty(),
+        "no dead letter at shutdown"
+    );
+
+    sim_faults(&sim.url, json!({"unreachable_gateways": []})).await;
+    let (_http, cancel, task) = start(cfg).await;
+    let results = read_topic(&t.results, 1);
+    assert_eq!(results.len(), 1, "one result, from the next owner");
+    assert_eq!(
+        results[0].value["outcome"], "blocked",
+        "{}",
+        results[0].value
+    );
+    assert_eq!(adds_for(&sim, "198.51.100.45")["gw-1"], 1);
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_that_may_be_in_place_is_asked_about_even_after_it_failed() {
+    let sim = sim().await;
+    let t = topics();
+    create_topic(&t.events, 1).await; // one partition: the state record's partition is 0
+    let cfg = config(&t, &one_target(&sim, &["gw-1"]));
+    let ip = "198.51.100.46";
+
+    // A replica blocks the address, then its last word on the state topic is made "pending",
+    // as if it died between sending the rule and recording it.
+    let (_http, cancel, task) = start(cfg.clone()).await;
+    shim("prague", &t.events, &t.dlq, &[ads(1, "SCANS", "High", ip)]);
+    assert_eq!(read_topic(&t.results, 1)[0].value["outcome"], "blocked");
+    cancel.cancel();
+    task.await.unwrap();
+    let done = read_topic(&t.state, 2).last().unwrap().clone();
+    let mut pending = done.value.clone();
+    pending["pending"] = true.into();
+    produce(&t.state, &done.key, pending.to_string().as_bytes());
+
+    // The next owner cannot ask the gateway until its retry deadline: failed.
+    sim_faults(&sim.url, json!({"unreachable_gateways": ["gw-1"]})).await;
+    let (_http, cancel, task) = start(cfg).await;
+    shim("prague", &t.events, &t.dlq, &[ads(2, "SCANS", "High", ip)]);
+    let r = result_of(&read_topic(&t.results, 2), "2").clone();
+    assert_eq!(r["outcome"], "failed", "{r}");
+
+    // The next detection still asks first: the rule is found, not sent blind.
+    sim_faults(&sim.url, json!({"unreachable_gateways": []})).await;
+    shim("prague", &t.events, &t.dlq, &[ads(3, "SCANS", "High", ip)]);
+    let r = result_of(&read_topic(&t.results, 3), "3").clone();
+    assert_eq!(
+        (r["outcome"].as_str(), r["code"].as_str()),
+        (Some("blocked"), Some("verified")),
+        "{r}"
+    );
+    assert_eq!(
+        adds_for(&sim, ip)["gw-1"],
+        1,
+        "sent once, by the first replica"
+    );
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_and_special_addresses_are_never_blocked_whoever_produced_the_event() {
+    let sim = sim().await;
+    let t = topics();
+    let cfg = config(&t, &one_target(&sim, &["gw-1"]));
+    create_topic(&t.events, 3).await;
+    // Another producer than the shim writes an IPv4-mapped IPv6 source: it is its IPv4 address.
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "198.51.100.47")],
+    );
+    let original = read_topic(&t.events, 1)[0].clone();
+    for (id, source) in [
+        ("2", "::ffff:10.99.0.5"),
+        ("3", "224.0.0.5"),
+        ("4", "::ffff:169.254.1.1"),
+    ] {
+        let mut event = original.value.clone();
+        event["flowmon"]["source"] = source.into();
+        event["flowmon"]["event_id"] = id.into();
+        event["id"] = format!("{id:0>32}").into();
+        produce(
+            &t.events,
+            &format!("prague/{source}"),
+            event.to_string().as_bytes(),
+        );
+    }
+    let (_http, cancel, task) = start(cfg).await;
+    let results = read_topic(&t.results, 4);
+    assert_eq!(result_of(&results, "1")["outcome"], "blocked");
+    let mapped = result_of(&results, "2");
+    assert_eq!(mapped["outcome"], "suppressed", "{mapped}");
+    assert_eq!(mapped["ip"], "10.99.0.5", "reported as the IPv4 address");
+    for id in ["3", "4"] {
+        let r = result_of(&results, id);
+        assert_eq!(
+            (r["outcome"].as_str(), r["code"].as_str()),
+            (Some("not_blockable"), Some("special_address")),
+            "{r}"
+        );
+        assert_schema("samgate.result.v1.json", r);
+    }
+    let blocked = sim.blocked_sources();
+    assert_eq!(blocked["gw-1"].len(), 1, "{blocked:?}");
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_management_server_whose_address_is_unknown_refuses_the_start() {
+    let t = topics();
+    let text = format!(
+        "[kafka]\nbrokers = \"{}\"\n[run]\nhttp_listen = \"127.0.0.1:0\"\n[checkpoint.servers.hq]\nurl = \"https://samgate-no-such-host.invalid\"\napi_key = \"k\"\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n[kafka.topics]\nevents = \"{}\"\nresults = \"{}\"\ndlq = \"{}\"\nstate = \"{}\"\n",
+        brokers(), t.events, t.results, t.dlq, t.state
+    );
+    let cfg = Config::from_toml(&text).unwrap().validate().unwrap();
+    let error = samgate::pipeline::run(cfg, CancellationToken::new(), |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("checkpoint.servers.hq") && error.contains("cannot resolve"),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_state_cannot_be_read_is_not_consumed() {
+    use samgate::pipeline::{rebuild, Shared};
+    // The state topic cannot be read (here: no broker answers); deleting a topic on this broker
+    // crashes librdkafka's metadata cache (docs/kafka-broker.md).
+    let t = topics();
+    let mut cfg = config(&t, "");
+    cfg.kafka.brokers = dead_broker();
+    let shared = std::sync::Arc::new(Shared {
+        producer: samgate::kafka::producer(&cfg.kafka, Duration::from_secs(1)).unwrap(),
+        metrics: std::sync::Arc::new(samgate::metrics::Metrics::new()),
+        tracker: Default::default(),
+        state: std::sync::Mutex::new(samgate::pipeline::dedupe::BlockState::new(
+            1000,
+            Duration::from_secs(3600),
+        )),
+        ownership: Default::default(),
+        stopping: CancellationToken::new(),
+        config: cfg,
+    });
+    let claims = shared.ownership.assign(&[0, 1]);
+    let (tx, mut loaded) = tokio::sync::mpsc::unbounded_channel();
+    let loader = tokio::spawn(rebuild::load(shared.clone(), claims, tx));
+    let started = std::time::Instant::now();
+    while shared.metrics.state_load_failures.get() == 0 {
+        assert!(
+            loaded.try_recv().is_err(),
+            "nothing was read, so nothing is loaded"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the failure is never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        loaded.try_recv().is_err(),
+        "nothing was read, so nothing is loaded"
+    );
+    assert_eq!(
+        shared.ownership.loading(),
+        vec![0, 1],
+        "not consumed, and said so"
+    );
+    assert!(!shared.ownership.ready(0) && !shared.ownership.ready(1));
+    assert_eq!(shared.metrics.state_loading.get(), 2);
+    // The reads go on until the partitions are revoked; then the loader ends.
+    shared.ownership.revoke(&[0, 1]);
+    tokio::time::timeout(Duration::from_secs(60), loader)
+        .await
+        .expect("the loader ends once the partitions are gone")
+        .unwrap();
 }

@@ -504,3 +504,45 @@ async fn a_replica_that_takes_over_partitions_does_not_block_again() {
     );
     terminate(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_firewall_does_not_cost_the_group_membership() {
+    // Tasks take 1.5 s, at most 4 events are in flight, and the group evicts a member that does
+    // not poll for 6 s: 40 events take far longer than that, so consumption must wait without
+    // leaving the group.
+    let sim = simulator::start(SimulatorConfig {
+        task_duration: Duration::from_millis(1500),
+        ..SimulatorConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let topics = topics();
+    let config = write_config(
+        dir.path(),
+        &sim,
+        &topics,
+        &unique("group"),
+        "max_in_flight = 4\nbatch_max_rules = 2\nserver_concurrency = 1\n\
+         [kafka.properties]\n\"max.poll.interval.ms\" = \"6000\"\n\"session.timeout.ms\" = \"6000\"\n\
+         \"heartbeat.interval.ms\" = \"1000\"\n",
+    );
+    let lines: Vec<String> = (0..40u32)
+        .map(|i| ads(i, &format!("198.18.2.{}", i + 1)))
+        .collect();
+    feed(&topics, &lines);
+    let replica = spawn_run(&config, &dir.path().join("slow.log"));
+    let results = wait_for(&topics[1], 40, dir.path());
+    assert_eq!(answered(&results).len(), 40);
+    terminate(replica);
+    let log = std::fs::read_to_string(dir.path().join("slow.log")).unwrap();
+    let running = log.split("shutting down").next().unwrap();
+    let assigned = running.matches("partitions assigned").count();
+    assert!(
+        assigned == 1 && !running.contains("revoked") && !running.contains("poll interval"),
+        "the replica left its group while backed up:\n{log}"
+    );
+    let sent = blocks_sent(&sim).await;
+    assert_eq!(sent.len(), 40);
+    assert!(sent.values().all(|n| *n == 1), "{sent:?}");
+}

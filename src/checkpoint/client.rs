@@ -269,7 +269,8 @@ impl ManagementClient {
             session: Mutex::new(None),
             login_gate: tokio::sync::Mutex::new(()),
             logins: Mutex::new(LoginWindow {
-                per_minute: config.logins_per_minute,
+                // The server counts per administrator: replicas sharing one split its budget.
+                per_minute: config.logins_per_minute / config.login_share.max(1),
                 recent: VecDeque::new(),
                 blocked_until: None,
             }),

@@ -437,3 +437,34 @@ pub fn log_decision(result: &ResultMessage) {
         "{}", result.reason
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use strum::IntoEnumIterator;
+
+    use super::*;
+
+    /// The schema consumers validate against lists exactly the outcomes and codes samgate writes.
+    #[test]
+    fn the_result_schema_lists_every_outcome_and_code() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/schemas/samgate.result.v1.json"))
+                .unwrap();
+        let listed = |field: &str| -> Vec<String> {
+            schema["properties"][field]["enum"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let outcomes: Vec<String> = Outcome::iter().map(|o| o.as_str().to_owned()).collect();
+        let codes: Vec<String> = Code::iter().map(|c| c.as_str().to_owned()).collect();
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        assert_eq!(sorted(listed("outcome")), sorted(outcomes));
+        assert_eq!(sorted(listed("code")), sorted(codes));
+    }
+}

@@ -92,10 +92,14 @@ pub struct Faults {
     pub html_403_next: u32,
     /// Answer the next N calls with HTTP 500 `generic_internal_error`.
     pub http_500_next: u32,
-    /// Make every run-script task end with this status. `failed` models a gateway the server
-    /// cannot reach: the script does not run there, the task prints nothing and reports the
-    /// error. Any other status (`partially succeeded`, …) only replaces the status.
+    /// Make every run-script task end with this status (`failed`, `partially succeeded`, …);
+    /// the script runs as usual.
     pub task_status: Option<String>,
+    /// Gateways the server cannot reach: scripts do not run there, their tasks fail with no
+    /// output.
+    pub unreachable_gateways: Vec<String>,
+    /// The next N `run-script` calls run nothing and answer with an empty task list.
+    pub no_tasks_next: u32,
     /// Gateways that answer as unknown targets (404 `generic_err_object_not_found`).
     pub unknown_targets: Vec<String>,
     /// The next N `run-script` calls are carried out on the gateways, then their answer is lost
@@ -119,6 +123,8 @@ pub struct FaultsUpdate {
     pub html_403_next: Option<u32>,
     pub http_500_next: Option<u32>,
     pub task_status: Option<Option<String>>,
+    pub unreachable_gateways: Option<Vec<String>>,
+    pub no_tasks_next: Option<u32>,
     pub unknown_targets: Option<Vec<String>>,
     pub lost_answers_next: Option<u32>,
     pub show_task_errors_next: Option<u32>,
@@ -463,6 +469,12 @@ fn apply_faults(s: &mut SimState, update: FaultsUpdate) -> Faults {
     }
     if let Some(v) = update.unknown_targets {
         f.unknown_targets = v;
+    }
+    if let Some(v) = update.unreachable_gateways {
+        f.unreachable_gateways = v;
+    }
+    if let Some(v) = update.no_tasks_next {
+        f.no_tasks_next = v;
     }
     if let Some(v) = update.lost_answers_next {
         f.lost_answers_next = v;
@@ -820,6 +832,10 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
     while s.scripts.len() > s.config.kept_scripts {
         s.scripts.pop_front();
     }
+    if s.faults.no_tasks_next > 0 {
+        s.faults.no_tasks_next -= 1;
+        return Json(json!({"tasks": []})).into_response();
+    }
     let now = now_unix_ms();
     let stuck = s.faults.stuck_tasks_next > 0;
     s.faults.stuck_tasks_next = s.faults.stuck_tasks_next.saturating_sub(1);
@@ -829,7 +845,7 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
         .map_or(s.config.task_duration, Duration::from_millis);
     let mut tasks = Vec::new();
     for target in targets {
-        let unreachable = s.faults.task_status.as_deref() == Some("failed");
+        let unreachable = s.faults.unreachable_gateways.contains(&target);
         let gw = s.gateways.get_mut(&target).expect("checked above");
         let outcome = if unreachable {
             gateway::ScriptOutcome {

@@ -79,16 +79,24 @@ pub fn read_topic_within(topic: &str, expected: usize, within: Duration) -> Vec<
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
+    // The topic may not exist yet (a pipeline that is starting creates it): wait for it.
     let mut assignment = TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        assignment
-            .add_partition_offset(topic, p.id(), Offset::Beginning)
+    let started = Instant::now();
+    while assignment.count() == 0 {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
             .unwrap();
+        for p in metadata.topics()[0].partitions() {
+            assignment
+                .add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
+        }
+        assert!(
+            started.elapsed() < within.max(Duration::from_secs(30)),
+            "topic {topic} has no partitions"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(assignment.count() > 0, "topic {topic} has no partitions");
     consumer.assign(&assignment).unwrap();
     let mut out = Vec::new();
     let deadline = Instant::now() + within;
@@ -353,6 +361,7 @@ pub fn management_server_at(
         session_timeout: Duration::from_secs(600),
         api_version: None,
         logins_per_minute: 3,
+        login_share: 1,
         request_timeout: Duration::from_secs(10),
         task_timeout: Duration::from_secs(20),
         tls: samgate::config::TlsConfig::default(),
