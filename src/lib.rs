@@ -3,7 +3,7 @@
 //! Module map, in the order data flows:
 //! - [`flowmon`]: Flowmon ADS/IDS stdin lines (TSV 14/15/16/17 fields, JSON) → [`flowmon::FlowmonEvent`]; pure.
 //! - [`event`]: the Kafka message formats: `samgate.event.v1` events and `samgate.dlq.v1` dead letters.
-//! - [`pipeline`]: `samgate run`: consume → decode → policy → dedupe → batch → enforce → report.
+//! - [`pipeline`]: `samgate run`: consume → decode → decide → batch → enforce (send, verify) → report.
 //! - [`metrics`]: the one catalogue of Prometheus metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`shim`]: `samgate shim`, stdin → spool → Kafka, run by ADS as a custom script.
 //! - [`spool`]: the shim's durable local spool (segments, lock, settle).
