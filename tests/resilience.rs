@@ -478,11 +478,11 @@ async fn a_replica_that_takes_over_partitions_does_not_block_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_firewall_does_not_cost_the_group_membership() {
-    // Tasks take 1.5 s, at most 4 events are in flight, and the group evicts a member that does
-    // not poll for 6 s: 40 events take far longer than that, so consumption must wait without
-    // leaving the group.
+    // Tasks take 4 s, at most 2 events are in flight, and the group evicts a member that does
+    // not poll for 3 s: consumption waits for the firewall longer than that, again and again,
+    // and must do so without leaving the group.
     let sim = simulator::start(SimulatorConfig {
-        task_duration: Duration::from_millis(1500),
+        task_duration: Duration::from_secs(4),
         ..SimulatorConfig::default()
     })
     .await
@@ -494,17 +494,17 @@ async fn a_slow_firewall_does_not_cost_the_group_membership() {
         &sim,
         &topics,
         &unique("group"),
-        "max_in_flight = 4\nbatch_max_rules = 2\nserver_concurrency = 1\n\
-         [kafka.properties]\n\"max.poll.interval.ms\" = \"6000\"\n\"session.timeout.ms\" = \"6000\"\n\
-         \"heartbeat.interval.ms\" = \"1000\"\n",
+        "max_in_flight = 2\nbatch_max_rules = 2\nserver_concurrency = 1\n\
+         [kafka.properties]\n\"max.poll.interval.ms\" = \"3000\"\n\"session.timeout.ms\" = \"3000\"\n\
+         \"heartbeat.interval.ms\" = \"500\"\n",
     );
-    let lines: Vec<String> = (0..40u32)
+    let lines: Vec<String> = (0..16u32)
         .map(|i| ads(i, &format!("198.18.2.{}", i + 1)))
         .collect();
     feed(&topics, &lines);
     let replica = spawn_run(&config, &dir.path().join("slow.log"));
-    let results = wait_for(&topics[1], 40, dir.path());
-    assert_eq!(answered(&results).len(), 40);
+    let results = wait_for(&topics[1], 16, dir.path());
+    assert_eq!(answered(&results).len(), 16);
     terminate(replica);
     let log = std::fs::read_to_string(dir.path().join("slow.log")).unwrap();
     let running = log.split("shutting down").next().unwrap();
@@ -514,6 +514,6 @@ async fn a_slow_firewall_does_not_cost_the_group_membership() {
         "the replica left its group while backed up:\n{log}"
     );
     let sent = blocks_sent(&sim).await;
-    assert_eq!(sent.len(), 40);
+    assert_eq!(sent.len(), 16);
     assert!(sent.values().all(|n| *n == 1), "{sent:?}");
 }
