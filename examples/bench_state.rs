@@ -61,6 +61,7 @@ fn produce(brokers: &str, topic: &str, blocks: u64, partitions: i32) {
             expires_at: now + chrono::Duration::days(7),
             event_id: format!("{:032x}", i),
             pending: false,
+            writer: Some("bench".into()),
         };
         let payload = serde_json::to_string(&record).unwrap();
         let key = record.key.to_string();
@@ -108,6 +109,7 @@ async fn rebuild_all(brokers: &str, topic: &str, partitions: i32) {
         )),
         ownership: Default::default(),
         stopping: Default::default(),
+        replica: "bench".into(),
         config,
     });
     let all: Vec<i32> = (0..partitions).collect();
@@ -118,12 +120,12 @@ async fn rebuild_all(brokers: &str, topic: &str, partitions: i32) {
     let mut loaded = 0;
     while loaded < partitions {
         match rx.recv().await {
-            Some(Control::Loaded(claim, part)) => {
+            Some(Control::Loaded(claim, part, _)) => {
                 shared.ownership.loaded(claim);
                 shared.state.lock().unwrap().absorb(part);
                 loaded += 1;
             }
-            Some(Control::Assigned(_)) => {}
+            Some(_) => {}
             None => panic!("the loader ended before every partition was read"),
         }
     }

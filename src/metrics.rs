@@ -51,6 +51,8 @@ pub struct Metrics {
     pub state_full: IntCounter,
     /// Messages Kafka refused for good (too large, not authorised), by topic.
     pub kafka_write_failures: IntCounterVec,
+    /// Partitions this replica stopped working on because another replica claimed them.
+    pub fenced_partitions: IntCounter,
 }
 
 impl Metrics {
@@ -193,6 +195,10 @@ impl Metrics {
                 "samgate_state_full_total",
                 "New blocks refused because run.max_tracked_blocks active blocks are tracked.",
             ),
+            fenced_partitions: plain_counter(
+                "samgate_fenced_partitions_total",
+                "Partitions this replica stopped working on because another replica claimed them.",
+            ),
             kafka_write_failures: counter(
                 "samgate_kafka_write_failures_total",
                 "Messages Kafka refused for good (too large, not authorised), by topic.",
@@ -210,7 +216,7 @@ impl Metrics {
     /// Every metric's name with its label names: what a dashboard or an alert may select on.
     pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 18] = [
+        let collectors: [&dyn Collector; 19] = [
             &self.build_info,
             &self.events_consumed,
             &self.decisions,
@@ -229,6 +235,7 @@ impl Metrics {
             &self.tracked_blocks,
             &self.state_full,
             &self.kafka_write_failures,
+            &self.fenced_partitions,
         ];
         collectors
             .iter()

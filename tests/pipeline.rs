@@ -951,6 +951,7 @@ async fn a_partition_whose_state_cannot_be_read_is_not_consumed() {
         )),
         ownership: Default::default(),
         stopping: CancellationToken::new(),
+        replica: "test".into(),
         config: cfg,
     });
     let claims = shared.ownership.assign(&[0, 1]);
@@ -985,4 +986,58 @@ async fn a_partition_whose_state_cannot_be_read_is_not_consumed() {
         .await
         .expect("the loader ends once the partitions are gone")
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_another_replica_claims_is_fenced_whatever_the_group_says() {
+    let sim = sim().await;
+    let t = topics();
+    create_topic(&t.events, 1).await;
+    let cfg = config(&t, &one_target(&sim, &["gw-1"]));
+    let (http, cancel, task) = start(cfg).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(1, "SCANS", "High", "198.51.100.50")],
+    );
+    assert_eq!(read_topic(&t.results, 1)[0].value["outcome"], "blocked");
+
+    // Another replica claims partition 0 (a zombie's view: the group never told us).
+    let claim = json!({"schema": "samgate.claim.v1", "partition": 0, "replica": "another/1/1",
+                       "claimed_at": "2026-11-29T12:00:00.000Z"});
+    produce(&t.state, "claim", claim.to_string().as_bytes());
+    let started = std::time::Instant::now();
+    loop {
+        let metrics = reqwest::get(format!("{http}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("samgate_fenced_partitions_total 1") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never fenced:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Nothing more of partition 0 is worked on here.
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(2, "SCANS", "High", "198.51.100.51")],
+    );
+    let results = read_topic_within(&t.results, 2, Duration::from_secs(5));
+    assert_eq!(
+        results.len(),
+        1,
+        "the fenced partition's event is left to its owner"
+    );
+    assert_eq!(adds_for(&sim, "198.51.100.51")["gw-1"], 0);
+    cancel.cancel();
+    task.await.unwrap();
 }

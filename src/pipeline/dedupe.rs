@@ -45,6 +45,9 @@ pub struct BlockRecord {
     /// Written before the firewall call: the block may or may not be in place.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+    /// The replica that wrote the record (`pipeline::ownership::replica_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 impl BlockRecord {
@@ -105,6 +108,9 @@ struct Entry {
     status: Status,
     /// Whether the fields hold a block at all (an in-flight first block has none yet).
     known: bool,
+    /// While in flight here, another replica wrote a record for this key: ask the gateways
+    /// before sending.
+    contested: bool,
     level: u32,
     blocked_ms: i64,
     expires_ms: i64,
@@ -179,6 +185,7 @@ impl BlockState {
     pub fn begin(&mut self, key: RuleKey, partition: i32, now: DateTime<Utc>) -> Result<(), Full> {
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.status = Status::InFlight;
+            entry.contested = false;
             entry.partition = partition;
             return Ok(());
         }
@@ -191,6 +198,7 @@ impl BlockState {
                 partition,
                 status: Status::InFlight,
                 known: false,
+                contested: false,
                 level: 0,
                 blocked_ms: 0,
                 expires_ms: 0,
@@ -220,6 +228,7 @@ impl BlockState {
             partition,
             status: Status::Unconfirmed,
             known: true,
+            contested: false,
             level: 0,
             blocked_ms: 0,
             expires_ms: 0,
@@ -236,6 +245,7 @@ impl BlockState {
             partition,
             status: Status::Settled,
             known: true,
+            contested: false,
             level: 0,
             blocked_ms: 0,
             expires_ms: 0,
@@ -267,6 +277,23 @@ impl BlockState {
     /// Takes over the entries of a partition's freshly read state.
     pub fn absorb(&mut self, part: BlockState) {
         self.entries.extend(part.entries);
+    }
+
+    /// A record another replica wrote, read while we own its partition. A key in flight here
+    /// is marked contested (the rule may be on its way from both); any other is taken as read.
+    pub fn foreign(&mut self, partition: i32, record: &BlockRecord, now: DateTime<Utc>) {
+        match self.entries.get_mut(&record.key) {
+            Some(entry) if entry.status == Status::InFlight => entry.contested = true,
+            _ => self.load(partition, record, now),
+        }
+    }
+
+    /// Whether another replica wrote a record for `key` while it was in flight here (clears the
+    /// mark).
+    pub fn take_contested(&mut self, key: &RuleKey) -> bool {
+        self.entries
+            .get_mut(key)
+            .is_some_and(|e| std::mem::take(&mut e.contested))
     }
 
     /// Forgets a key (a tombstone on the state topic).
@@ -358,6 +385,7 @@ mod tests {
             expires_at: block.expires_at,
             event_id: block.event_id.clone().unwrap_or_default(),
             pending,
+            writer: None,
         }
     }
 
@@ -472,6 +500,28 @@ mod tests {
         assert_eq!(s.begin(key(4), 0, now), Err(Full));
         assert_eq!(s.len(), 3);
         s.begin(key(1), 0, now).unwrap(); // a tracked key is not new tracking
+    }
+
+    #[test]
+    fn another_writers_record_contests_a_block_in_flight() {
+        let now = now_ms();
+        let mut s = BlockState::new(100, Duration::from_secs(86400));
+        s.begin(key(1), 0, now).unwrap();
+        let b = block(now, 1, 0);
+        s.foreign(0, &record(1, &b, true), now);
+        assert_eq!(
+            s.check(&key(1), now),
+            Check::Pending,
+            "still ours in flight"
+        );
+        assert!(s.take_contested(&key(1)));
+        assert!(!s.take_contested(&key(1)), "taken once");
+        s.foreign(0, &record(2, &b, false), now);
+        assert_eq!(
+            s.check(&key(2), now),
+            Check::Active(b),
+            "any other key: as read"
+        );
     }
 
     #[test]

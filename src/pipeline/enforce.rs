@@ -101,7 +101,7 @@ impl Work {
         }
     }
 
-    fn record(&self, pending: bool) -> BlockRecord {
+    fn record(&self, pending: bool, writer: &str) -> BlockRecord {
         let block = self.block();
         BlockRecord {
             schema: STATE_SCHEMA.into(),
@@ -114,6 +114,7 @@ impl Work {
             expires_at: block.expires_at,
             event_id: block.event_id.unwrap_or_default(),
             pending,
+            writer: Some(writer.to_owned()),
         }
     }
 }
@@ -214,6 +215,18 @@ impl Batcher {
                 continue; // the partition moved on: its next owner answers the event
             }
             work.trouble = None;
+            if work.first_sent.is_none()
+                && self
+                    .shared
+                    .state
+                    .lock()
+                    .expect("state")
+                    .take_contested(&work.enforce.key)
+            {
+                // Another replica wrote a record for this key meanwhile (it may have sent the
+                // rule): ask the gateways instead of sending.
+                work.progress = Progress::new(&self.target.gateways, true);
+            }
             match work.progress.next() {
                 Step::Verify(gateways) => groups.entry((false, gateways)).or_default().push(work),
                 Step::Send(gateways) => groups.entry((true, gateways)).or_default().push(work),
@@ -339,7 +352,7 @@ impl Batcher {
             if work.pending_written {
                 continue;
             }
-            let (shared, record) = (self.shared.clone(), work.record(true));
+            let (shared, record) = (self.shared.clone(), work.record(true, &self.shared.replica));
             let partition = work.completion.claim.partition;
             writes.spawn(async move {
                 let payload = serde_json::to_string(&record).expect("state serializes");
@@ -360,7 +373,7 @@ impl Batcher {
         let mut failed = vec![None; works.len()];
         while let Some(joined) = writes.join_next().await {
             match joined {
-                Ok((i, Ok(()))) => failed[i] = Some(false),
+                Ok((i, Ok(_))) => failed[i] = Some(false),
                 Ok((i, Err(e))) => {
                     warn!(error = %e, "a pending state record was not written; its rule is not sent");
                     failed[i] = Some(true);
@@ -486,7 +499,7 @@ async fn blocked(shared: &Arc<Shared>, mut work: Work) {
         return;
     }
     let block = work.block();
-    let record = work.record(false);
+    let record = work.record(false, &shared.replica);
     let payload = serde_json::to_string(&record).expect("state serializes");
     let topic = &shared.config.kafka.topics.state;
     match report::write(
@@ -499,7 +512,7 @@ async fn blocked(shared: &Arc<Shared>, mut work: Work) {
     )
     .await
     {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(WriteError::Stopping) => return,
         Err(e @ WriteError::Refused(_)) => {
             error!(error = %e, key = %record.key, "the state record of a block was refused: a restart may verify it again");
@@ -565,7 +578,7 @@ async fn failed(shared: &Arc<Shared>, mut work: Work, code: Code) {
     )
     .await
     {
-        Ok(()) => shared
+        Ok(_) => shared
             .metrics
             .dead_letters
             .with_label_values(&[DeadLetterStage::Enforce.as_str()])

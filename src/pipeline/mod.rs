@@ -10,8 +10,10 @@
 //! idempotency key absorbs.
 //!
 //! **Ownership.** Each assignment of a partition is a [`Claim`] with its own generation. A
-//! partition is consumed only once its block state is rebuilt (until then it is paused), and the
-//! work of a revoked claim never reaches a firewall nor writes a result (`ownership`).
+//! partition is consumed only once its block state is rebuilt and our claim on it is written to
+//! the state topic (until then it is paused), and the work of a revoked claim never reaches a
+//! firewall nor writes a result (`ownership`). A newer claim by another replica fences the
+//! partition here too, whatever the group says (`tail`).
 //!
 //! **Backpressure.** At most `run.max_in_flight` events are between consumption and their
 //! result (one semaphore permit each). When none is left, every partition is paused and the
@@ -26,6 +28,7 @@ pub mod policy;
 pub mod rebuild;
 pub mod report;
 pub mod rule;
+pub mod tail;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -69,14 +72,21 @@ pub struct Shared {
     pub ownership: Ownership,
     /// Cancelled when shutdown begins: retries stop, writes stop waiting for Kafka.
     pub stopping: CancellationToken,
+    /// This process among the replicas (`ownership::replica_id`): the writer of its records.
+    pub replica: String,
 }
 
 /// Messages from the rebalance callbacks and the state readers to the consume loop.
 pub enum Control {
     /// Partitions assigned (and paused): read their state.
     Assigned(Vec<Claim>),
-    /// A partition's state is read: take it over and consume the partition.
-    Loaded(Claim, BlockState),
+    /// A partition's state is read up to an offset: take it over, then claim the partition.
+    Loaded(Claim, BlockState, i64),
+    /// Our claim is written (at the second offset); consume the partition, watching its state
+    /// from the first.
+    Claimed(Claim, i64, i64),
+    /// Another replica claimed the partition after us: stop working on it.
+    Fenced(i32, String),
 }
 
 /// Runs the pipeline until `cancel`. Returns the HTTP listener's address through `on_listen`.
@@ -115,6 +125,7 @@ pub async fn run(
         )),
         ownership: Ownership::default(),
         stopping: CancellationToken::new(),
+        replica: ownership::replica_id(),
         config,
     });
     let (queues, batchers) = start_batchers(&shared, &policy, &clients);
@@ -122,8 +133,10 @@ pub async fn run(
     let keepalives = start_keepalives(&clients, &keepalive);
 
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let consumer = subscribe(&shared, &ready, control_tx.clone())?;
+    let watch = tail::start(shared.clone(), control_tx.clone());
+    let consumer = subscribe(&shared, &ready, control_tx.clone(), watch.clone())?;
     let mut pipeline = Pipeline {
+        watch,
         in_flight: Arc::new(Semaphore::new(shared.config.run.max_in_flight)),
         shared,
         policy,
@@ -259,6 +272,7 @@ fn subscribe(
     shared: &Arc<Shared>,
     ready: &Readiness,
     control: mpsc::UnboundedSender<Control>,
+    watch: std::sync::mpsc::Sender<tail::Watch>,
 ) -> anyhow::Result<StreamConsumer<PipelineContext>> {
     let config = &shared.config;
     let consumer: StreamConsumer<PipelineContext> = crate::kafka::base_config(&config.kafka)
@@ -272,6 +286,7 @@ fn subscribe(
             shared: shared.clone(),
             ready: ready.clone(),
             control,
+            watch: Mutex::new(watch),
         })
         .context("cannot create the Kafka consumer")?;
     consumer.subscribe(&[&config.kafka.topics.events])?;
@@ -292,6 +307,8 @@ struct Pipeline {
     consumer: StreamConsumer<PipelineContext>,
     control_tx: mpsc::UnboundedSender<Control>,
     control_rx: mpsc::UnboundedReceiver<Control>,
+    /// Tells `tail` which state partitions to watch.
+    watch: std::sync::mpsc::Sender<tail::Watch>,
     ready: Readiness,
     /// One permit per event between consumption and its result.
     in_flight: Arc<Semaphore>,
@@ -460,25 +477,62 @@ impl Pipeline {
                 let (shared, tx) = (self.shared.clone(), self.control_tx.clone());
                 tokio::spawn(rebuild::load(shared, claims, tx));
             }
-            Control::Loaded(claim, part) => {
-                if !self.shared.ownership.loaded(claim) {
+            Control::Loaded(claim, part, next) => {
+                if !self.shared.ownership.is_current(claim) {
                     return; // revoked meanwhile
                 }
                 let blocks = part.len();
                 self.shared.state.lock().expect("state").absorb(part);
                 info!(
                     partition = claim.partition,
-                    blocks, "partition's block state rebuilt; consuming it"
+                    blocks, "partition's block state rebuilt; claiming it"
                 );
+                let (shared, tx) = (self.shared.clone(), self.control_tx.clone());
+                tokio::spawn(write_claim(shared, claim, next, tx));
+            }
+            Control::Claimed(claim, next, own_claim) => {
+                if !self.shared.ownership.loaded(claim) {
+                    return; // revoked meanwhile
+                }
+                let partition = claim.partition;
+                let _ = self.watch.send(tail::Watch::From {
+                    partition,
+                    offset: next,
+                    own_claim,
+                });
+                info!(partition, "partition claimed; consuming it");
                 if !self.backpressured {
                     self.resume_ready();
                 }
             }
+            Control::Fenced(partition, by) => self.fence(partition, &by),
         }
         let loading = self.shared.ownership.loading().len();
         self.shared.metrics.state_loading.set(loading as i64);
         self.ready
             .set(loading == 0 && !self.shared.stopping.is_cancelled());
+    }
+
+    /// Another replica claimed `partition` after us: whatever the group says, its work here is
+    /// stale from now on, and the partition waits until the group assigns it again.
+    fn fence(&self, partition: i32, by: &str) {
+        let shared = &self.shared;
+        if shared.ownership.claim(partition).is_none() {
+            return;
+        }
+        warn!(partition, by, "another replica claimed this partition: fencing our work on it (a zombie replica, or a partition assigned twice)");
+        shared.metrics.fenced_partitions.inc();
+        shared.ownership.revoke(&[partition]);
+        let topic = &shared.config.kafka.topics.events;
+        let mut list = TopicPartitionList::new();
+        list.add_partition(topic, partition);
+        let _ = self.consumer.pause(&list);
+        shared.tracker.lock().expect("tracker").forget(partition);
+        shared
+            .state
+            .lock()
+            .expect("state")
+            .drop_partition(partition);
     }
 
     /// Every second: commit what moved, refresh the gauges.
@@ -523,6 +577,40 @@ impl Pipeline {
         {
             warn!("firewall calls still running at the shutdown deadline; stopping them");
             batchers.abort_all();
+        }
+    }
+}
+
+/// Writes our claim on a loaded partition (retrying until it is written, revoked or stopping).
+async fn write_claim(
+    shared: Arc<Shared>,
+    claim: Claim,
+    next: i64,
+    control: mpsc::UnboundedSender<Control>,
+) {
+    let record = ownership::ClaimRecord {
+        schema: ownership::CLAIM_SCHEMA.into(),
+        partition: claim.partition,
+        replica: shared.replica.clone(),
+        claimed_at: Utc::now(),
+    };
+    let payload = serde_json::to_string(&record).expect("claims serialize");
+    let topic = &shared.config.kafka.topics.state;
+    let written = report::write(
+        &shared.producer,
+        topic,
+        ownership::CLAIM_KEY,
+        &payload,
+        Some(claim.partition),
+        &shared.stopping,
+    );
+    match written.await {
+        Ok(offset) => {
+            let _ = control.send(Control::Claimed(claim, next, offset));
+        }
+        Err(WriteError::Stopping) => {}
+        Err(e) => {
+            error!(partition = claim.partition, error = %e, "cannot claim a partition; it is not consumed")
         }
     }
 }
@@ -581,7 +669,7 @@ fn dead_letter(shared: &Arc<Shared>, completion: Arc<Completion>, payload: &[u8]
     tokio::spawn(async move {
         let topic = &shared.config.kafka.topics.dlq;
         match report::write(&shared.producer, topic, &key, &json, None, &shared.stopping).await {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(WriteError::Stopping) => return,
             Err(e) => {
                 error!(error = %e, partition, offset, "a dead letter was refused; the message is skipped")
@@ -616,7 +704,7 @@ pub async fn finish(shared: &Arc<Shared>, completion: &Arc<Completion>, result: 
     )
     .await
     {
-        Ok(()) => {
+        Ok(_) => {
             let outcome = result.outcome.as_str();
             shared.metrics.decisions.with_label_values(&[outcome]).inc();
             report::log_decision(&result);
@@ -661,6 +749,7 @@ pub struct PipelineContext {
     shared: Arc<Shared>,
     ready: Readiness,
     control: mpsc::UnboundedSender<Control>,
+    watch: Mutex<std::sync::mpsc::Sender<tail::Watch>>,
 }
 
 impl ClientContext for PipelineContext {
@@ -711,6 +800,11 @@ impl ConsumerContext for PipelineContext {
         }
         let shared = &self.shared;
         shared.ownership.revoke(&partitions);
+        let watch = self.watch.lock().expect("watch");
+        for p in &partitions {
+            let _ = watch.send(tail::Watch::Stop(*p));
+        }
+        drop(watch);
         info!(
             ?partitions,
             "partitions revoked; waiting for their sends in progress"

@@ -12,6 +12,39 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+/// The state-topic key of claim records (one per partition, kept by compaction).
+pub const CLAIM_KEY: &str = "claim";
+
+/// Schema id of claim records.
+pub const CLAIM_SCHEMA: &str = "samgate.claim.v1";
+
+/// "This replica owns this partition from now on", written to the partition of the state topic
+/// once its state is loaded. A replica that reads a newer claim than its own for a partition it
+/// still works on was replaced without being told (a zombie, or a broker that assigned the
+/// partition twice): it stops sending for that partition at once.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClaimRecord {
+    pub schema: String,
+    pub partition: i32,
+    /// The claiming replica ([`replica_id`]).
+    pub replica: String,
+    #[serde(with = "crate::event::rfc3339_millis")]
+    pub claimed_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A name for this process, unique among replicas: host, process id, start time.
+pub fn replica_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!(
+        "{}/{}/{nanos:x}",
+        gethostname::gethostname().to_string_lossy(),
+        std::process::id()
+    )
+}
+
 /// A partition as owned under one assignment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Claim {

@@ -1,6 +1,8 @@
 //! Rebuilding a partition's block state from the state topic, failing closed: a partition whose
 //! state cannot be read is not consumed (it stays paused, readiness is false, a metric and an
-//! error line name it) and the read is tried again with backoff, for as long as we own it.
+//! error line name it) and the read is tried again with backoff, for as long as we own it. Each
+//! partition is handed over with the offset its reading stopped at, where `pipeline::tail` goes
+//! on watching it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{error, warn};
 
 use super::dedupe::{BlockRecord, BlockState};
-use super::ownership::Claim;
+use super::ownership::{Claim, ClaimRecord, CLAIM_KEY};
 use super::{Control, Shared};
 use crate::checkpoint::sam::RuleKey;
 
@@ -80,7 +82,7 @@ fn read(
     };
     // Where each partition's records go until its end; the end is the consumer's "partition
     // EOF", not the listed high watermark (tansu lists the last batch's base offset + 1).
-    let mut parts: BTreeMap<i32, (Claim, BlockState)> = BTreeMap::new();
+    let mut parts: BTreeMap<i32, (Claim, BlockState, i64)> = BTreeMap::new();
     let mut list = TopicPartitionList::new();
     for claim in claims {
         let (low, high) =
@@ -90,10 +92,10 @@ fn read(
             };
         let part = BlockState::new(usize::MAX, config.policy.escalation_window);
         if high <= low {
-            let _ = control.send(Control::Loaded(*claim, part));
+            let _ = control.send(Control::Loaded(*claim, part, high.max(low)));
             continue;
         }
-        parts.insert(claim.partition, (*claim, part));
+        parts.insert(claim.partition, (*claim, part, low));
         if let Err(e) = list.add_partition_offset(topic, claim.partition, Offset::Offset(low)) {
             return fail(claims.to_vec(), &e);
         }
@@ -108,14 +110,14 @@ fn read(
     let mut last_progress = Instant::now();
     while !parts.is_empty() {
         if last_progress.elapsed() > STALL || shared.stopping.is_cancelled() {
-            let unread = parts.values().map(|(c, _)| *c).collect();
+            let unread = parts.values().map(|(c, _, _)| *c).collect();
             return fail(unread, &format!("no progress for {STALL:?}"));
         }
         let message = match reader.poll(Duration::from_millis(200)) {
             None => continue,
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                if let Some((claim, part)) = parts.remove(&p) {
-                    let _ = control.send(Control::Loaded(claim, part));
+                if let Some((claim, part, next)) = parts.remove(&p) {
+                    let _ = control.send(Control::Loaded(claim, part, next));
                 }
                 continue;
             }
@@ -127,23 +129,46 @@ fn read(
             Some(Ok(message)) => message,
         };
         last_progress = Instant::now();
-        let Some((_, part)) = parts.get_mut(&message.partition()) else {
+        let Some((_, part, next)) = parts.get_mut(&message.partition()) else {
             continue;
         };
-        let key = message
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .and_then(RuleKey::parse);
-        match (key, message.payload()) {
-            (Some(key), None) => part.remove(&key),
-            (_, Some(payload)) => match serde_json::from_slice::<BlockRecord>(payload) {
-                Ok(record) => part.load(message.partition(), &record, now),
-                Err(e) => {
-                    warn!(partition = message.partition(), offset = message.offset(), error = %e, "skipping an undecodable state record")
-                }
-            },
-            _ => {}
+        *next = message.offset() + 1;
+        match decode(&message) {
+            StateMessage::Block(record) => part.load(message.partition(), &record, now),
+            StateMessage::Tombstone(key) => part.remove(&key),
+            StateMessage::Claim(_) | StateMessage::Other => {}
         }
     }
     Ok(())
+}
+
+/// What a state-topic message is.
+pub enum StateMessage {
+    Block(BlockRecord),
+    /// A key's tombstone: the key is forgotten.
+    Tombstone(RuleKey),
+    Claim(ClaimRecord),
+    /// Not something samgate wrote (logged and skipped).
+    Other,
+}
+
+pub fn decode(message: &impl Message) -> StateMessage {
+    let raw_key = message.key().and_then(|k| std::str::from_utf8(k).ok());
+    if raw_key == Some(CLAIM_KEY) {
+        return message
+            .payload()
+            .and_then(|p| serde_json::from_slice(p).ok())
+            .map_or(StateMessage::Other, StateMessage::Claim);
+    }
+    match (raw_key.and_then(RuleKey::parse), message.payload()) {
+        (Some(key), None) => StateMessage::Tombstone(key),
+        (_, Some(payload)) => match serde_json::from_slice::<BlockRecord>(payload) {
+            Ok(record) => StateMessage::Block(record),
+            Err(e) => {
+                warn!(partition = message.partition(), offset = message.offset(), error = %e, "skipping an undecodable state record");
+                StateMessage::Other
+            }
+        },
+        _ => StateMessage::Other,
+    }
 }

@@ -392,8 +392,9 @@ fn refused_for_good(error: &KafkaError) -> bool {
     )
 }
 
-/// Writes `payload` to `topic` until Kafka acknowledges it. Results gate offsets, so a passing
-/// failure is retried, loudly, until `stop`; a refusal for good is returned at once.
+/// Writes `payload` to `topic` until Kafka acknowledges it; returns its offset. Results gate
+/// offsets, so a passing failure is retried, loudly, until `stop`; a refusal for good is returned
+/// at once.
 pub async fn write(
     producer: &FutureProducer,
     topic: &str,
@@ -401,7 +402,7 @@ pub async fn write(
     payload: &str,
     partition: Option<i32>,
     stop: &tokio_util::sync::CancellationToken,
-) -> Result<(), WriteError> {
+) -> Result<i64, WriteError> {
     let mut delay = Duration::from_millis(100);
     loop {
         let mut record = FutureRecord::to(topic).key(key).payload(payload);
@@ -409,7 +410,7 @@ pub async fn write(
             record = record.partition(p);
         }
         match producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => return Ok(()),
+            Ok(delivery) => return Ok(delivery.offset),
             Err((e, _)) if refused_for_good(&e) => return Err(WriteError::Refused(e)),
             Err((e, _)) => {
                 warn!(topic, error = %e, "cannot write to Kafka; retrying");
