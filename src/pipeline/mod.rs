@@ -581,6 +581,9 @@ impl Pipeline {
     }
 }
 
+/// How long a new claim stands before the partition is consumed.
+const CLAIM_GRACE: Duration = Duration::from_millis(250);
+
 /// Writes our claim on a loaded partition (retrying until it is written, revoked or stopping).
 async fn write_claim(
     shared: Arc<Shared>,
@@ -606,6 +609,9 @@ async fn write_claim(
     );
     match written.await {
         Ok(offset) => {
+            // A replica that still works on the partition (unaware it lost it) watches the state
+            // topic within milliseconds: give it the time to see the claim and stop.
+            tokio::time::sleep(CLAIM_GRACE).await;
             let _ = control.send(Control::Claimed(claim, next, offset));
         }
         Err(WriteError::Stopping) => {}

@@ -75,6 +75,7 @@ fn read(
         .set("group.id", format!("{}-state-loader", config.run.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
         .create()
     {
         Ok(reader) => reader,

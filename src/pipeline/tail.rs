@@ -56,6 +56,8 @@ fn watch(
     let reader: BaseConsumer = match crate::kafka::base_config(&config.kafka)
         .set("group.id", format!("{}-state-watch", config.run.group_id))
         .set("enable.auto.commit", "false")
+        // A claim must be seen within milliseconds, not at the end of a long poll.
+        .set("fetch.wait.max.ms", "10")
         .create()
     {
         Ok(reader) => reader,
