@@ -97,14 +97,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let ready = Readiness::default();
-    let (http_addr, http_task) = crate::http::serve(
-        config.run.http_listen,
-        metrics.clone(),
-        ready.clone(),
-        cancel.child_token(),
-    )
-    .await
-    .with_context(|| format!("cannot listen on {}", config.run.http_listen))?;
+    let listen = config.run.http_listen;
+    let (http_addr, http_task) =
+        crate::http::serve(listen, metrics.clone(), ready.clone(), cancel.child_token())
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
     on_listen(http_addr);
     info!(%http_addr, "serving /metrics, /healthz, /readyz");
 

@@ -151,34 +151,7 @@ impl Policy {
             code: Code::UnknownSite,
             detail: format!("site {:?} has no [sites] entry", event.site),
         })?;
-        if f.format.is_ids() {
-            if !self.ids_events {
-                return Err(Filtered {
-                    code: Code::IdsNotEnabled,
-                    detail: "IDS events are not acted on (policy.ids_events = false)".into(),
-                });
-            }
-        } else {
-            let method = f.method.as_deref().unwrap_or("");
-            let with_subtype = f.subtype.as_deref().map(|s| format!("{method}/{s}"));
-            let allowed = self.methods.contains(method)
-                || with_subtype
-                    .as_ref()
-                    .is_some_and(|m| self.methods.contains(m));
-            if !allowed {
-                return Err(Filtered {
-                    code: Code::MethodNotAllowed,
-                    detail: format!(
-                        "method {} is not in policy.methods",
-                        with_subtype.as_deref().unwrap_or(if method.is_empty() {
-                            "(none)"
-                        } else {
-                            method
-                        })
-                    ),
-                });
-            }
-        }
+        self.kind_allowed(f)?;
         match f.priority {
             Priority::Unknown if !self.act_on_unknown_priority => {
                 return Err(Filtered {
@@ -210,6 +183,37 @@ impl Policy {
             }
         }
         Ok(targets)
+    }
+
+    /// IDS events only when enabled; ADS events only for an allowed method (or METHOD/Subtype).
+    fn kind_allowed(&self, f: &crate::flowmon::FlowmonEvent) -> Result<(), Filtered> {
+        if f.format.is_ids() {
+            return match self.ids_events {
+                true => Ok(()),
+                false => Err(Filtered {
+                    code: Code::IdsNotEnabled,
+                    detail: "IDS events are not acted on (policy.ids_events = false)".into(),
+                }),
+            };
+        }
+        let method = f.method.as_deref().unwrap_or("");
+        let with_subtype = f.subtype.as_deref().map(|s| format!("{method}/{s}"));
+        let allowed = self.methods.contains(method)
+            || with_subtype
+                .as_ref()
+                .is_some_and(|m| self.methods.contains(m));
+        if allowed {
+            return Ok(());
+        }
+        let shown = match (with_subtype.as_deref(), method) {
+            (Some(m), _) => m,
+            (None, "") => "(none)",
+            (None, m) => m,
+        };
+        Err(Filtered {
+            code: Code::MethodNotAllowed,
+            detail: format!("method {shown} is not in policy.methods"),
+        })
     }
 
     /// The never-block network that covers `ip` at `site`, if any. Called immediately before a

@@ -61,6 +61,9 @@ pub async fn load(
     }
 }
 
+/// One partition being read: its claim, what was read so far, the next offset.
+type Part = (Claim, BlockState, i64);
+
 /// Reads the state partitions of `claims` to their current end. Returns the claims it could not
 /// finish, with the reason.
 fn read(
@@ -68,51 +71,22 @@ fn read(
     claims: &[Claim],
     control: &mpsc::UnboundedSender<Control>,
 ) -> Result<(), (Vec<Claim>, String)> {
-    let fail = |unread: Vec<Claim>, e: &dyn std::fmt::Display| Err((unread, e.to_string()));
     let config = &shared.config;
-    let topic = &config.kafka.topics.state;
-    let reader: BaseConsumer = match crate::kafka::base_config(&config.kafka)
+    let reader: BaseConsumer = crate::kafka::base_config(&config.kafka)
         .set("group.id", format!("{}-state-loader", config.run.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
         .create()
-    {
-        Ok(reader) => reader,
-        Err(e) => return fail(claims.to_vec(), &e),
-    };
-    // Where each partition's records go until its end; the end is the consumer's "partition
-    // EOF", not the listed high watermark (tansu lists the last batch's base offset + 1).
-    let mut parts: BTreeMap<i32, (Claim, BlockState, i64)> = BTreeMap::new();
-    let mut list = TopicPartitionList::new();
-    for claim in claims {
-        let (low, high) =
-            match reader.fetch_watermarks(topic, claim.partition, Duration::from_secs(10)) {
-                Ok(marks) => marks,
-                Err(e) => return fail(claims.to_vec(), &e),
-            };
-        let part = BlockState::new(usize::MAX, config.policy.escalation_window);
-        if high <= low {
-            let _ = control.send(Control::Loaded(*claim, part, high.max(low)));
-            continue;
-        }
-        parts.insert(claim.partition, (*claim, part, low));
-        if let Err(e) = list.add_partition_offset(topic, claim.partition, Offset::Offset(low)) {
-            return fail(claims.to_vec(), &e);
-        }
-    }
-    if parts.is_empty() {
-        return Ok(());
-    }
-    if let Err(e) = reader.assign(&list) {
-        return fail(claims.to_vec(), &e);
-    }
+        .map_err(|e| (claims.to_vec(), e.to_string()))?;
+    let mut parts =
+        start(shared, &reader, claims, control).map_err(|e| (claims.to_vec(), e.to_string()))?;
     let now = Utc::now();
     let mut last_progress = Instant::now();
     while !parts.is_empty() {
         if last_progress.elapsed() > STALL || shared.stopping.is_cancelled() {
             let unread = parts.values().map(|(c, _, _)| *c).collect();
-            return fail(unread, &format!("no progress for {STALL:?}"));
+            return Err((unread, format!("no progress for {STALL:?}")));
         }
         let message = match reader.poll(Duration::from_millis(200)) {
             None => continue,
@@ -130,17 +104,46 @@ fn read(
             Some(Ok(message)) => message,
         };
         last_progress = Instant::now();
-        let Some((_, part, next)) = parts.get_mut(&message.partition()) else {
-            continue;
-        };
-        *next = message.offset() + 1;
-        match decode(&message) {
-            StateMessage::Block(record) => part.load(message.partition(), &record, now),
-            StateMessage::Tombstone(key) => part.remove(&key),
-            StateMessage::Claim(_) | StateMessage::Other => {}
+        if let Some((_, part, next)) = parts.get_mut(&message.partition()) {
+            *next = message.offset() + 1;
+            match decode(&message) {
+                StateMessage::Block(record) => part.load(message.partition(), &record, now),
+                StateMessage::Tombstone(key) => part.remove(&key),
+                StateMessage::Claim(_) | StateMessage::Other => {}
+            }
         }
     }
     Ok(())
+}
+
+/// Points `reader` at the start of each claim's state partition. An empty one is loaded at once;
+/// the others are returned, to be read to their end (the consumer's "partition EOF", not the
+/// listed high watermark: tansu lists the last batch's base offset + 1).
+fn start(
+    shared: &Shared,
+    reader: &BaseConsumer,
+    claims: &[Claim],
+    control: &mpsc::UnboundedSender<Control>,
+) -> rdkafka::error::KafkaResult<BTreeMap<i32, Part>> {
+    let topic = &shared.config.kafka.topics.state;
+    let window = shared.config.policy.escalation_window;
+    let mut parts = BTreeMap::new();
+    let mut list = TopicPartitionList::new();
+    for claim in claims {
+        let (low, high) =
+            reader.fetch_watermarks(topic, claim.partition, Duration::from_secs(10))?;
+        let part = BlockState::new(usize::MAX, window);
+        if high <= low {
+            let _ = control.send(Control::Loaded(*claim, part, high.max(low)));
+            continue;
+        }
+        parts.insert(claim.partition, (*claim, part, low));
+        list.add_partition_offset(topic, claim.partition, Offset::Offset(low))?;
+    }
+    if !parts.is_empty() {
+        reader.assign(&list)?;
+    }
+    Ok(parts)
 }
 
 /// What a state-topic message is.

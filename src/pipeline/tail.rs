@@ -46,13 +46,56 @@ pub fn start(
     tx
 }
 
+/// The partitions watched: per partition, the next offset to read and our own claim's offset.
+#[derive(Default)]
+struct Watched {
+    partitions: HashMap<i32, (i64, i64)>,
+    /// The reader's assignment must be redone.
+    changed: bool,
+}
+
+impl Watched {
+    /// Takes the commands waiting; false once the pipeline is gone.
+    fn take(&mut self, commands: &mpsc::Receiver<Watch>) -> bool {
+        loop {
+            match commands.try_recv() {
+                Ok(Watch::From {
+                    partition,
+                    offset,
+                    own_claim,
+                }) => {
+                    self.partitions.insert(partition, (offset, own_claim));
+                    self.changed = true;
+                }
+                Ok(Watch::Stop(p)) => self.changed |= self.partitions.remove(&p).is_some(),
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// Points the reader at the partitions, each from its next offset.
+    fn assign(&mut self, reader: &BaseConsumer, topic: &str) {
+        if !self.changed {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for (&p, &(offset, _)) in &self.partitions {
+            let _ = list.add_partition_offset(topic, p, Offset::Offset(offset));
+        }
+        if let Err(e) = reader.assign(&list) {
+            warn!(error = %e, "cannot watch the state topic's partitions");
+        }
+        self.changed = false;
+    }
+}
+
 fn watch(
     shared: &Shared,
     control: &tokio::sync::mpsc::UnboundedSender<Control>,
     commands: &mpsc::Receiver<Watch>,
 ) {
     let config = &shared.config;
-    let topic = &config.kafka.topics.state;
     let reader: BaseConsumer = match crate::kafka::base_config(&config.kafka)
         .set("group.id", format!("{}-state-watch", config.run.group_id))
         .set("enable.auto.commit", "false")
@@ -65,62 +108,46 @@ fn watch(
             return error!(error = %e, "cannot watch the state topic; fencing rests on the group alone")
         }
     };
-    // Per partition: the next offset to read, and our own claim's offset.
-    let mut watched: HashMap<i32, (i64, i64)> = HashMap::new();
-    let mut changed = false;
-    loop {
-        loop {
-            match commands.try_recv() {
-                Ok(Watch::From {
-                    partition,
-                    offset,
-                    own_claim,
-                }) => {
-                    watched.insert(partition, (offset, own_claim));
-                    changed = true;
-                }
-                Ok(Watch::Stop(p)) => changed |= watched.remove(&p).is_some(),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => return,
-            }
-        }
-        if changed {
-            let mut list = TopicPartitionList::new();
-            for (&p, &(offset, _)) in &watched {
-                let _ = list.add_partition_offset(topic, p, Offset::Offset(offset));
-            }
-            if let Err(e) = reader.assign(&list) {
-                warn!(error = %e, "cannot watch the state topic's partitions");
-            }
-            changed = false;
-        }
-        if watched.is_empty() {
+    let mut watched = Watched::default();
+    while watched.take(commands) {
+        watched.assign(&reader, &config.kafka.topics.state);
+        if watched.partitions.is_empty() {
             std::thread::sleep(Duration::from_millis(100));
             continue;
         }
-        let Some(Ok(message)) = reader.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let p = message.partition();
-        let Some((next, own_claim)) = watched.get_mut(&p) else {
-            continue;
-        };
-        *next = message.offset() + 1;
-        let newer_than_ours = message.offset() > *own_claim;
-        match decode(&message) {
-            StateMessage::Claim(claim) if claim.replica != shared.replica && newer_than_ours => {
-                watched.remove(&p);
-                changed = true;
-                let _ = control.send(Control::Fenced(p, claim.replica));
-            }
-            StateMessage::Block(record)
-                if record.writer.as_deref() != Some(&shared.replica)
-                    && shared.ownership.claim(p).is_some() =>
-            {
-                let mut state = shared.state.lock().expect("state");
-                state.foreign(p, &record, Utc::now());
-            }
-            _ => {}
+        if let Some(Ok(message)) = reader.poll(Duration::from_millis(100)) {
+            read(shared, control, &mut watched, &message);
         }
+    }
+}
+
+/// One state-topic message of a watched partition: another replica's claim after ours fences
+/// the partition; another replica's block record goes into our state.
+fn read(
+    shared: &Shared,
+    control: &tokio::sync::mpsc::UnboundedSender<Control>,
+    watched: &mut Watched,
+    message: &impl Message,
+) {
+    let p = message.partition();
+    let Some((next, own_claim)) = watched.partitions.get_mut(&p) else {
+        return;
+    };
+    *next = message.offset() + 1;
+    let newer_than_ours = message.offset() > *own_claim;
+    match decode(message) {
+        StateMessage::Claim(claim) if claim.replica != shared.replica && newer_than_ours => {
+            watched.partitions.remove(&p);
+            watched.changed = true;
+            let _ = control.send(Control::Fenced(p, claim.replica));
+        }
+        StateMessage::Block(record)
+            if record.writer.as_deref() != Some(&shared.replica)
+                && shared.ownership.claim(p).is_some() =>
+        {
+            let mut state = shared.state.lock().expect("state");
+            state.foreign(p, &record, Utc::now());
+        }
+        _ => {}
     }
 }
