@@ -262,7 +262,8 @@ fn every_dashboard_and_alert_query_is_promql_over_exported_metrics_and_labels() 
             !found.selectors.is_empty(),
             "{place}: {expr:?} selects nothing"
         );
-        let mut labels_in_scope = BTreeSet::from(["le".to_owned()]);
+        // Prometheus adds the target labels `instance` and `job` to every series it scrapes.
+        let mut labels_in_scope = BTreeSet::from(["le", "instance", "job"].map(str::to_owned));
         for (name, matched) in &found.selectors {
             // A histogram's series: NAME_bucket (with `le`), NAME_sum, NAME_count.
             let base = ["_bucket", "_sum", "_count"]
