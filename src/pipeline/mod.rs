@@ -16,8 +16,10 @@
 //! partition here too, whatever the group says (`tail`).
 //!
 //! **Backpressure.** At most `run.max_in_flight` events are between consumption and their
-//! result (one semaphore permit each). When none is left, every partition is paused and the
-//! consumer keeps polling, so the replica keeps its group membership however slow the firewall.
+//! result (one semaphore permit each). When none is left, the message at hand is parked; if no
+//! permit comes back within a second, every partition is paused and the consumer keeps polling,
+//! so the replica keeps its group membership however slow the firewall. (A pause costs a refetch:
+//! librdkafka drops what it prefetched for paused partitions.)
 
 pub mod decide;
 pub mod dedupe;
@@ -142,6 +144,7 @@ pub async fn run(
         control_tx,
         control_rx,
         ready,
+        parked: None,
         backpressured: false,
     };
     pipeline.consume(&cancel).await;
@@ -309,9 +312,25 @@ struct Pipeline {
     ready: Readiness,
     /// One permit per event between consumption and its result.
     in_flight: Arc<Semaphore>,
-    /// Every partition is paused until a tenth of the permits are back.
+    /// The message taken when no permit was left; the consumer delivers no other until it goes.
+    parked: Option<Parked>,
+    /// Every partition is paused (the parked message waited [`PAUSE_AFTER`]) until a tenth of
+    /// the permits are back.
     backpressured: bool,
 }
+
+/// A message that waits for a permit, under the claim it was consumed under.
+struct Parked {
+    claim: Claim,
+    offset: i64,
+    payload: Vec<u8>,
+    since: tokio::time::Instant,
+}
+
+/// How long a parked message waits for a permit before every partition is paused. Pausing makes
+/// librdkafka drop the messages it prefetched (fetched again on resume), so a short wait does not
+/// pause; a long one does, and the consumer goes on polling to keep its group membership.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 impl Pipeline {
     async fn consume(&mut self, cancel: &CancellationToken) {
@@ -319,41 +338,89 @@ impl Pipeline {
         let room = (self.shared.config.run.max_in_flight / 10).max(1) as u32;
         loop {
             let permits = self.in_flight.clone();
+            let wanted = if self.backpressured { room } else { 1 };
+            let pause_at = self.parked.as_ref().map(|p| p.since + PAUSE_AFTER);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
                 Some(control) = self.control_rx.recv() => self.on_control(control),
                 _ = tick.tick() => self.tick(),
-                Ok(room) = permits.acquire_many_owned(room), if self.backpressured => {
-                    drop(room);
-                    self.backpressured = false;
-                    self.resume_ready();
+                Ok(permits) = permits.acquire_many_owned(wanted), if self.parked.is_some() => {
+                    self.unpark(permits).await;
                 }
-                message = self.consumer.recv() => match message {
-                    Ok(m) => {
-                        let (partition, offset) = (m.partition(), m.offset());
-                        let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
-                        drop(m);
-                        self.take(partition, offset, payload).await;
+                _ = sleep_until_some(pause_at), if !self.backpressured => {
+                    self.pause_all();
+                    self.backpressured = true;
+                }
+                // Polling goes on while paused: it keeps the group membership.
+                message = self.consumer.recv(), if self.parked.is_none() || self.backpressured => {
+                    match message {
+                        Ok(m) => {
+                            let (partition, offset) = (m.partition(), m.offset());
+                            let payload = m.payload().map(<[u8]>::to_vec).unwrap_or_default();
+                            drop(m);
+                            self.take(partition, offset, payload).await;
+                        }
+                        Err(e) => warn!(error = %e, "Kafka consumer error"),
                     }
-                    Err(e) => warn!(error = %e, "Kafka consumer error"),
-                },
+                }
             }
         }
     }
 
-    /// One message: taken only from a partition that is ready and with a permit to spare;
-    /// otherwise it is left for later (its partition rewound and paused).
+    /// One message: taken only from a partition that is ready, and started once a permit is
+    /// free (until then it is parked).
     async fn take(&mut self, partition: i32, offset: i64, payload: Vec<u8>) {
         let claim = self.shared.ownership.claim(partition);
         let Some(claim) = claim.filter(|_| self.shared.ownership.ready(partition)) else {
             return self.rewind(partition, offset);
         };
-        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            self.pause_all();
-            self.backpressured = true;
-            return self.rewind(partition, offset);
-        };
+        match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => self.start(claim, offset, payload, permit).await,
+            // Paused partitions deliver nothing, so this is rare: a second message waits in
+            // its partition.
+            Err(_) if self.parked.is_some() => self.rewind(partition, offset),
+            Err(_) => {
+                let since = tokio::time::Instant::now();
+                self.parked = Some(Parked {
+                    claim,
+                    offset,
+                    payload,
+                    since,
+                });
+            }
+        }
+    }
+
+    /// Permits are back: the parked message starts (unless its partition moved meanwhile: its
+    /// next owner reads it from the committed offset), and paused partitions resume.
+    async fn unpark(&mut self, mut permits: OwnedSemaphorePermit) {
+        let parked = self
+            .parked
+            .take()
+            .expect("unpark only with a parked message");
+        let permit = permits.split(1).expect("at least one permit");
+        drop(permits);
+        if std::mem::take(&mut self.backpressured) {
+            self.resume_ready();
+        }
+        let partition = parked.claim.partition;
+        if self.shared.ownership.claim(partition) == Some(parked.claim)
+            && self.shared.ownership.ready(partition)
+        {
+            self.start(parked.claim, parked.offset, parked.payload, permit)
+                .await;
+        }
+    }
+
+    /// Decodes a message holding its permit, then decides (or dead-letters it).
+    async fn start(
+        &mut self,
+        claim: Claim,
+        offset: i64,
+        payload: Vec<u8>,
+        permit: OwnedSemaphorePermit,
+    ) {
         self.shared
             .tracker
             .lock()
@@ -578,8 +645,17 @@ impl Pipeline {
     }
 }
 
-/// How long a new claim stands before the partition is consumed.
-const CLAIM_GRACE: Duration = Duration::from_millis(250);
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long a new claim stands before the partition is consumed: long enough for the previous
+/// owner's state watcher (a 200 ms fetch wait) to see it and fence its work.
+const CLAIM_GRACE: Duration = Duration::from_millis(500);
 
 /// Writes our claim on a loaded partition (retrying until it is written, revoked or stopping).
 async fn write_claim(

@@ -99,8 +99,10 @@ fn watch(
     let reader: BaseConsumer = match crate::kafka::base_config(&config.kafka)
         .set("group.id", format!("{}-state-watch", config.run.group_id))
         .set("enable.auto.commit", "false")
-        // A claim must be seen within milliseconds, not at the end of a long poll.
-        .set("fetch.wait.max.ms", "10")
+        // A claim must be seen well within CLAIM_GRACE, not at the end of a long poll; but every
+        // fetch costs the broker a read of each watched partition (tansu answers a fetch only
+        // after its wait), so not every few milliseconds either.
+        .set("fetch.wait.max.ms", "200")
         .create()
     {
         Ok(reader) => reader,
