@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 
-use crate::config::{validate_site, Config};
+use crate::config::Config;
 use crate::logging::{self, LogFormat};
 use crate::shim::{self, ShimOptions};
+use crate::spool::{self, Captured, RawHeader};
 
 /// samgate: Flowmon ADS detections to Check Point quarantines, through Kafka.
 #[derive(Debug, Parser)]
@@ -157,6 +158,10 @@ pub struct ShimArgs {
     /// Spool directory (overrides shim.spool_dir).
     #[arg(long, env = "SAMGATE_SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// Fallback spool directory, for when the spool's disk fails (overrides
+    /// shim.fallback_spool_dir).
+    #[arg(long, env = "SAMGATE_FALLBACK_SPOOL_DIR")]
+    pub fallback_spool_dir: Option<PathBuf>,
     /// Delivery timeout, e.g. `10s` (overrides shim.delivery_timeout).
     #[arg(long, env = "SAMGATE_DELIVERY_TIMEOUT", value_parser = humantime::parse_duration)]
     pub delivery_timeout: Option<Duration>,
@@ -339,95 +344,185 @@ fn redacted_json(config: &Config) -> String {
     serde_json::to_string_pretty(&config).expect("config serializes")
 }
 
+/// A shim run: the input first, into the spool, before anything that could fail on a mistake
+/// (configuration, log filter, log file); then the configuration; then delivery.
 async fn run_shim(
     log_format: LogFormat,
     log_filter: &str,
     args: ShimArgs,
     warnings: Vec<String>,
 ) -> ExitCode {
-    let options = match shim_options(&args) {
-        Ok(options) => options,
-        Err(e) => return fail(&e),
+    let collector = gethostname::gethostname().to_string_lossy().into_owned();
+    let dirs = early_spool_dirs(&args);
+    let header = RawHeader {
+        received_at: chrono::Utc::now(),
+        collector: collector.clone(),
+        site: nonempty(&args.site),
+        events_topic: nonempty(&args.topic),
+        dlq_topic: nonempty(&args.dlq_topic),
     };
-    if let Err(e) = logging::init(log_format, log_filter, options.1.as_deref()) {
-        return fail(&e.to_string());
-    }
-    let options = options.0;
+    let (captured, failures, read_error) = if args.flush_spool {
+        (Captured::Empty, Vec::new(), None)
+    } else {
+        let (dirs, header) = (dirs.clone(), header.clone());
+        tokio::task::spawn_blocking(move || spool::capture(&dirs, &header, std::io::stdin().lock()))
+            .await
+            .expect("capture task panicked")
+    };
+    let options = shim_options(&args, dirs, collector);
+    let log_file = options.as_ref().ok().and_then(|(_, file)| file.clone());
+    init_shim_logging(log_format, log_filter, log_file.as_deref());
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    let result = if args.flush_spool {
-        shim::flush_spool(&options).await
-    } else {
-        shim::run(
-            &options,
-            std::io::BufReader::with_capacity(1 << 16, std::io::stdin()),
-        )
-        .await
+    let memory = report_capture(captured, &failures, read_error.as_ref());
+    let options = match options {
+        Ok((options, _)) => options,
+        Err(e) if memory.is_some() => {
+            return fail(&format!(
+                "{e} (and no spool directory could keep this run's input: it is lost)"
+            ))
+        }
+        Err(e) => {
+            return fail(&format!(
+                "{e} (this run's input is spooled; a run with a good configuration delivers it)"
+            ))
+        }
     };
-    match result {
+    let memory = memory.map(|bytes| (header, bytes));
+    match shim::deliver(&options, memory).await {
         Ok(report) => {
             tracing::info!(
                 site = options.site,
                 lines = report.lines,
                 events = report.events,
                 dead_letters = report.dead_letters,
+                cut = report.cut,
                 delivered = report.delivered,
+                refused = report.refused,
                 spooled = report.spooled,
+                lost = report.lost,
                 "shim run finished"
             );
-            ExitCode::SUCCESS
+            match report.lost {
+                0 => ExitCode::SUCCESS,
+                _ => ExitCode::FAILURE,
+            }
         }
         Err(e) => fail(&e.to_string()),
     }
 }
 
-/// Merges config file, environment and flags into the shim's options (and its log file).
-fn shim_options(args: &ShimArgs) -> Result<(ShimOptions, Option<PathBuf>), String> {
-    let mut config = Config::load(args.config.as_deref()).map_err(|e| e.to_string())?;
+/// Logging as configured, or to stderr alone when the filter or the file is unusable (said so):
+/// the input is spooled already, and delivery goes on.
+fn init_shim_logging(format: LogFormat, filter: &str, file: Option<&std::path::Path>) {
+    let Err(first) = logging::init(format, filter, file) else {
+        return;
+    };
+    let retry =
+        logging::init(format, filter, None).or_else(|_| logging::init(format, "info", None));
+    match retry {
+        Ok(()) => tracing::warn!(error = %first, "logging as configured failed; logging to stderr"),
+        Err(e) => eprintln!("samgate: logging failed: {first}; {e}"),
+    }
+}
+
+/// Says where the input went; the bytes when only memory holds them.
+fn report_capture(
+    captured: Captured,
+    failures: &[spool::DirFailure],
+    read_error: Option<&std::io::Error>,
+) -> Option<Vec<u8>> {
+    for f in failures {
+        tracing::error!(spool = %f.dir.display(), error = %f.error, "a spool directory could not keep the input; moved on to the next");
+    }
+    if let Some(e) = read_error {
+        tracing::error!(error = %e, "reading stdin failed; what was read before is kept");
+    }
+    match captured {
+        Captured::Empty => None,
+        Captured::Spooled { dir, bytes } => {
+            tracing::debug!(spool = %dir.display(), bytes, "input spooled");
+            None
+        }
+        Captured::InMemory(bytes) => {
+            tracing::error!(bytes = bytes.len(), "no spool directory could keep the input: delivering it from memory, and what Kafka does not take now is lost");
+            Some(bytes)
+        }
+    }
+}
+
+/// The spool directories, known before the configuration is parsed: flags, then the file and
+/// the environment (just these two keys, leniently), then the defaults.
+fn early_spool_dirs(args: &ShimArgs) -> Vec<PathBuf> {
+    let defaults = crate::config::ShimConfig::default();
+    let figment = Config::figment(nonempty_path(&args.config).as_deref()).ok();
+    let configured = |key: &str| {
+        figment
+            .as_ref()
+            .and_then(|f| f.extract_inner::<PathBuf>(key).ok())
+    };
+    let primary = nonempty_path(&args.spool_dir)
+        .or_else(|| configured("shim.spool_dir"))
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(defaults.spool_dir);
+    let fallback = nonempty_path(&args.fallback_spool_dir)
+        .or_else(|| configured("shim.fallback_spool_dir"))
+        .unwrap_or(defaults.fallback_spool_dir);
+    let mut dirs = vec![primary];
+    if !fallback.as_os_str().is_empty() && fallback != dirs[0] {
+        dirs.push(fallback);
+    }
+    dirs
+}
+
+fn nonempty_path(value: &Option<PathBuf>) -> Option<PathBuf> {
+    value.clone().filter(|p| !p.as_os_str().is_empty())
+}
+
+/// Merges the shim's configuration (`[kafka]` and `[shim]` only), environment and flags into its
+/// options (and its log file).
+fn shim_options(
+    args: &ShimArgs,
+    spool_dirs: Vec<PathBuf>,
+    collector: String,
+) -> Result<(ShimOptions, Option<PathBuf>), String> {
+    let (mut kafka, mut shim) = crate::config::load_shim(nonempty_path(&args.config).as_deref())
+        .map_err(|e| e.to_string())?;
     if let Some(brokers) = nonempty(&args.brokers) {
-        config.kafka.brokers = brokers;
+        kafka.brokers = brokers;
     }
     if let Some(site) = nonempty(&args.site) {
-        config.shim.site = Some(site);
+        shim.site = Some(site);
     }
     if let Some(topic) = nonempty(&args.topic) {
-        config.kafka.topics.events = topic;
+        kafka.topics.events = topic;
     }
     if let Some(topic) = nonempty(&args.dlq_topic) {
-        config.kafka.topics.dlq = topic;
-    }
-    if let Some(dir) = args
-        .spool_dir
-        .as_ref()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        config.shim.spool_dir = dir.clone();
+        kafka.topics.dlq = topic;
     }
     if let Some(timeout) = args.delivery_timeout {
-        config.shim.delivery_timeout = timeout;
+        shim.delivery_timeout = timeout;
     }
-    if let Some(file) = args.log_file.as_ref().filter(|d| !d.as_os_str().is_empty()) {
-        config.shim.log_file = Some(file.clone());
+    if let Some(file) = nonempty_path(&args.log_file) {
+        shim.log_file = Some(file);
     }
-    let config = config.validate().map_err(|e| e.to_string())?;
-    let site = config
-        .shim
+    crate::config::validate_shim_view(&kafka, &shim).map_err(|e| e.to_string())?;
+    let site = shim
         .site
         .clone()
         .ok_or("no site: pass --site NAME (or set shim.site in the config file)")?;
-    validate_site("shim.site", &site).map_err(|e| e.to_string())?;
     let options = ShimOptions {
         site,
-        collector: gethostname::gethostname().to_string_lossy().into_owned(),
-        events_topic: config.kafka.topics.events.clone(),
-        dlq_topic: config.kafka.topics.dlq.clone(),
-        spool_dir: config.shim.spool_dir.clone(),
-        delivery_timeout: config.shim.delivery_timeout,
-        max_line_bytes: config.shim.max_line_bytes,
-        kafka: config.kafka,
+        collector,
+        events_topic: kafka.topics.events.clone(),
+        dlq_topic: kafka.topics.dlq.clone(),
+        spool_dirs,
+        delivery_timeout: shim.delivery_timeout,
+        max_line_bytes: shim.max_line_bytes,
+        kafka,
     };
-    Ok((options, config.shim.log_file))
+    Ok((options, shim.log_file))
 }
 
 fn nonempty(value: &Option<String>) -> Option<String> {

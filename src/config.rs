@@ -403,11 +403,16 @@ pub struct ShimConfig {
     /// Where undelivered messages wait for the next run. Must be on local disk; on a Flowmon
     /// appliance `/data/components/apps/` is writable by scripts.
     pub spool_dir: PathBuf,
+    /// Where input goes when `spool_dir` cannot take it (a full or read-only disk): best on
+    /// another file system. On a Flowmon appliance `spool_dir` is on the `/data` partition and
+    /// the default fallback on the system one. Empty: no fallback.
+    pub fallback_spool_dir: PathBuf,
     /// How long one run may spend delivering to Kafka before it spools what is left and exits.
     /// ADS waits for the script, so keep this well under a minute.
     #[serde(with = "humantime_serde")]
     pub delivery_timeout: Duration,
-    /// Longest accepted input line in bytes; longer lines go to the dead-letter topic (cut).
+    /// The largest event message in bytes: a larger event is cut to fit (its raw line, then its
+    /// target list, then its detail; never its source), keeping well under Kafka's 1 MB limit.
     pub max_line_bytes: usize,
     /// Also write logs to this file (appended), e.g. `/data/components/apps/log/samgate.log`.
     pub log_file: Option<PathBuf>,
@@ -418,6 +423,7 @@ impl Default for ShimConfig {
         Self {
             site: None,
             spool_dir: "/data/components/apps/samgate/spool".into(),
+            fallback_spool_dir: "/var/tmp/samgate/spool".into(),
             delivery_timeout: Duration::from_secs(10),
             max_line_bytes: 64 * 1024,
             log_file: None,
@@ -474,6 +480,13 @@ const OWNED_PROPERTIES: &[(&str, &str)] = &[
 impl Config {
     /// Loads defaults, then the file (if given), then `SAMGATE_<SECTION>__<FIELD>` variables.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::figment(path)?
+            .extract()
+            .map_err(|e| ConfigError::Parse(Box::new(e)))
+    }
+
+    /// Defaults, the file, the environment: not yet extracted.
+    pub(crate) fn figment(path: Option<&Path>) -> Result<Figment, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
             // figment ignores a missing file; a typo in --config must not silently mean defaults.
@@ -494,9 +507,7 @@ impl Config {
                 .filter(|key| key.as_str().contains("__"))
                 .split("__"),
         );
-        figment
-            .extract()
-            .map_err(|e| ConfigError::Parse(Box::new(e)))
+        Ok(figment)
     }
 
     /// Parses a TOML document (no environment), for tests and `config check`.
@@ -509,90 +520,115 @@ impl Config {
 
     /// Checks every field; the error names the field and the fix.
     pub fn validate(self) -> Result<Self, ConfigError> {
-        let k = &self.kafka;
-        validate_brokers(&k.brokers)?;
-        if k.client_id.trim().is_empty() {
-            return Err(invalid(
-                "kafka.client_id",
-                "is empty",
-                "set a name, e.g. \"samgate\"",
-            ));
-        }
-        let topics = [
-            ("kafka.topics.events", &k.topics.events),
-            ("kafka.topics.results", &k.topics.results),
-            ("kafka.topics.dlq", &k.topics.dlq),
-            ("kafka.topics.state", &k.topics.state),
-        ];
-        for (field, name) in topics {
-            validate_topic(field, name)?;
-        }
-        for (i, (field, name)) in topics.iter().enumerate() {
-            if let Some((other, _)) = topics[..i].iter().find(|(_, n)| n == name) {
-                return Err(ConfigError::Invalid {
-                    field,
-                    problem: format!("topic {name:?} is also {other}"),
-                    fix: "give each topic its own name",
-                });
-            }
-        }
-        if !(1..=10_000).contains(&k.partitions) {
-            return Err(invalid(
-                "kafka.partitions",
-                format!("{} is out of range", k.partitions),
-                "use 1 to 10000",
-            ));
-        }
-        if k.replication_factor == 0 || k.replication_factor < -1 {
-            return Err(invalid(
-                "kafka.replication_factor",
-                format!("{} is not a replication factor", k.replication_factor),
-                "use -1 (broker default) or a positive number",
-            ));
-        }
-        for key in k.properties.keys() {
-            if let Some((_, fix)) = OWNED_PROPERTIES.iter().find(|(owned, _)| owned == key) {
-                return Err(ConfigError::Invalid {
-                    field: "kafka.properties",
-                    problem: format!("`{key}` is set by samgate"),
-                    fix,
-                });
-            }
-        }
-        let s = &self.shim;
-        if let Some(site) = &s.site {
-            validate_site("shim.site", site)?;
-        }
-        if s.spool_dir.as_os_str().is_empty() {
-            return Err(invalid(
-                "shim.spool_dir",
-                "is empty",
-                "set a directory on local disk",
-            ));
-        }
-        if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&s.delivery_timeout) {
-            return Err(invalid(
-                "shim.delivery_timeout",
-                format!(
-                    "{} is out of range",
-                    humantime::format_duration(s.delivery_timeout)
-                ),
-                "use 1s to 5m (ADS waits for the shim; 10s is a good value)",
-            ));
-        }
-        if !(1024..=256 * 1024).contains(&s.max_line_bytes) {
-            return Err(invalid(
-                "shim.max_line_bytes",
-                format!("{} is out of range", s.max_line_bytes),
-                "use 1024 to 262144 (an event must fit a Kafka message)",
-            ));
-        }
+        validate_kafka(&self.kafka)?;
+        validate_shim(&self.shim)?;
         for (name, server) in &self.checkpoint.servers {
             validate_server(name, server)?;
         }
         self.validate_run()?;
         Ok(self)
     }
+}
+
+/// The shim's view: only the `[kafka]` and `[shim]` sections are read (and, with
+/// [`validate_shim_view`], checked), so a mistake in a section the shim does not use never
+/// stops it.
+pub fn load_shim(path: Option<&Path>) -> Result<(KafkaConfig, ShimConfig), ConfigError> {
+    let figment = Config::figment(path)?;
+    let parse = |e| ConfigError::Parse(Box::new(e));
+    let kafka: KafkaConfig = figment.extract_inner("kafka").map_err(parse)?;
+    let shim: ShimConfig = figment.extract_inner("shim").map_err(parse)?;
+    Ok((kafka, shim))
+}
+
+/// Checks the shim's view of the configuration (flags applied).
+pub fn validate_shim_view(kafka: &KafkaConfig, shim: &ShimConfig) -> Result<(), ConfigError> {
+    validate_kafka(kafka)?;
+    validate_shim(shim)
+}
+
+fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
+    validate_brokers(&k.brokers)?;
+    if k.client_id.trim().is_empty() {
+        return Err(invalid(
+            "kafka.client_id",
+            "is empty",
+            "set a name, e.g. \"samgate\"",
+        ));
+    }
+    let topics = [
+        ("kafka.topics.events", &k.topics.events),
+        ("kafka.topics.results", &k.topics.results),
+        ("kafka.topics.dlq", &k.topics.dlq),
+        ("kafka.topics.state", &k.topics.state),
+    ];
+    for (field, name) in topics {
+        validate_topic(field, name)?;
+    }
+    for (i, (field, name)) in topics.iter().enumerate() {
+        if let Some((other, _)) = topics[..i].iter().find(|(_, n)| n == name) {
+            return Err(ConfigError::Invalid {
+                field,
+                problem: format!("topic {name:?} is also {other}"),
+                fix: "give each topic its own name",
+            });
+        }
+    }
+    if !(1..=10_000).contains(&k.partitions) {
+        return Err(invalid(
+            "kafka.partitions",
+            format!("{} is out of range", k.partitions),
+            "use 1 to 10000",
+        ));
+    }
+    if k.replication_factor == 0 || k.replication_factor < -1 {
+        return Err(invalid(
+            "kafka.replication_factor",
+            format!("{} is not a replication factor", k.replication_factor),
+            "use -1 (broker default) or a positive number",
+        ));
+    }
+    for key in k.properties.keys() {
+        if let Some((_, fix)) = OWNED_PROPERTIES.iter().find(|(owned, _)| owned == key) {
+            return Err(ConfigError::Invalid {
+                field: "kafka.properties",
+                problem: format!("`{key}` is set by samgate"),
+                fix,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn validate_shim(s: &ShimConfig) -> Result<(), ConfigError> {
+    if let Some(site) = &s.site {
+        validate_site("shim.site", site)?;
+    }
+    if s.spool_dir.as_os_str().is_empty() {
+        return Err(invalid(
+            "shim.spool_dir",
+            "is empty",
+            "set a directory on local disk",
+        ));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&s.delivery_timeout) {
+        return Err(invalid(
+            "shim.delivery_timeout",
+            format!(
+                "{} is out of range",
+                humantime::format_duration(s.delivery_timeout)
+            ),
+            "use 1s to 5m (ADS waits for the shim; 10s is a good value)",
+        ));
+    }
+    if !(1024..=256 * 1024).contains(&s.max_line_bytes) {
+        return Err(invalid(
+            "shim.max_line_bytes",
+            format!("{} is out of range", s.max_line_bytes),
+            "use 1024 to 262144 (an event must fit a Kafka message)",
+        ));
+    }
+    Ok(())
 }
 
 impl Config {

@@ -336,7 +336,7 @@ async fn generate(
                 collector: format!("ads-{site}"),
                 events_topic: config.kafka.topics.events.clone(),
                 dlq_topic: config.kafka.topics.dlq.clone(),
-                spool_dir: spool.join(site),
+                spool_dirs: vec![spool.join(site)],
                 delivery_timeout: Duration::from_secs(5),
                 max_line_bytes: config.shim.max_line_bytes,
             };

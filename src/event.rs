@@ -35,8 +35,25 @@ pub struct Event {
     pub line: u64,
     /// The parsed fields.
     pub flowmon: FlowmonEvent,
-    /// The line exactly as received (terminator stripped, decoded as UTF-8 lossily).
+    /// The line exactly as received (terminator stripped, decoded as UTF-8 lossily); cut when
+    /// the event was too large (see `cut`).
     pub raw: String,
+    /// Present when the event was cut to fit a message: what was shortened. Never the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<Cut>,
+}
+
+/// How an event too large for a message was cut (see [`Event::fit`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cut {
+    /// The raw line's full length in bytes (`raw` keeps its start).
+    pub raw_len: usize,
+    /// Targets left out at the end of `flowmon.targets`.
+    #[serde(default)]
+    pub targets_omitted: usize,
+    /// The detail's full length in bytes, when it was shortened too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail_len: Option<usize>,
 }
 
 impl Event {
@@ -56,12 +73,72 @@ impl Event {
             line: line.number,
             flowmon,
             raw: String::from_utf8_lossy(&line.bytes).into_owned(),
+            cut: None,
+        }
+    }
+
+    /// Fits the event into `max` bytes of JSON, cutting (in this order, only as far as needed)
+    /// the raw line to a quarter of `max`, the target list (a scan of a /16 names thousands),
+    /// then the detail. The source and the method are never cut, so a huge event is still acted
+    /// on. `true` when something was cut; an event that cannot fit is `LineTooLong`.
+    pub fn fit(mut self, max: usize) -> Result<(Self, bool), crate::flowmon::ParseError> {
+        let size = |e: &Event| serde_json::to_vec(e).map_or(usize::MAX, |v| v.len());
+        let len = size(&self);
+        if len <= max {
+            return Ok((self, false));
+        }
+        let mut cut = Cut {
+            raw_len: self.raw.len(),
+            targets_omitted: 0,
+            detail_len: None,
+        };
+        truncate_utf8(&mut self.raw, max / 4);
+        self.cut = Some(cut.clone());
+        if size(&self) > max {
+            let all = std::mem::take(&mut self.flowmon.targets);
+            let (mut kept, mut over) = (0, all.len() + 1); // fits with `kept`, not with `over`
+            while over - kept > 1 {
+                let mid = (kept + over) / 2;
+                self.flowmon.targets = all[..mid].to_vec();
+                cut.targets_omitted = all.len() - mid;
+                self.cut = Some(cut.clone());
+                if size(&self) <= max {
+                    kept = mid;
+                } else {
+                    over = mid;
+                }
+            }
+            self.flowmon.targets = all[..kept].to_vec();
+            cut.targets_omitted = all.len() - kept;
+            self.cut = Some(cut.clone());
+        }
+        if size(&self) > max {
+            if let Some(detail) = &mut self.flowmon.detail {
+                cut.detail_len = Some(detail.len());
+                truncate_utf8(detail, max / 8);
+                self.cut = Some(cut);
+            }
+        }
+        match size(&self) <= max {
+            true => Ok((self, true)),
+            false => Err(crate::flowmon::ParseError::LineTooLong { len, max }),
         }
     }
 
     /// The Kafka key: `<site>/<source ip>`, so one partition (one consumer) owns an IP per site.
     pub fn key(&self) -> String {
         event_key(&self.site, self.flowmon.source)
+    }
+}
+
+/// Shortens `text` to at most `max` bytes, at a character boundary.
+fn truncate_utf8(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
     }
 }
 
@@ -240,5 +317,36 @@ mod tests {
         assert_eq!(d.raw.len(), DEAD_LETTER_RAW_LIMIT);
         assert!(d.raw_truncated);
         assert_eq!(d.raw_len, DEAD_LETTER_RAW_LIMIT + 10);
+    }
+
+    #[test]
+    fn a_huge_event_is_cut_to_fit_keeping_its_source() {
+        let targets: Vec<String> = (0..5000)
+            .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+            .collect();
+        let text = LINE.replacen(
+            "\t \t \t \t ",
+            &format!("\t \t{}\t \t ", targets.join(", ")),
+            1,
+        );
+        let raw = LineReader::new(text.as_bytes(), 1 << 24)
+            .next_line()
+            .unwrap()
+            .unwrap();
+        let parsed = raw.parse(1 << 24).unwrap().unwrap();
+        assert_eq!(parsed.targets.len(), 5000);
+        let event = Event::new("prague", "fm1", Utc::now(), &raw, parsed);
+        let (small, cut) = event.clone().fit(1 << 20).unwrap();
+        assert!(!cut && small.cut.is_none(), "fits as it is");
+        let (fitted, cut) = event.fit(16 * 1024).unwrap();
+        assert!(cut);
+        let size = serde_json::to_vec(&fitted).unwrap().len();
+        assert!(size <= 16 * 1024, "{size}");
+        let marker = fitted.cut.clone().unwrap();
+        assert_eq!(marker.raw_len, text.len());
+        assert_eq!(fitted.flowmon.targets.len() + marker.targets_omitted, 5000);
+        assert!(fitted.flowmon.targets.len() > 100, "as many as fit");
+        assert_eq!(fitted.flowmon.source.to_string(), "2001:db8::1");
+        assert_eq!(fitted.key(), "prague/2001:db8::1");
     }
 }

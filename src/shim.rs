@@ -1,57 +1,73 @@
-//! `samgate shim`: what Flowmon ADS runs. Reads events from stdin to EOF, publishes each to the
-//! events topic (bad lines to the dead-letter topic), and never loses one: everything read is
-//! first written durably to the [spool](crate::spool), then delivered, oldest first, within a
-//! bounded time; whatever Kafka did not acknowledge stays spooled for the next run.
+//! `samgate shim`: what Flowmon ADS runs. Its first act is to copy stdin, to its end and before
+//! reading any configuration, into the [spool](crate::spool) (`cli` calls [`spool::capture`]);
+//! only then does it read the configuration, turn the spooled input into events (bad lines into
+//! dead letters) and deliver everything spooled, oldest first, within `shim.delivery_timeout`.
+//! A broken configuration, a dead broker or a full disk therefore never costs an ADS run: what
+//! Kafka did not acknowledge stays spooled for the next run.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
+use std::collections::VecDeque;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chrono::Utc;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use tracing::{debug, error, info, warn};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
 
 use crate::config::KafkaConfig;
 use crate::event::{DeadLetter, DeadLetterStage, Event};
 use crate::flowmon::LineReader;
 use crate::kafka;
-use crate::spool::{segment_records, Spool, SpoolLock, SpoolRecord};
+use crate::spool::{self, segment_records, RawHeader, Spool, SpoolLock, SpoolRecord};
+
+/// The longest line read at all: a longer one is dead-lettered unread. Lines up to this size are
+/// parsed, and an event over `max_line_bytes` is cut to fit (see [`Event::fit`]).
+pub const READ_LINE_LIMIT: usize = 16 * 1024 * 1024;
+
+/// How much of a message Kafka refused its dead letter keeps: the refusal may be for size.
+const REFUSED_RAW_LIMIT: usize = 4 * 1024;
 
 /// Everything one shim run needs, already validated.
 #[derive(Debug, Clone)]
 pub struct ShimOptions {
     pub kafka: KafkaConfig,
+    /// The site of input whose run did not name one.
     pub site: String,
     /// Host name of this collector, recorded in every event.
     pub collector: String,
     pub events_topic: String,
     pub dlq_topic: String,
-    pub spool_dir: PathBuf,
+    /// The spool, then the fallback spool (if any).
+    pub spool_dirs: Vec<PathBuf>,
     pub delivery_timeout: Duration,
+    /// The largest event message: longer ones are cut to fit.
     pub max_line_bytes: usize,
 }
 
 /// What a run did. `spooled` is what still waits in the spool when the run ends.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShimReport {
-    /// Lines read from stdin (blank lines included).
+    /// Lines this run turned into messages (its own input, and input earlier runs left raw).
     pub lines: u64,
     pub events: u64,
     pub dead_letters: u64,
+    /// Events cut to fit a message (their targets, raw line or detail shortened).
+    pub cut: u64,
     /// Messages Kafka acknowledged in this run (spooled ones from earlier runs included).
     pub delivered: u64,
+    /// Messages Kafka refused for good, sent to the dead-letter topic instead.
+    pub refused: u64,
     /// Messages left in the spool for a later run.
     pub spooled: u64,
+    /// Messages no spool could keep and Kafka did not acknowledge: lost.
+    pub lost: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
-    #[error("cannot read stdin: {0}")]
-    Input(#[source] std::io::Error),
-    #[error("cannot write the spool at {dir}: {source}")]
+    #[error("cannot use the spool at {dir}: {source}")]
     Spool {
         dir: PathBuf,
         #[source]
@@ -61,68 +77,155 @@ pub enum ShimError {
     Kafka(#[from] kafka::KafkaSetupError),
 }
 
-/// Reads `input` to EOF into a spool segment, then delivers the spool.
-pub async fn run<R>(options: &ShimOptions, input: R) -> Result<ShimReport, ShimError>
-where
-    R: BufRead + Send + 'static,
-{
-    let spool = open_spool(&options.spool_dir)?;
-    let mut report = {
-        let spool = spool.clone();
-        let options = options.clone();
-        tokio::task::spawn_blocking(move || write_input(&options, &spool, input))
-            .await
-            .expect("input task panicked")?
-    };
-    let delivery = deliver_spool(options, &spool).await?;
-    report.delivered = delivery.delivered;
-    report.spooled = delivery.spooled;
+fn spool_err(dir: &Path) -> impl Fn(std::io::Error) -> ShimError + '_ {
+    move |source| ShimError::Spool {
+        dir: dir.to_owned(),
+        source,
+    }
+}
+
+/// Turns spooled input into messages and delivers the spool, all within `delivery_timeout`;
+/// then `memory`, input no spool could keep (its undelivered messages are lost, and counted).
+pub async fn deliver(
+    options: &ShimOptions,
+    memory: Option<(RawHeader, Vec<u8>)>,
+) -> Result<ShimReport, ShimError> {
+    let deadline = Instant::now() + options.delivery_timeout;
+    let mut report = ShimReport::default();
+    let held = lock_spools(options, deadline).await?;
+    let mut delivery = Delivery::new(options, deadline);
+    let mut attempted = HashSet::new();
+    // Segments written meanwhile by concurrent runs are picked up while time remains.
+    while Instant::now() < deadline {
+        let mut segments = Vec::new();
+        for (spool, lock) in &held {
+            convert_raw(options, spool, lock, &mut report)?;
+            let listed = spool.segments(lock).map_err(spool_err(spool.dir()))?;
+            segments.extend(listed.into_iter().filter(|s| !attempted.contains(s)));
+        }
+        if segments.is_empty() {
+            break;
+        }
+        segments.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+        attempted.extend(segments.iter().cloned());
+        if !delivery.ready(&mut report).await? {
+            report.spooled += count_records(&segments);
+            return Ok(report);
+        }
+        for segment in &segments {
+            let spool = held
+                .iter()
+                .find(|(s, _)| segment.parent() == Some(s.dir()))
+                .expect("a segment of a held spool");
+            delivery.segment(spool, segment, &mut report).await?;
+        }
+    }
+    let unattempted: Vec<PathBuf> = held
+        .iter()
+        .flat_map(|(spool, lock)| spool.segments(lock).unwrap_or_default())
+        .filter(|s| !attempted.contains(s))
+        .collect();
+    report.spooled += count_records(&unattempted);
+    if let Some((header, bytes)) = memory {
+        delivery.memory(&header, &bytes, &mut report).await?;
+    }
+    if report.spooled > 0 {
+        error!(spooled = report.spooled, delivered = report.delivered, "Kafka did not acknowledge every message in time; the rest stays spooled for the next run");
+    }
     Ok(report)
 }
 
-/// `samgate shim --flush-spool`: delivers what earlier runs left, reads no input.
-pub async fn flush_spool(options: &ShimOptions) -> Result<ShimReport, ShimError> {
-    let spool = open_spool(&options.spool_dir)?;
-    deliver_spool(options, &spool).await
+/// The lock of every spool directory that exists (the fallback only once it was needed).
+async fn lock_spools(
+    options: &ShimOptions,
+    deadline: Instant,
+) -> Result<Vec<(Spool, SpoolLock)>, ShimError> {
+    let mut held = Vec::new();
+    for dir in &options.spool_dirs {
+        if !dir.exists() && !held.is_empty() {
+            continue;
+        }
+        let spool = Spool::open(dir).map_err(spool_err(dir))?;
+        let wait = deadline.saturating_duration_since(Instant::now()) / 2;
+        let lock = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || spool.lock(wait))
+                .await
+                .expect("lock task panicked")
+                .map_err(spool_err(dir))?
+        };
+        match lock {
+            Some(lock) => {
+                spool.remove_stale(&lock).map_err(spool_err(dir))?;
+                held.push((spool, lock));
+            }
+            None => {
+                info!(spool = %dir.display(), "another shim run is delivering this spool; it will deliver this run's input too")
+            }
+        }
+    }
+    Ok(held)
 }
 
-fn open_spool(dir: &Path) -> Result<Spool, ShimError> {
-    Spool::open(dir).map_err(|source| ShimError::Spool {
-        dir: dir.to_owned(),
-        source,
-    })
-}
-
-/// Parses every line into an event or a dead letter and writes them, in input order, to a new
-/// durable spool segment.
-fn write_input<R: BufRead>(
+/// Converts every raw segment of `spool` into a message segment.
+fn convert_raw(
     options: &ShimOptions,
     spool: &Spool,
-    input: R,
-) -> Result<ShimReport, ShimError> {
-    let spool_err = |source| ShimError::Spool {
-        dir: spool.dir().to_owned(),
-        source,
-    };
-    let mut segment = spool.begin_segment().map_err(spool_err)?;
-    let mut reader = LineReader::new(input, options.max_line_bytes);
-    let mut report = ShimReport::default();
-    while let Some(line) = reader.next_line().map_err(ShimError::Input)? {
+    lock: &SpoolLock,
+    report: &mut ShimReport,
+) -> Result<(), ShimError> {
+    for raw in spool.raw_segments(lock).map_err(spool_err(spool.dir()))? {
+        let converted = spool.convert(lock, &raw, |header, input, writer| {
+            for record in messages(options, header, input, report) {
+                writer.push(&record?)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = converted {
+            error!(segment = %raw.display(), error = %e, "cannot convert spooled input; it stays spooled");
+        }
+    }
+    Ok(())
+}
+
+/// The messages of one run's input: an event per line, a dead letter per bad line.
+fn messages<'a>(
+    options: &'a ShimOptions,
+    header: &'a RawHeader,
+    input: &'a mut dyn BufRead,
+    report: &'a mut ShimReport,
+) -> impl Iterator<Item = std::io::Result<SpoolRecord>> + 'a {
+    let site = header.site.clone().unwrap_or_else(|| options.site.clone());
+    let events_topic = header
+        .events_topic
+        .clone()
+        .unwrap_or_else(|| options.events_topic.clone());
+    let dlq_topic = header
+        .dlq_topic
+        .clone()
+        .unwrap_or_else(|| options.dlq_topic.clone());
+    let mut reader = LineReader::new(input, READ_LINE_LIMIT);
+    std::iter::from_fn(move || loop {
+        let line = match reader.next_line() {
+            Ok(Some(line)) => line,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
         report.lines += 1;
-        let received_at = Utc::now();
-        let record = match line.parse(options.max_line_bytes) {
+        let parsed = line.parse(READ_LINE_LIMIT).and_then(|parsed| {
+            let Some(parsed) = parsed else {
+                return Ok(None);
+            };
+            let event = Event::new(&site, &header.collector, header.received_at, &line, parsed);
+            event.fit(options.max_line_bytes).map(Some)
+        });
+        let record = match parsed {
             Ok(None) => continue,
-            Ok(Some(parsed)) => {
+            Ok(Some((event, cut))) => {
                 report.events += 1;
-                let event = Event::new(
-                    &options.site,
-                    &options.collector,
-                    received_at,
-                    &line,
-                    parsed,
-                );
+                report.cut += u64::from(cut);
                 SpoolRecord {
-                    topic: options.events_topic.clone(),
+                    topic: events_topic.clone(),
                     key: event.key(),
                     value: serde_json::to_string(&event).expect("events serialize"),
                 }
@@ -137,157 +240,290 @@ fn write_input<R: BufRead>(
                     &line.bytes,
                     line.len,
                 );
-                dead.site = Some(options.site.clone());
-                dead.collector = Some(options.collector.clone());
+                dead.site = Some(site.clone());
+                dead.collector = Some(header.collector.clone());
                 dead.line = Some(line.number);
                 SpoolRecord {
-                    topic: options.dlq_topic.clone(),
-                    key: options.site.clone(),
+                    topic: dlq_topic.clone(),
+                    key: site.clone(),
                     value: serde_json::to_string(&dead).expect("dead letters serialize"),
                 }
             }
         };
-        segment.push(&record).map_err(spool_err)?;
-    }
-    segment.commit().map_err(spool_err)?;
-    Ok(report)
+        return Some(Ok(record));
+    })
 }
 
-/// Delivers every spooled segment, oldest first, within `delivery_timeout`.
-async fn deliver_spool(options: &ShimOptions, spool: &Spool) -> Result<ShimReport, ShimError> {
-    let deadline = Instant::now() + options.delivery_timeout;
-    let spool_err = |source| ShimError::Spool {
-        dir: spool.dir().to_owned(),
-        source,
-    };
-    let lock = {
-        let spool = spool.clone();
-        let wait = options.delivery_timeout;
-        tokio::task::spawn_blocking(move || spool.lock(wait))
-            .await
-            .expect("lock task panicked")
-            .map_err(spool_err)?
-    };
-    let Some(lock) = lock else {
-        info!("another shim run is delivering the spool; it will deliver this run's events too");
-        return Ok(ShimReport::default());
-    };
-    let segments = spool.segments(&lock).map_err(spool_err)?;
-    if segments.is_empty() {
-        return Ok(ShimReport::default());
-    }
-    let pending = spool.pending(&lock).map_err(spool_err)? as u64;
-
-    let topics = [options.events_topic.as_str(), options.dlq_topic.as_str()];
-    if let Err(e) = kafka::ensure_topics(&options.kafka, &topics, remaining(deadline)).await {
-        error!(error = %e, spooled = pending, spool = %spool.dir().display(), "Kafka is not usable; events stay spooled for the next run");
-        return Ok(ShimReport {
-            spooled: pending,
-            ..ShimReport::default()
-        });
-    }
-    let producer = kafka::producer(&options.kafka, remaining(deadline))?;
-
-    let mut report = ShimReport::default();
-    let mut in_flight: VecDeque<(usize, usize, DeliveryFuture)> = VecDeque::new();
-    let mut failed: Vec<HashSet<usize>> = vec![HashSet::new(); segments.len()];
-    for (s, segment) in segments.iter().enumerate() {
-        for (r, record) in segment_records(segment).map_err(spool_err)?.enumerate() {
-            let record = record.map_err(spool_err)?;
-            let future = send(&producer, &record, &mut in_flight, &mut failed, &mut report).await;
-            match future {
-                Some(future) => in_flight.push_back((s, r, future)),
-                None => {
-                    failed[s].insert(r);
-                }
-            }
-        }
-    }
-    while let Some((s, r, future)) = in_flight.pop_front() {
-        settle_delivery(s, r, future.await, &mut failed, &mut report);
-    }
-    settle_segments(spool, &lock, &segments, &failed, &mut report).map_err(spool_err)?;
-    Ok(report)
+/// Counts the records of `segments` (for the report), by their lines.
+fn count_records(segments: &[PathBuf]) -> u64 {
+    segments
+        .iter()
+        .filter_map(|s| std::fs::read(s).ok())
+        .map(|bytes| bytecount(&bytes))
+        .sum()
 }
 
-/// Hands one record to the producer; when its queue is full, waits for the oldest delivery.
-async fn send(
-    producer: &FutureProducer,
-    record: &SpoolRecord,
-    in_flight: &mut VecDeque<(usize, usize, DeliveryFuture)>,
-    failed: &mut [HashSet<usize>],
-    report: &mut ShimReport,
-) -> Option<DeliveryFuture> {
-    loop {
-        let message = FutureRecord::to(&record.topic)
-            .key(&record.key)
-            .payload(&record.value);
-        match producer.send_result(message) {
-            Ok(future) => return Some(future),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                match in_flight.pop_front() {
-                    Some((s, r, future)) => settle_delivery(s, r, future.await, failed, report),
-                    None => tokio::time::sleep(Duration::from_millis(10)).await,
-                }
-            }
-            Err((e, _)) => {
-                warn!(topic = record.topic, error = %e, "cannot enqueue a message; it stays spooled");
-                return None;
-            }
-        }
-    }
+fn bytecount(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| b == b'\n').count() as u64
 }
 
-fn settle_delivery<Canceled>(
-    segment: usize,
-    record: usize,
-    result: Result<OwnedDeliveryResult, Canceled>,
-    failed: &mut [HashSet<usize>],
-    report: &mut ShimReport,
-) {
-    match result {
-        Ok(Ok(_)) => report.delivered += 1,
-        Ok(Err((e, _))) => {
-            debug!(error = %e, "delivery failed");
-            failed[segment].insert(record);
-        }
-        Err(_) => {
-            failed[segment].insert(record);
-        }
-    }
+/// Kafka errors that no retry will cure: the record goes to the dead-letter topic instead.
+pub fn refused_for_good(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::TopicAuthorizationFailed
+            | C::InvalidTopic
+    )
 }
 
-/// Removes what was delivered from each segment; keeps the rest.
-fn settle_segments(
-    spool: &Spool,
-    lock: &SpoolLock,
-    segments: &[PathBuf],
-    failed: &[HashSet<usize>],
-    report: &mut ShimReport,
-) -> std::io::Result<()> {
-    for (segment, failed) in segments.iter().zip(failed) {
-        let remaining: Vec<SpoolRecord> = if failed.is_empty() {
-            Vec::new()
-        } else {
-            segment_records(segment)?
-                .enumerate()
-                .filter(|(i, _)| failed.contains(i))
-                .map(|(_, r)| r)
-                .collect::<std::io::Result<_>>()?
-        };
+/// One run's producer and what it sends.
+struct Delivery<'a> {
+    options: &'a ShimOptions,
+    deadline: Instant,
+    producer: Option<FutureProducer>,
+}
+
+/// A record in flight: its index in the segment, and its delivery.
+type InFlight = (usize, DeliveryFuture);
+
+impl<'a> Delivery<'a> {
+    fn new(options: &'a ShimOptions, deadline: Instant) -> Self {
+        Self {
+            options,
+            deadline,
+            producer: None,
+        }
+    }
+
+    fn remaining(&self) -> Duration {
+        self.deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100))
+    }
+
+    /// Makes the producer (once). `false` when Kafka is not usable: everything stays spooled.
+    async fn ready(&mut self, report: &mut ShimReport) -> Result<bool, ShimError> {
+        if self.producer.is_some() {
+            return Ok(true);
+        }
+        let o = self.options;
+        let topics = [o.events_topic.as_str(), o.dlq_topic.as_str()];
+        if let Err(e) = kafka::ensure_topics(&o.kafka, &topics, self.remaining()).await {
+            error!(error = %e, delivered = report.delivered, "Kafka is not usable; events stay spooled for the next run");
+            return Ok(false);
+        }
+        self.producer = Some(kafka::producer(&o.kafka, self.remaining())?);
+        Ok(true)
+    }
+
+    /// Delivers one segment; keeps in it what was not acknowledged.
+    async fn segment(
+        &mut self,
+        (spool, lock): &(Spool, SpoolLock),
+        segment: &Path,
+        report: &mut ShimReport,
+    ) -> Result<(), ShimError> {
+        let err = spool_err(spool.dir());
+        let records: Vec<SpoolRecord> = segment_records(segment)
+            .map_err(&err)?
+            .collect::<std::io::Result<_>>()
+            .map_err(&err)?;
+        let kept = self.send_all(&records, report).await;
+        let remaining: Vec<SpoolRecord> = kept.into_iter().map(|i| records[i].clone()).collect();
         report.spooled += remaining.len() as u64;
-        spool.settle(lock, segment, &remaining)?;
+        spool.settle(lock, segment, &remaining).map_err(&err)
     }
-    if report.spooled > 0 {
-        error!(spooled = report.spooled, delivered = report.delivered, spool = %spool.dir().display(), "Kafka did not acknowledge every message in time; the rest stays spooled for the next run");
+
+    /// Delivers input that only memory holds; what is not acknowledged is lost, and said so.
+    async fn memory(
+        &mut self,
+        header: &RawHeader,
+        bytes: &[u8],
+        report: &mut ShimReport,
+    ) -> Result<(), ShimError> {
+        let mut input: &[u8] = bytes;
+        let records: Vec<SpoolRecord> = messages(self.options, header, &mut input, report)
+            .collect::<std::io::Result<_>>()
+            .expect("reading memory cannot fail");
+        let lost = if self.ready(report).await? {
+            self.send_all(&records, report).await.len()
+        } else {
+            records.len()
+        };
+        if lost > 0 {
+            report.lost += lost as u64;
+            error!(lost, "no spool directory could keep this run's input and Kafka did not take all of it: these events are lost");
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Sends `records` (a refused one to the dead-letter topic instead); returns the indices of
+    /// those not acknowledged before the deadline.
+    async fn send_all(&self, records: &[SpoolRecord], report: &mut ShimReport) -> Vec<usize> {
+        let producer = self.producer.as_ref().expect("ready before sending");
+        let mut kept = Vec::new();
+        let mut refused = Vec::new();
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        for (i, record) in records.iter().enumerate() {
+            if Instant::now() >= self.deadline {
+                kept.push(i);
+                continue;
+            }
+            match self
+                .enqueue(
+                    producer,
+                    record,
+                    &mut in_flight,
+                    &mut kept,
+                    &mut refused,
+                    report,
+                )
+                .await
+            {
+                Ok(future) => in_flight.push_back((i, future)),
+                Err(Some(code)) => refused.push((i, code)),
+                Err(None) => kept.push(i),
+            }
+        }
+        while let Some((i, future)) = in_flight.pop_front() {
+            self.settle(i, future, &mut kept, &mut refused, report)
+                .await;
+        }
+        for (i, code) in refused {
+            if !self.dead_letter(producer, &records[i], code).await {
+                kept.push(i);
+            } else {
+                report.refused += 1;
+            }
+        }
+        kept.sort_unstable();
+        kept
+    }
+
+    /// Hands one record to the producer; when its queue is full, waits for the oldest delivery.
+    /// `Err(Some(code))`: refused for good; `Err(None)`: not now.
+    async fn enqueue(
+        &self,
+        producer: &FutureProducer,
+        record: &SpoolRecord,
+        in_flight: &mut VecDeque<InFlight>,
+        kept: &mut Vec<usize>,
+        refused: &mut Vec<(usize, RDKafkaErrorCode)>,
+        report: &mut ShimReport,
+    ) -> Result<DeliveryFuture, Option<RDKafkaErrorCode>> {
+        loop {
+            let message = FutureRecord::to(&record.topic)
+                .key(&record.key)
+                .payload(&record.value);
+            match producer.send_result(message) {
+                Ok(future) => return Ok(future),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    match in_flight.pop_front() {
+                        Some((i, future)) => self.settle(i, future, kept, refused, report).await,
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+                Err((e, _)) => {
+                    let code = e.rdkafka_error_code().filter(|c| refused_for_good(*c));
+                    if code.is_none() {
+                        warn!(topic = record.topic, error = %e, "cannot enqueue a message; it stays spooled");
+                    }
+                    return Err(code);
+                }
+            }
+        }
+    }
+
+    async fn settle(
+        &self,
+        i: usize,
+        future: DeliveryFuture,
+        kept: &mut Vec<usize>,
+        refused: &mut Vec<(usize, RDKafkaErrorCode)>,
+        report: &mut ShimReport,
+    ) {
+        match tokio::time::timeout_at(self.deadline, future).await {
+            Ok(Ok(Ok(_))) => report.delivered += 1,
+            Ok(Ok(Err((e, _)))) => match e.rdkafka_error_code().filter(|c| refused_for_good(*c)) {
+                Some(code) => refused.push((i, code)),
+                None => kept.push(i),
+            },
+            Ok(Err(_)) | Err(_) => kept.push(i),
+        }
+    }
+
+    /// A record Kafka refused for good, as a dead letter (its value cut to fit). `false` when
+    /// the dead letter was not acknowledged either: the record stays spooled.
+    async fn dead_letter(
+        &self,
+        producer: &FutureProducer,
+        record: &SpoolRecord,
+        code: RDKafkaErrorCode,
+    ) -> bool {
+        let reason = format!(
+            "Kafka refused the {} byte message for topic {:?}: {code}",
+            record.value.len(),
+            record.topic
+        );
+        error!(topic = record.topic, bytes = record.value.len(), error = %code, "Kafka refused a message for good; sending it to the dead-letter topic");
+        if record.topic == self.options.dlq_topic {
+            return false; // a dead letter refused for good: the topic's settings need a fix
+        }
+        let value = record.value.as_bytes();
+        let dead = DeadLetter::new(
+            DeadLetterStage::Shim,
+            "kafka_refused",
+            reason,
+            &value[..value.len().min(REFUSED_RAW_LIMIT)],
+            value.len(),
+        );
+        let value = serde_json::to_string(&dead).expect("dead letters serialize");
+        let message = FutureRecord::to(&self.options.dlq_topic)
+            .key(&record.key)
+            .payload(&value);
+        match producer.send_result(message) {
+            Ok(future) => matches!(
+                tokio::time::timeout_at(self.deadline, future).await,
+                Ok(Ok(Ok(_)))
+            ),
+            Err(_) => false,
+        }
+    }
 }
 
-fn remaining(deadline: Instant) -> Duration {
-    deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(100))
+/// A whole run in one call, for callers with the input in hand (the demo, tests): capture into
+/// the spool, then deliver.
+pub async fn run<R>(options: &ShimOptions, input: R) -> Result<ShimReport, ShimError>
+where
+    R: std::io::Read + Send + 'static,
+{
+    let header = RawHeader {
+        received_at: chrono::Utc::now(),
+        collector: options.collector.clone(),
+        site: None,
+        events_topic: None,
+        dlq_topic: None,
+    };
+    let dirs = options.spool_dirs.clone();
+    let head = header.clone();
+    let (captured, _, _) = tokio::task::spawn_blocking(move || spool::capture(&dirs, &head, input))
+        .await
+        .expect("capture task panicked");
+    let memory = match captured {
+        spool::Captured::InMemory(bytes) => Some((header, bytes)),
+        _ => None,
+    };
+    deliver(options, memory).await
+}
+
+/// `samgate shim --flush-spool`: delivers what earlier runs left, reads no input.
+pub async fn flush_spool(options: &ShimOptions) -> Result<ShimReport, ShimError> {
+    deliver(options, None).await
 }
 
 #[cfg(test)]
@@ -307,7 +543,7 @@ mod tests {
             collector: "test-host".into(),
             events_topic: "events".into(),
             dlq_topic: "dlq".into(),
-            spool_dir: spool.to_owned(),
+            spool_dirs: vec![spool.to_owned()],
             delivery_timeout: Duration::from_secs(2),
             max_line_bytes: 4096,
         }
@@ -359,5 +595,21 @@ mod tests {
         cluster.broker_up(1).unwrap();
         let report = flush_spool(&options).await.unwrap();
         assert_eq!((report.lines, report.delivered, report.spooled), (0, 20, 0));
+    }
+
+    #[test]
+    fn only_refusals_no_retry_cures_are_for_good() {
+        use RDKafkaErrorCode as C;
+        for (code, for_good) in [
+            (C::MessageSizeTooLarge, true),
+            (C::TopicAuthorizationFailed, true),
+            (C::InvalidRecord, true),
+            (C::MessageTimedOut, false),
+            (C::BrokerTransportFailure, false),
+            (C::NotLeaderForPartition, false),
+            (C::UnknownTopicOrPartition, false),
+        ] {
+            assert_eq!(refused_for_good(code), for_good, "{code:?}");
+        }
     }
 }

@@ -355,3 +355,215 @@ fn an_empty_run_succeeds_quietly() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(spooled(dir.path()).is_empty());
 }
+
+/// ADS loses a run the shim does not keep: a broken configuration (even in a section the shim
+/// does not use), with Kafka down too, still keeps every line, and the next good run delivers
+/// each exactly once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_configuration_and_a_dead_broker_lose_nothing() {
+    let (topic, dlq) = (unique("events"), unique("dlq"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let spool_dir = spool.to_str().unwrap();
+    let config = dir.path().join("samgate.toml");
+    let dead = dead_broker();
+    let with_config = |brokers: &str, text: &str| {
+        std::fs::write(&config, text).unwrap();
+        let mut args = shim_args(brokers, spool_dir, &topic, &dlq);
+        args.extend(["--config", config.to_str().unwrap()]);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let run = |args: &[String], ids: std::ops::RangeInclusive<u32>| {
+        let input: Vec<String> = ids.map(|i| ads_standard(i, "198.51.100.7")).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        samgate(&args, input.join("\n").as_bytes())
+    };
+
+    // A mistake in the shim's own section: refused with a one-line reason, input kept raw.
+    let out = run(&with_config(&dead, "[shim]\nmax_line_bytes = 10\n"), 1..=3);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("shim.max_line_bytes") && err.contains("spooled"),
+        "{err}"
+    );
+    let reasons: Vec<&str> = err.lines().filter(|l| l.starts_with("samgate: ")).collect();
+    assert_eq!(reasons.len(), 1, "one-line reason: {err}");
+    assert_eq!(spooled_raw_lines(&spool), 3);
+
+    // An invalid TOML file and a bad log filter: still kept.
+    let mut args = with_config(&dead, "this is not TOML [");
+    args.splice(0..0, ["--log".to_string(), "no such level ((".to_string()]);
+    let out = run(&args, 4..=5);
+    assert!(!out.status.success());
+    assert_eq!(spooled_raw_lines(&spool), 5, "{}", stderr(&out));
+
+    // A mistake in a section only `samgate run` reads does not stop the shim; Kafka is down,
+    // so everything waits, now as messages.
+    let out = run(
+        &with_config(&dead, "[run]\nmax_in_flight = \"lots\"\n"),
+        6..=6,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(spooled_raw_lines(&spool), 0);
+    assert_eq!(spooled(&spool).len(), 6);
+
+    let out = run(&with_config(&brokers(), ""), 7..=7);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ids: Vec<String> = read_topic(&topic, 7)
+        .iter()
+        .map(|e| e.value["flowmon"]["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        ["1", "2", "3", "4", "5", "6", "7"],
+        "in order, none twice"
+    );
+    assert!(spooled(&spool).is_empty());
+    assert_eq!(spooled_raw_lines(&spool), 0);
+}
+
+/// A spool on a full disk: the bytes already written move to the fallback spool, and the run
+/// delivers everything. (Needs a small tmpfs: mounted when the test runs as root.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_spool_disk_moves_the_input_to_the_fallback() {
+    let (topic, dlq) = (unique("events"), unique("dlq"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=64k",
+            "tmpfs",
+            full.to_str().unwrap(),
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        mounted,
+        "this test needs to mount a 64 KiB tmpfs (run as root)"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(full.clone());
+    let fallback = dir.path().join("fallback");
+
+    // About 400 KiB of input: the tmpfs fills in the middle of it.
+    let input: Vec<String> = (1..=1500)
+        .map(|i| ads_standard(i, "198.51.100.8"))
+        .collect();
+    let brokers = brokers();
+    let mut args = shim_args(&brokers, full.to_str().unwrap(), &topic, &dlq);
+    let at = args
+        .iter()
+        .position(|a| *a == "--delivery-timeout")
+        .unwrap();
+    args[at + 1] = "20s";
+    args.extend(["--fallback-spool-dir", fallback.to_str().unwrap()]);
+    let out = samgate(&args, input.join("\n").as_bytes());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("moved on to the next"),
+        "{}",
+        stderr(&out)
+    );
+    let events = read_topic(&topic, 1500);
+    let ids: Vec<u32> = events
+        .iter()
+        .map(|e| {
+            e.value["flowmon"]["event_id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=1500).collect::<Vec<_>>(),
+        "every line, in order, once"
+    );
+    let left: Vec<_> = std::fs::read_dir(&full)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.iter().all(|n| n == "spool.lock"),
+        "the full disk is left clean: {left:?}"
+    );
+    assert!(spooled(&fallback).is_empty());
+}
+
+/// A message Kafka refuses for good (here: larger than the producer's `message.max.bytes`) goes
+/// to the dead-letter topic with the reason and its size, and leaves the spool.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_kafka_refuses_goes_to_the_dead_letter_topic() {
+    let (topic, dlq) = (unique("events"), unique("dlq"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("samgate.toml");
+    std::fs::write(
+        &config,
+        "[kafka.properties]\n\"message.max.bytes\" = \"6000\"\n",
+    )
+    .unwrap();
+    let spool = dir.path().join("spool");
+    let brokers = brokers();
+    let mut args = shim_args(&brokers, spool.to_str().unwrap(), &topic, &dlq);
+    args.extend(["--config", config.to_str().unwrap()]);
+    let mut big = ads_standard(2, "198.51.100.9");
+    big = big.replace("TCP SYN scan", &"TCP SYN scan ".repeat(1000));
+    let input = [ads_standard(1, "198.51.100.9"), big].join("\n");
+    let out = samgate(&args, input.as_bytes());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(read_topic(&topic, 1).len(), 1);
+    let dead = read_topic(&dlq, 1);
+    assert_eq!(dead.len(), 1);
+    let dead = &dead[0].value;
+    assert_eq!(dead["error"], "kafka_refused", "{dead}");
+    assert!(dead["raw_len"].as_u64().unwrap() > 6000, "{dead}");
+    assert_eq!(dead["raw_truncated"], true, "{dead}");
+    assert!(
+        spooled(&spool).is_empty(),
+        "the refused message left the spool"
+    );
+}
+
+/// A scan of a large network names thousands of targets: the event is cut to fit (its target
+/// list, with a count of what was left out), never dead-lettered, and keeps its source.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_with_thousands_of_targets_is_cut_to_fit_and_kept() {
+    let (topic, dlq) = (unique("events"), unique("dlq"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let spool = tempfile::tempdir().unwrap();
+    let targets: Vec<String> = (0..20_000)
+        .map(|i| format!("10.{}.{}.{}", i / 65536, i / 256 % 256, i % 256))
+        .collect();
+    let line = ads_standard(1, "198.51.100.10").replace("10.0.0.1, 10.0.0.2", &targets.join(", "));
+    assert!(line.len() > 64 * 1024, "longer than max_line_bytes");
+    let out = samgate(
+        &shim_args(&brokers(), spool.path().to_str().unwrap(), &topic, &dlq),
+        line.as_bytes(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = read_topic(&topic, 1);
+    let event = &events[0].value;
+    assert_eq!(event["flowmon"]["source"], "198.51.100.10");
+    let kept = event["flowmon"]["targets"].as_array().unwrap().len();
+    let omitted = event["cut"]["targets_omitted"].as_u64().unwrap() as usize;
+    assert!(kept > 100 && kept + omitted == 20_000, "{kept} + {omitted}");
+    assert!(serde_json::to_vec(event).unwrap().len() <= 64 * 1024);
+}

@@ -294,6 +294,7 @@ mod tests {
                 ids: None,
             },
             raw: String::new(),
+            cut: None,
         }
     }
 

@@ -351,6 +351,7 @@ mod tests {
                 ids: None,
             },
             raw: String::new(),
+            cut: None,
         }
     }
 

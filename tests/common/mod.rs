@@ -170,7 +170,30 @@ pub fn samgate_command() -> Command {
             command.env_remove(key);
         }
     }
+    // No test shares the machine-wide default fallback spool; a test that wants one names it.
+    command.env("SAMGATE_SHIM__FALLBACK_SPOOL_DIR", "");
     command
+}
+
+/// Lines of input waiting in raw spool segments (not yet turned into messages), all runs.
+pub fn spooled_raw_lines(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "raw")
+                && !p.file_name().unwrap().to_string_lossy().starts_with('.')
+        })
+        .map(|p| {
+            let text = std::fs::read_to_string(p).unwrap();
+            text.lines()
+                .skip(1)
+                .filter(|l| !l.trim().is_empty())
+                .count()
+        })
+        .sum()
 }
 
 /// A program of the environment `scripts/deploy-tools` installs (Helm's SDK, the Kubernetes and
