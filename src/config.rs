@@ -282,6 +282,10 @@ pub struct ManagementServerConfig {
     /// How the server's certificate is checked.
     #[serde(default)]
     pub tls: TlsConfig,
+    /// Accept an `http://` URL (labs only: credentials and session ids then cross the network
+    /// in clear; samgate warns at every start). Off: an `http://` URL refuses to start.
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 fn default_session_timeout() -> Duration {
@@ -502,11 +506,13 @@ impl Config {
                 figment.merge(Toml::file(path))
             };
         }
-        figment = figment.merge(
-            Env::prefixed("SAMGATE_")
-                .filter(|key| key.as_str().contains("__"))
-                .split("__"),
-        );
+        figment = figment
+            .merge(
+                Env::prefixed("SAMGATE_")
+                    .filter(|key| key.as_str().contains("__") && !is_secret_key(key.as_str()))
+                    .split("__"),
+            )
+            .merge(SecretEnv(std::env::vars().collect()));
         Ok(figment)
     }
 
@@ -527,6 +533,55 @@ impl Config {
         }
         self.validate_run()?;
         Ok(self)
+    }
+}
+
+/// Whether `SAMGATE_<…>__<FIELD>` names a secret (`password`, `api_key`), which is read as the
+/// text it is, never as a number.
+fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.ends_with("__password") || key.ends_with("__api_key")
+}
+
+/// Secrets from `SAMGATE_…__PASSWORD` and `SAMGATE_…__API_KEY` variables, as the strings they
+/// are: the generic environment provider would read `007` as the number 7, and a numeric value
+/// as a number that a string field refuses (showing it in the error).
+struct SecretEnv(Vec<(String, String)>);
+
+impl figment::Provider for SecretEnv {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("SAMGATE_ environment variables (secrets)")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        use figment::value::{Dict, Value};
+        fn nest(dict: &mut Dict, path: &[String], value: Value) {
+            match path {
+                [] => {}
+                [last] => {
+                    dict.insert(last.clone(), value);
+                }
+                [first, rest @ ..] => {
+                    let entry = dict
+                        .entry(first.clone())
+                        .or_insert_with(|| Value::from(Dict::new()));
+                    if let Value::Dict(_, inner) = entry {
+                        nest(inner, rest, value);
+                    }
+                }
+            }
+        }
+        let mut dict = Dict::new();
+        for (key, value) in &self.0 {
+            let Some(path) = key.strip_prefix("SAMGATE_").filter(|p| is_secret_key(p)) else {
+                continue;
+            };
+            let path: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            nest(&mut dict, &path, Value::from(value.clone()));
+        }
+        Ok(figment::Profile::Default.collect(dict))
     }
 }
 
@@ -775,7 +830,18 @@ fn validate_server(name: &str, s: &ManagementServerConfig) -> Result<(), ConfigE
         ));
     }
     match url::Url::parse(&s.url) {
-        Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
+        Ok(u) if u.scheme() == "https" => {}
+        Ok(u) if u.scheme() == "http" && !s.allow_plaintext => {
+            return Err(invalid(
+                "checkpoint.servers.url",
+                named(format!(
+                    "{:?} is plain http://: the password and every session id would cross the network unencrypted",
+                    s.url
+                )),
+                "use https:// (in a lab only, set allow_plaintext = true for this server)",
+            ))
+        }
+        Ok(u) if u.scheme() == "http" => {}
         _ => {
             return Err(invalid(
                 "checkpoint.servers.url",
@@ -887,7 +953,7 @@ fn validate_topic(field: &'static str, name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Site names go into message keys (`<site>/<ip>`) and metric labels: keep them plain.
+/// Site names go into messages and metric labels: keep them plain.
 pub fn validate_site(field: &'static str, site: &str) -> Result<(), ConfigError> {
     let legal = site
         .bytes()
@@ -996,6 +1062,7 @@ mod tests {
             ),
             ("[shim]\nmax_line_bytes = 10", "shim.max_line_bytes"),
             ("[checkpoint.servers.a]\nurl = \"ftp://x\"\napi_key = \"k\"", "checkpoint.servers.url"),
+            ("[checkpoint.servers.a]\nurl = \"http://x\"\napi_key = \"k\"", "checkpoint.servers.url"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"", "checkpoint.servers.api_key"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\nuser = \"u\"\npassword = \"p\"\napi_key = \"k\"", "checkpoint.servers.api_key"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nlogins_per_minute = 0", "checkpoint.servers.logins_per_minute"),
@@ -1028,6 +1095,67 @@ mod tests {
         );
         assert!(!format!("{c:?}").contains("hunter2"));
         assert!(!serde_json::to_string(&c).unwrap().contains("hunter2"));
+    }
+
+    #[test]
+    fn plain_http_needs_an_explicit_lab_switch() {
+        let server = "[checkpoint.servers.lab]\nurl = \"http://192.0.2.9\"\napi_key = \"k\"\n";
+        let err = Config::from_toml(server)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("plain http://") && err.contains("allow_plaintext"),
+            "{err}"
+        );
+        let lab = format!("{server}allow_plaintext = true\n");
+        assert!(Config::from_toml(&lab).unwrap().validate().is_ok());
+    }
+
+    #[test]
+    fn secrets_from_the_environment_are_their_text_and_never_printed() {
+        let server = "[checkpoint.servers.hq]\nurl = \"https://192.0.2.9\"\nuser = \"samgate\"\n";
+        let env = SecretEnv(vec![
+            (
+                "SAMGATE_CHECKPOINT__SERVERS__HQ__PASSWORD".into(),
+                "007123".into(),
+            ),
+            (
+                "SAMGATE_CHECKPOINT__SERVERS__EDGE__API_KEY".into(),
+                "4242".into(),
+            ),
+            ("SAMGATE_RUN__MAX_IN_FLIGHT".into(), "5".into()), // not a secret: ignored here
+        ]);
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(&format!(
+                "{server}[checkpoint.servers.edge]\nurl = \"https://192.0.2.10\"\n"
+            )))
+            .merge(env)
+            .extract()
+            .unwrap();
+        let config = config.validate().unwrap();
+        let servers = &config.checkpoint.servers;
+        assert_eq!(servers["hq"].password.as_ref().unwrap().expose(), "007123");
+        assert_eq!(servers["edge"].api_key.as_ref().unwrap().expose(), "4242");
+        assert_eq!(config.run.max_in_flight, RunConfig::default().max_in_flight);
+        assert!(is_secret_key("CHECKPOINT__SERVERS__HQ__PASSWORD"));
+        assert!(!is_secret_key("CHECKPOINT__SERVERS__HQ__USER"));
+
+        // A secret in a file that is a number is its text too; one that is not a string or a
+        // number is refused, and the error does not show it.
+        let numeric = Config::from_toml(&format!("{server}password = 123456\n")).unwrap();
+        assert_eq!(
+            numeric.checkpoint.servers["hq"]
+                .password
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "123456"
+        );
+        let err = Config::from_toml(&format!("{server}password = [\"hunter2\"]\n")).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
     }
 
     #[test]

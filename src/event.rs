@@ -125,9 +125,10 @@ impl Event {
         }
     }
 
-    /// The Kafka key: `<site>/<source ip>`, so one partition (one consumer) owns an IP per site.
+    /// The Kafka key: the source address, so one partition (one consumer) owns an address
+    /// whichever sites report it: two sites that route to the same target make one rule there.
     pub fn key(&self) -> String {
-        event_key(&self.site, self.flowmon.source)
+        event_key(self.flowmon.source)
     }
 }
 
@@ -142,9 +143,9 @@ fn truncate_utf8(text: &mut String, max: usize) {
     }
 }
 
-/// `<site>/<canonical ip>`.
-pub fn event_key(site: &str, source: IpAddr) -> String {
-    format!("{site}/{source}")
+/// The canonical address.
+pub fn event_key(source: IpAddr) -> String {
+    source.to_string()
 }
 
 fn event_id(site: &str, collector: &str, raw: &[u8]) -> String {
@@ -281,7 +282,8 @@ mod tests {
         let a = Event::new("prague", "fm1", t, &raw, parsed.clone());
         let b = Event::new("prague", "fm1", t, &raw, parsed.clone());
         let c = Event::new("brno", "fm1", t, &raw, parsed);
-        assert_eq!(a.key(), "prague/2001:db8::1");
+        assert_eq!(a.key(), "2001:db8::1");
+        assert_eq!(a.key(), c.key(), "one address, one key, whatever the site");
         assert_eq!(a.id, b.id);
         assert_ne!(a.id, c.id);
         assert_eq!(a.id.len(), 32);
@@ -347,6 +349,6 @@ mod tests {
         assert_eq!(fitted.flowmon.targets.len() + marker.targets_omitted, 5000);
         assert!(fitted.flowmon.targets.len() > 100, "as many as fit");
         assert_eq!(fitted.flowmon.source.to_string(), "2001:db8::1");
-        assert_eq!(fitted.key(), "prague/2001:db8::1");
+        assert_eq!(fitted.key(), "2001:db8::1");
     }
 }

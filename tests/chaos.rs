@@ -11,7 +11,7 @@
 //! - `duplicate_rule_sends`: rule adds a gateway received for a source it already blocked;
 //! - `never_block_rules`: rule adds for a protected address;
 //! - `lost_blocks`: sources reported `blocked` that a gateway of their target does not block;
-//! - `secrets_in_logs`: passwords, API keys or session ids in any log;
+//! - `secrets_in_logs`: passwords, API keys or session ids in any log, result or dead letter;
 //!
 //! and prints a last `key=value` line. Every non-zero count prints its evidence first.
 //!
@@ -645,6 +645,7 @@ async fn chaos(plan: Plan) -> Summary {
         r.start();
     }
     let results = collect(address.clone(), topics.results.clone());
+    let dead_letters = collect(address.clone(), topics.dlq.clone());
 
     // Feed in one thread, inject in this one.
     let runs = ads_runs(&plan, &mut rng);
@@ -883,13 +884,18 @@ async fn chaos(plan: Plan) -> Summary {
     let mut secrets: Vec<String> = passwords.iter().map(|(_, p)| p.clone()).collect();
     secrets.push(sim.api_key.clone());
     secrets.extend(sim.issued_session_ids());
-    for (path, text) in &logs.files {
+    let dead_letters: Vec<Value> = std::mem::take(&mut *dead_letters.lock().unwrap());
+    let messages = [("results", &results), ("dead letters", &dead_letters)].map(|(name, topic)| {
+        let text: Vec<String> = topic.iter().map(Value::to_string).collect();
+        (PathBuf::from(name), text.join("\n"))
+    });
+    for (place, text) in logs.files.iter().chain(&messages) {
         for secret in &secrets {
             if text.contains(secret.as_str()) {
                 summary.secrets_in_logs += 1;
                 eprintln!(
                     "EVIDENCE secrets_in_logs: {} shows a secret ({}…)",
-                    path.display(),
+                    place.display(),
                     &secret[..4.min(secret.len())]
                 );
             }

@@ -340,6 +340,48 @@ async fn every_outcome_with_the_right_rule_or_none() {
     );
 }
 
+/// Two sites route to one target: the same address detected at both is one rule on the gateway
+/// (its key names the target and the address, not the site); each detection has its result,
+/// naming its own site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_on_one_target_make_one_rule() {
+    let sim = sim().await;
+    let t = topics();
+    let cfg = config(
+        &t,
+        &format!("{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n[sites.brno]\ntargets = [\"edge\"]\n", server_toml("hq", &sim)),
+    );
+    create_topic(&t.events, 6).await;
+    let ip = "198.51.100.31";
+    shim("prague", &t.events, &t.dlq, &[ads(1, "SCANS", "High", ip)]);
+    shim("brno", &t.events, &t.dlq, &[ads(2, "SCANS", "High", ip)]);
+    let (_http, cancel, task) = start(cfg).await;
+    let results = read_topic(&t.results, 2);
+    let mut seen: Vec<(String, String)> = results
+        .iter()
+        .map(|r| {
+            let v = &r.value;
+            (
+                v["site"].as_str().unwrap().to_owned(),
+                v["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let outcomes: Vec<&str> = seen.iter().map(|(_, o)| o.as_str()).collect();
+    let mut sorted = outcomes.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["blocked", "duplicate"], "{seen:?}");
+    assert_eq!(
+        seen.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+        ["brno", "prague"]
+    );
+    assert_eq!(results[0].key, results[1].key, "one idempotency key");
+    assert_eq!(adds_for(&sim, ip)["gw-1"], 1, "one rule on the gateway");
+    cancel.cancel();
+    task.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_keeps_failing_yields_failed_and_a_dead_letter() {
     let sim = sim().await;
@@ -888,11 +930,7 @@ async fn protected_and_special_addresses_are_never_blocked_whoever_produced_the_
         event["flowmon"]["source"] = source.into();
         event["flowmon"]["event_id"] = id.into();
         event["id"] = format!("{id:0>32}").into();
-        produce(
-            &t.events,
-            &format!("prague/{source}"),
-            event.to_string().as_bytes(),
-        );
+        produce(&t.events, source, event.to_string().as_bytes());
     }
     let (_http, cancel, task) = start(cfg).await;
     let results = read_topic(&t.results, 4);

@@ -598,7 +598,7 @@ impl ManagementClient {
                     .and_then(Value::as_str)
                     .map(str::to_owned)
                     .unwrap_or_else(|| format!("http_{status}")),
-                message: error_message(&error),
+                message: crate::secret::scrub(&error_message(&error)),
             }),
             _ => Err(ApiError::NotJson {
                 server: self.name.clone(),
@@ -704,9 +704,9 @@ fn parse_task(task: &Value) -> Task {
                         .filter(|s| !s.is_empty())
                         .map(str::to_owned),
                     status_code: d["statusCode"].as_str().map(str::to_owned),
-                    description: d["statusDescription"].as_str().map(str::to_owned),
+                    description: d["statusDescription"].as_str().map(crate::secret::scrub),
                     output: decode_base64(&d["responseMessage"]),
-                    error: decode_base64(&d["responseError"]),
+                    error: crate::secret::scrub(&decode_base64(&d["responseError"])),
                 })
                 .collect()
         })

@@ -163,7 +163,7 @@ fn decide_target(
     dry_run: bool,
     now: DateTime<Utc>,
 ) -> Decision {
-    let key = idempotency_key(&event.site, target, source);
+    let key = idempotency_key(target, source);
     let (level, verify_first) = match state.check(&key, now) {
         Check::Active(block) => {
             return Decision::Duplicate {
@@ -475,7 +475,7 @@ mod tests {
             .route(&e)
             .unwrap()
             .iter()
-            .map(|t| idempotency_key("prague", t, source))
+            .map(|t| idempotency_key(t, source))
             .collect();
         let cases = [
             (Check::Active(block(0)), "duplicate:active"),
@@ -496,7 +496,6 @@ mod tests {
         // A block in place stays a duplicate even when its address became protected since.
         let protected = event("SCANS", Priority::High, "10.99.3.4");
         let key = idempotency_key(
-            "prague",
             &p.route(&protected).unwrap()[0],
             "10.99.3.4".parse().unwrap(),
         );

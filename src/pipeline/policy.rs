@@ -269,17 +269,17 @@ impl Policy {
     }
 }
 
-/// Idempotency key: a hash of site, target, criteria and action. One key = one rule on the
-/// target's gateways.
-pub fn idempotency_key(site: &str, target: &Target, source: IpAddr) -> RuleKey {
+/// Idempotency key: a hash of target, criteria, address and action. One key = one rule on the
+/// target's gateways, whichever sites detected the address: a target's gateways see one address
+/// space, so the same address from two sites is one host to them (see docs/DESIGN.md).
+pub fn idempotency_key(target: &Target, source: IpAddr) -> RuleKey {
     let criteria = match target.criteria {
         CriteriaKind::Src => "src",
         CriteriaKind::Any => "any",
     };
     let mut hash = Sha256::new();
     for part in [
-        site,
-        &target.name,
+        target.name.as_str(),
         criteria,
         &source.to_string(),
         target.action_name(),
@@ -462,14 +462,16 @@ mod tests {
     }
 
     #[test]
-    fn keys_separate_sites_targets_and_sources() {
+    fn keys_separate_targets_and_sources_but_not_sites() {
         let p = policy();
         let t = &p
             .route(&event("SCANS", Priority::High, "10.0.0.1"))
             .unwrap()[0];
-        let a = idempotency_key("prague", t, "10.0.0.1".parse().unwrap());
-        assert_eq!(a, idempotency_key("prague", t, "10.0.0.1".parse().unwrap()));
-        assert_ne!(a, idempotency_key("brno", t, "10.0.0.1".parse().unwrap()));
-        assert_ne!(a, idempotency_key("prague", t, "10.0.0.2".parse().unwrap()));
+        let a = idempotency_key(t, "10.0.0.1".parse().unwrap());
+        assert_eq!(a, idempotency_key(t, "10.0.0.1".parse().unwrap()));
+        assert_ne!(a, idempotency_key(t, "10.0.0.2".parse().unwrap()));
+        let mut other = Target::clone(t);
+        other.name = "other".into();
+        assert_ne!(a, idempotency_key(&other, "10.0.0.1".parse().unwrap()));
     }
 }

@@ -1,5 +1,5 @@
 //! Report: one `samgate.result.v1` message per decision on the results topic, keyed by the
-//! idempotency key (or `<site>/<ip>` for decisions with no target), plus dead letters. Schema:
+//! idempotency key (or the address for decisions with no target), plus dead letters. Schema:
 //! `docs/schemas/samgate.result.v1.json`. [`ResultMessage::decided`] is the one place a decision
 //! becomes a result; [`ResultMessage::settle`] finishes an enforced one.
 
@@ -327,11 +327,11 @@ impl ResultMessage {
         }
     }
 
-    /// The Kafka key: the idempotency key, else `<site>/<ip>`.
+    /// The Kafka key: the idempotency key, else the address.
     pub fn kafka_key(&self) -> String {
         self.key
             .clone()
-            .unwrap_or_else(|| crate::event::event_key(&self.site, self.ip))
+            .unwrap_or_else(|| crate::event::event_key(self.ip))
     }
 
     /// When detection happened (ADS time, else the shim's receipt).

@@ -388,6 +388,7 @@ pub fn management_server_at(
         request_timeout: Duration::from_secs(10),
         task_timeout: Duration::from_secs(20),
         tls: samgate::config::TlsConfig::default(),
+        allow_plaintext: false,
     }
 }
 
