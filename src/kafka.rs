@@ -39,7 +39,7 @@ pub fn base_config(kafka: &KafkaConfig) -> ClientConfig {
 
 /// `defaults` first, so the operator's `kafka.properties` can tune them; then the operator's
 /// properties; then brokers and client id. Settings samgate relies on are set after this.
-fn with_defaults(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
+pub(crate) fn with_defaults(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut config = ClientConfig::new();
     for (key, value) in defaults {
         config.set(*key, *value);

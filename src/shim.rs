@@ -258,13 +258,9 @@ fn messages<'a>(
 fn count_records(segments: &[PathBuf]) -> u64 {
     segments
         .iter()
-        .filter_map(|s| std::fs::read(s).ok())
-        .map(|bytes| bytecount(&bytes))
+        .filter_map(|s| std::fs::File::open(s).ok())
+        .map(|file| std::io::BufReader::new(file).split(b'\n').count() as u64)
         .sum()
-}
-
-fn bytecount(bytes: &[u8]) -> u64 {
-    bytes.iter().filter(|&&b| b == b'\n').count() as u64
 }
 
 /// Kafka errors that no retry will cure: the record goes to the dead-letter topic instead.
@@ -329,12 +325,21 @@ impl<'a> Delivery<'a> {
         report: &mut ShimReport,
     ) -> Result<(), ShimError> {
         let err = spool_err(spool.dir());
-        let records: Vec<SpoolRecord> = segment_records(segment)
-            .map_err(&err)?
-            .collect::<std::io::Result<_>>()
-            .map_err(&err)?;
-        let kept = self.send_all(&records, report).await;
-        let remaining: Vec<SpoolRecord> = kept.into_iter().map(|i| records[i].clone()).collect();
+        // Streamed, not loaded: memory stays flat however large the segment. A record is read
+        // again only to dead-letter it or to keep it.
+        let records = segment_records(segment).map_err(&err)?;
+        let fetch = |i: usize| segment_records(segment).ok()?.nth(i)?.ok();
+        let kept = self.send_all(records, fetch, report).await;
+        let remaining: Vec<SpoolRecord> = match kept.is_empty() {
+            true => Vec::new(),
+            false => segment_records(segment)
+                .map_err(&err)?
+                .enumerate()
+                .filter(|(i, _)| kept.binary_search(i).is_ok())
+                .map(|(_, r)| r)
+                .collect::<std::io::Result<_>>()
+                .map_err(&err)?,
+        };
         report.spooled += remaining.len() as u64;
         spool.settle(lock, segment, &remaining).map_err(&err)
     }
@@ -351,7 +356,10 @@ impl<'a> Delivery<'a> {
             .collect::<std::io::Result<_>>()
             .expect("reading memory cannot fail");
         let lost = if self.ready(report).await? {
-            self.send_all(&records, report).await.len()
+            let fetch = |i: usize| records.get(i).cloned();
+            self.send_all(records.iter().cloned().map(Ok), fetch, report)
+                .await
+                .len()
         } else {
             records.len()
         };
@@ -364,20 +372,28 @@ impl<'a> Delivery<'a> {
 
     /// Sends `records` (a refused one to the dead-letter topic instead); returns the indices of
     /// those not acknowledged before the deadline.
-    async fn send_all(&self, records: &[SpoolRecord], report: &mut ShimReport) -> Vec<usize> {
+    async fn send_all(
+        &self,
+        records: impl Iterator<Item = std::io::Result<SpoolRecord>>,
+        fetch: impl Fn(usize) -> Option<SpoolRecord>,
+        report: &mut ShimReport,
+    ) -> Vec<usize> {
         let producer = self.producer.as_ref().expect("ready before sending");
         let mut kept = Vec::new();
         let mut refused = Vec::new();
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        for (i, record) in records.iter().enumerate() {
-            if Instant::now() >= self.deadline {
-                kept.push(i);
-                continue;
-            }
+        for (i, record) in records.enumerate() {
+            let record = match record {
+                Ok(record) if Instant::now() < self.deadline => record,
+                _ => {
+                    kept.push(i);
+                    continue;
+                }
+            };
             match self
                 .enqueue(
                     producer,
-                    record,
+                    &record,
                     &mut in_flight,
                     &mut kept,
                     &mut refused,
@@ -395,7 +411,11 @@ impl<'a> Delivery<'a> {
                 .await;
         }
         for (i, code) in refused {
-            if !self.dead_letter(producer, &records[i], code).await {
+            let Some(record) = fetch(i) else {
+                kept.push(i);
+                continue;
+            };
+            if !self.dead_letter(producer, &record, code).await {
                 kept.push(i);
             } else {
                 report.refused += 1;

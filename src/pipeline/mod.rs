@@ -275,20 +275,25 @@ fn subscribe(
     watch: std::sync::mpsc::Sender<tail::Watch>,
 ) -> anyhow::Result<StreamConsumer<PipelineContext>> {
     let config = &shared.config;
-    let consumer: StreamConsumer<PipelineContext> = crate::kafka::base_config(&config.kafka)
-        .set("group.id", &config.run.group_id)
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "5000")
-        .create_with_context(PipelineContext {
-            shared: shared.clone(),
-            ready: ready.clone(),
-            control,
-            watch: Mutex::new(watch),
-        })
-        .context("cannot create the Kafka consumer")?;
+    // A pause (backpressure) drops what librdkafka prefetched for the partition, and the broker
+    // serves it again on resume: a small prefetch (2 MiB per partition, librdkafka's default
+    // is 64) keeps that waste small. kafka.properties may set it otherwise.
+    let prefetch = [("queued.max.messages.kbytes", "2048")];
+    let consumer: StreamConsumer<PipelineContext> =
+        crate::kafka::with_defaults(&config.kafka, &prefetch)
+            .set("group.id", &config.run.group_id)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(PipelineContext {
+                shared: shared.clone(),
+                ready: ready.clone(),
+                control,
+                watch: Mutex::new(watch),
+            })
+            .context("cannot create the Kafka consumer")?;
     consumer.subscribe(&[&config.kafka.topics.events])?;
     info!(
         group = config.run.group_id,

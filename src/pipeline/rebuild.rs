@@ -77,6 +77,9 @@ fn read(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
+        // Prefetch is per partition (64 MiB each by default): reading a dozen partitions at once
+        // would hold more prefetched records than the state they build.
+        .set("queued.max.messages.kbytes", "4096")
         .create()
         .map_err(|e| (claims.to_vec(), e.to_string()))?;
     let mut parts =
