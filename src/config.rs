@@ -376,7 +376,7 @@ impl Default for KafkaConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicsConfig {
-    /// Flowmon events, keyed `<site>/<source ip>`.
+    /// Flowmon events, keyed by source address.
     pub events: String,
     /// One result message per decision, keyed by idempotency key.
     pub results: String,
