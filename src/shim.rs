@@ -92,7 +92,7 @@ pub async fn deliver(
 ) -> Result<ShimReport, ShimError> {
     let deadline = Instant::now() + options.delivery_timeout;
     let mut report = ShimReport::default();
-    let held = lock_spools(options, deadline).await?;
+    let held = lock_spools(options, deadline).await;
     let mut delivery = Delivery::new(options, deadline);
     let mut attempted = HashSet::new();
     // Segments written meanwhile by concurrent runs are picked up while time remains.
@@ -135,36 +135,38 @@ pub async fn deliver(
     Ok(report)
 }
 
-/// The lock of every spool directory that exists (the fallback only once it was needed).
-async fn lock_spools(
-    options: &ShimOptions,
-    deadline: Instant,
-) -> Result<Vec<(Spool, SpoolLock)>, ShimError> {
+/// The lock of every spool directory that exists (the fallback only once it was needed). A
+/// directory that cannot be opened or locked (a read-only disk, say) is left for a later run,
+/// said so, and the others are delivered.
+async fn lock_spools(options: &ShimOptions, deadline: Instant) -> Vec<(Spool, SpoolLock)> {
     let mut held = Vec::new();
-    for dir in &options.spool_dirs {
-        if !dir.exists() && !held.is_empty() {
+    for (i, dir) in options.spool_dirs.iter().enumerate() {
+        if i > 0 && !dir.exists() {
             continue;
         }
-        let spool = Spool::open(dir).map_err(spool_err(dir))?;
         let wait = deadline.saturating_duration_since(Instant::now()) / 2;
-        let lock = {
-            let spool = spool.clone();
-            tokio::task::spawn_blocking(move || spool.lock(wait))
-                .await
-                .expect("lock task panicked")
-                .map_err(spool_err(dir))?
-        };
-        match lock {
-            Some(lock) => {
-                spool.remove_stale(&lock).map_err(spool_err(dir))?;
-                held.push((spool, lock));
-            }
-            None => {
+        let open = dir.clone();
+        let locked = tokio::task::spawn_blocking(move || {
+            let spool = Spool::open(&open)?;
+            let Some(lock) = spool.lock(wait)? else {
+                return Ok(None);
+            };
+            spool.remove_stale(&lock)?;
+            Ok::<_, std::io::Error>(Some((spool, lock)))
+        })
+        .await
+        .expect("lock task panicked");
+        match locked {
+            Ok(Some(held_spool)) => held.push(held_spool),
+            Ok(None) => {
                 info!(spool = %dir.display(), "another shim run is delivering this spool; it will deliver this run's input too")
+            }
+            Err(e) => {
+                error!(spool = %dir.display(), error = %e, "cannot use this spool directory; what it holds waits for a later run")
             }
         }
     }
-    Ok(held)
+    held
 }
 
 /// Converts every raw segment of `spool` into a message segment.
@@ -275,6 +277,11 @@ pub fn refused_for_good(code: RDKafkaErrorCode) -> bool {
             | C::TopicAuthorizationFailed
             | C::InvalidTopic
     )
+}
+
+/// The code of a refusal no retry will cure, if `e` is one.
+fn refusal(e: &KafkaError) -> Option<RDKafkaErrorCode> {
+    e.rdkafka_error_code().filter(|c| refused_for_good(*c))
 }
 
 /// One run's producer and what it sends.
@@ -449,7 +456,7 @@ impl<'a> Delivery<'a> {
                     }
                 }
                 Err((e, _)) => {
-                    let code = e.rdkafka_error_code().filter(|c| refused_for_good(*c));
+                    let code = refusal(&e);
                     if code.is_none() {
                         warn!(topic = record.topic, error = %e, "cannot enqueue a message; it stays spooled");
                     }
@@ -469,7 +476,7 @@ impl<'a> Delivery<'a> {
     ) {
         match tokio::time::timeout_at(self.deadline, future).await {
             Ok(Ok(Ok(_))) => report.delivered += 1,
-            Ok(Ok(Err((e, _)))) => match e.rdkafka_error_code().filter(|c| refused_for_good(*c)) {
+            Ok(Ok(Err((e, _)))) => match refusal(&e) {
                 Some(code) => refused.push((i, code)),
                 None => kept.push(i),
             },
@@ -615,6 +622,26 @@ mod tests {
         cluster.broker_up(1).unwrap();
         let report = flush_spool(&options).await.unwrap();
         assert_eq!((report.lines, report.delivered, report.spooled), (0, 20, 0));
+    }
+
+    /// A spool directory that cannot be used at all (here a file stands where it should be)
+    /// does not stop the run: the input goes to the fallback, and the fallback is delivered.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_unusable_spool_does_not_hold_back_the_fallback() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("events", 1, 1).unwrap();
+        cluster.create_topic("dlq", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let blocked = dir.path().join("blocked");
+        std::fs::write(&blocked, "").unwrap();
+        let mut options = options(cluster.bootstrap_servers(), &blocked.join("spool"));
+        let fallback = dir.path().join("fallback");
+        options.spool_dirs.push(fallback.clone());
+        let report = run(&options, std::io::Cursor::new(lines(5))).await.unwrap();
+        assert_eq!(
+            (report.events, report.delivered, report.spooled, report.lost),
+            (5, 5, 0, 0)
+        );
     }
 
     #[test]
