@@ -62,6 +62,9 @@ fn produce(brokers: &str, topic: &str, blocks: u64, partitions: i32) {
             event_id: format!("{:032x}", i),
             pending: false,
             writer: Some("bench".into()),
+            origin: Default::default(),
+            actor: None,
+            expired: false,
         };
         let payload = serde_json::to_string(&record).unwrap();
         let key = record.key.to_string();
@@ -110,6 +113,7 @@ async fn rebuild_all(brokers: &str, topic: &str, partitions: i32) {
         ownership: Default::default(),
         stopping: Default::default(),
         replica: "bench".into(),
+        events_partitions: partitions,
         config,
     });
     let all: Vec<i32> = (0..partitions).collect();

@@ -45,9 +45,128 @@ pub enum Command {
     CheckConfig(ConfigArgs),
     /// Create the topics samgate uses, if missing, with the configured partitions.
     CreateTopics(ConfigArgs),
+    /// Block an address at a site's targets now (through the pipeline and its safety checks).
+    Block(BlockArgs),
+    /// Remove an address's rules from every gateway of a site's targets (optionally exempt it).
+    Unblock(UnblockArgs),
+    /// Exempt an address at a site: no automatic block until the exemption ends.
+    Exempt(ExemptArgs),
+    /// End an address's exemption at a site.
+    Unexempt(OperatorArgs),
+    /// List the blocks samgate holds (read from the state topic).
+    Blocks(BlocksArgs),
+    /// Explain an address: what samgate believes, what a detection would do now, last results.
+    Explain(ExplainArgs),
+    /// Compare the gateways with samgate's blocks now, and repair what drifted.
+    Reconcile(ReconcileArgs),
     /// Run a simulator of a system samgate talks to.
     #[command(subcommand)]
     Simulate(Simulate),
+}
+
+/// What every operator command takes.
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    /// Configuration file (TOML).
+    #[arg(long, env = "SAMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The site (`all`: every configured site).
+    #[arg(long)]
+    pub site: String,
+    /// The address.
+    pub ip: std::net::IpAddr,
+    /// Why (shown in results and logs).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Who (default: $USER).
+    #[arg(long, env = "USER")]
+    pub actor: Option<String>,
+    /// How long to wait for the results.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub timeout: Duration,
+    /// Print the results as JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BlockArgs {
+    #[command(flatten)]
+    pub common: OperatorArgs,
+    /// How long (default: the policy's first duration step).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct UnblockArgs {
+    #[command(flatten)]
+    pub common: OperatorArgs,
+    /// Also exempt the address for this long (no automatic block meanwhile).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub exempt_for: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExemptArgs {
+    #[command(flatten)]
+    pub common: OperatorArgs,
+    /// How long.
+    #[arg(long = "for", value_parser = humantime::parse_duration)]
+    pub for_: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct BlocksArgs {
+    /// Configuration file (TOML).
+    #[arg(long, env = "SAMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Only this site.
+    #[arg(long)]
+    pub site: Option<String>,
+    /// Include expired blocks (escalation history) and exemptions.
+    #[arg(long)]
+    pub all: bool,
+    /// JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Configuration file (TOML).
+    #[arg(long, env = "SAMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Only this site (default: every site).
+    #[arg(long)]
+    pub site: Option<String>,
+    /// The address.
+    pub ip: std::net::IpAddr,
+    /// How far back to look for results.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
+    pub since: Duration,
+    /// How many results to show per site.
+    #[arg(long, default_value_t = 10)]
+    pub last: usize,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// Configuration file (TOML).
+    #[arg(long, env = "SAMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Only this target.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// How long to wait for every replica's report.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    pub timeout: Duration,
+    /// JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -231,6 +350,30 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
                 Err(e) => fail(&format!("run: {e:#}")),
             }
         }
+        Command::Block(args) => {
+            operator_command(crate::command::Action::Block, args.common, |c| {
+                c.duration_s = args.duration.map(|d| d.as_secs().max(1));
+            })
+            .await
+        }
+        Command::Unblock(args) => {
+            operator_command(crate::command::Action::Unblock, args.common, |c| {
+                c.exempt_for_s = args.exempt_for.map(|d| d.as_secs().max(1));
+            })
+            .await
+        }
+        Command::Exempt(args) => {
+            operator_command(crate::command::Action::Exempt, args.common, |c| {
+                c.exempt_for_s = Some(args.for_.as_secs().max(1));
+            })
+            .await
+        }
+        Command::Unexempt(args) => {
+            operator_command(crate::command::Action::Unexempt, args, |_| {}).await
+        }
+        Command::Blocks(args) => blocks(args).await,
+        Command::Explain(args) => explain(args).await,
+        Command::Reconcile(args) => reconcile(args).await,
         Command::Simulate(Simulate::Checkpoint(args)) => {
             if let Err(e) = logging::init(cli.log_format, log, None) {
                 return fail(&e.to_string());
@@ -328,6 +471,166 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+/// block / unblock / exempt / unexempt: one command per site, then their results.
+async fn operator_command(
+    action: crate::command::Action,
+    args: OperatorArgs,
+    fill: impl Fn(&mut crate::command::Command),
+) -> ExitCode {
+    use crate::operator;
+    let config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let sites = match operator::sites(&config, &args.site) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let mut commands = Vec::new();
+    for site in sites {
+        let mut command = crate::command::Command::new(action);
+        command.site = Some(site);
+        command.ip = Some(args.ip.to_canonical());
+        command.reason = args.reason.clone();
+        command.actor = args.actor.clone();
+        fill(&mut command);
+        match command.checked() {
+            Ok(c) => commands.push(c),
+            Err(e) => return fail(&e.to_string()),
+        }
+    }
+    let (results, complete) = match operator::send_commands(&config, commands, args.timeout).await {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("{e:#}")),
+    };
+    if args.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r).expect("results serialize"));
+        }
+    } else {
+        print!("{}", operator::results_table(&results).render());
+    }
+    if !complete {
+        return fail(&format!(
+            "not every result arrived within {} (is `samgate run` consuming {}?); the command stays queued and will be carried out",
+            humantime::format_duration(args.timeout),
+            config.kafka.topics.events
+        ));
+    }
+    if let Some(r) = results.iter().find(|r| operator::refused(r)) {
+        return fail(&format!(
+            "{} at {}: {} ({})",
+            r.ip,
+            r.target.as_deref().unwrap_or(&r.site),
+            r.outcome.as_str(),
+            r.reason
+        ));
+    }
+    ExitCode::SUCCESS
+}
+
+async fn blocks(args: BlocksArgs) -> ExitCode {
+    let config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    if let Some(site) = &args.site {
+        if let Err(e) = crate::operator::sites(&config, site) {
+            return fail(&e.to_string());
+        }
+    }
+    let view = match crate::operator::state_view(&config).await {
+        Ok(v) => v,
+        Err(e) => return fail(&format!("{e:#}")),
+    };
+    let now = chrono::Utc::now();
+    if args.json {
+        for (_, record) in view.blocks.values() {
+            let shown = args.site.as_ref().is_none_or(|s| *s == record.site)
+                && (args.all || crate::operator::status(record, now) != "expired");
+            if shown {
+                println!(
+                    "{}",
+                    serde_json::to_string(record).expect("records serialize")
+                );
+            }
+        }
+        if args.all {
+            for e in view.exemptions.values() {
+                if args.site.as_ref().is_none_or(|s| *s == e.site) {
+                    println!("{}", serde_json::to_string(e).expect("records serialize"));
+                }
+            }
+        }
+    } else {
+        let table = crate::operator::blocks_table(&view, args.site.as_deref(), args.all, now);
+        print!("{}", table.render());
+    }
+    ExitCode::SUCCESS
+}
+
+async fn explain(args: ExplainArgs) -> ExitCode {
+    let config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let explained = crate::operator::explain(
+        &config,
+        args.site.as_deref(),
+        args.ip,
+        args.since,
+        args.last,
+    )
+    .await;
+    match explained {
+        Ok(all) => {
+            for e in &all {
+                match args.json {
+                    true => println!("{}", serde_json::to_string(e).expect("serializes")),
+                    false => print!("{}", crate::operator::render_explanation(e)),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
+async fn reconcile(args: ReconcileArgs) -> ExitCode {
+    let config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let actor = std::env::var("USER").ok();
+    let done =
+        crate::operator::reconcile(&config, args.target.as_deref(), actor, args.timeout).await;
+    let (reports, complete) = match done {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("{e:#}")),
+    };
+    if args.json {
+        for r in &reports {
+            println!("{}", serde_json::to_string(r).expect("reports serialize"));
+        }
+    } else {
+        print!("{}", crate::operator::reconcile_table(&reports).render());
+    }
+    if !complete {
+        return fail(&format!(
+            "not every partition's owner answered within {} (is `samgate run` consuming?)",
+            humantime::format_duration(args.timeout)
+        ));
+    }
+    match reports.iter().find(|r| !r.errors.is_empty()) {
+        Some(r) => fail(&format!(
+            "{}: some gateways could not be listed: {}",
+            r.target,
+            r.errors.join("; ")
+        )),
+        None => ExitCode::SUCCESS,
     }
 }
 

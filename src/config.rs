@@ -32,6 +32,31 @@ pub struct Config {
     pub sites: BTreeMap<String, SiteConfig>,
     /// Enforcement targets: a management server, its gateways, and how rules look.
     pub targets: BTreeMap<String, TargetConfig>,
+    /// Comparing the gateways with the blocks samgate holds.
+    pub reconcile: ReconcileConfig,
+}
+
+/// Reconcile: each replica lists its targets' gateways, re-asserts the rules of active blocks
+/// they lost, and reports rules with samgate's tag that no block explains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Time between two reconciles (jittered by ±10 %); `0s` turns the loop off
+    /// (`samgate reconcile` still works).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Remove rules with samgate's tag that no block explains (`fw_samp` targets; `fw sam -M`
+    /// lines carry no tag). Off: they are only reported (`orphaned`).
+    pub remove_orphans: bool,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(600),
+            remove_orphans: false,
+        }
+    }
 }
 
 /// A duration written as text (`"1h"`, `"7d"`).

@@ -143,6 +143,12 @@ fn truncate_utf8(text: &mut String, max: usize) {
     }
 }
 
+/// Now, to the millisecond (what the messages carry).
+pub fn now_millis() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
 /// The canonical address.
 pub fn event_key(source: IpAddr) -> String {
     source.to_string()

@@ -246,3 +246,11 @@ pub async fn ensure_state_topic(
     info!(topic, partitions, "state topic ready (compacted)");
     Ok(())
 }
+
+/// The partition librdkafka's default partitioner (`consistent_random`: CRC-32 of the key,
+/// modulo the partition count) gives a keyed message. `samgate explain` and reconcile compute an
+/// address's partition with it; a test checks it against the broker.
+pub fn partition_for(key: &str, partitions: i32) -> i32 {
+    let partitions = partitions.max(1) as u32;
+    (crc32fast::hash(key.as_bytes()) % partitions) as i32
+}

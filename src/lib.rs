@@ -3,6 +3,8 @@
 //! Module map, in the order data flows:
 //! - [`flowmon`]: Flowmon ADS/IDS stdin lines (TSV 14/15/16/17 fields, JSON) → [`flowmon::FlowmonEvent`]; pure.
 //! - [`event`]: the Kafka message formats: `samgate.event.v1` events and `samgate.dlq.v1` dead letters.
+//! - [`command`]: `samgate.command.v1` operator commands (block, unblock, exempt, unexempt, reconcile).
+//! - [`operator`]: the operator's side: `samgate block|unblock|exempt|blocks|explain|reconcile`.
 //! - [`pipeline`]: `samgate run`: consume → decode → decide → batch → enforce (send, verify) → report.
 //! - [`metrics`]: the one catalogue of Prometheus metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`shim`]: `samgate shim`, stdin → spool → Kafka, run by ADS as a custom script.
@@ -18,6 +20,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod demo;
 pub mod event;
@@ -26,6 +29,7 @@ pub mod http;
 pub mod kafka;
 pub mod logging;
 pub mod metrics;
+pub mod operator;
 pub mod pipeline;
 pub mod secret;
 pub mod shim;

@@ -53,6 +53,14 @@ pub struct Metrics {
     pub kafka_write_failures: IntCounterVec,
     /// Partitions this replica stopped working on because another replica claimed them.
     pub fenced_partitions: IntCounter,
+    /// Operator commands consumed, by action (never by actor).
+    pub commands: IntCounterVec,
+    /// Rules out of step at the last reconcile, by target and kind (`missing`, `orphaned`).
+    pub drift_rules: IntGaugeVec,
+    /// Rules re-asserted or removed by reconcile, by target.
+    pub reconcile_repairs: IntCounterVec,
+    /// Reconcile runs, by target and status (`ok`, `failed`).
+    pub reconciles: IntCounterVec,
 }
 
 impl Metrics {
@@ -204,6 +212,35 @@ impl Metrics {
                 "Messages Kafka refused for good (too large, not authorised), by topic.",
                 &["topic"],
             ),
+            commands: counter(
+                "samgate_operator_commands_total",
+                "Operator commands consumed (block, unblock, exempt, unexempt, reconcile).",
+                &["action"],
+            ),
+            drift_rules: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "samgate_drift_rules",
+                        "Rules out of step at the last reconcile: missing (an active block the gateways lost) or orphaned (samgate's tag, no block).",
+                    ),
+                    &["target", "kind"],
+                )
+                .expect("metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            reconcile_repairs: counter(
+                "samgate_reconcile_repairs_total",
+                "Rules re-asserted (or orphans removed) by reconcile.",
+                &["target"],
+            ),
+            reconciles: counter(
+                "samgate_reconcile_runs_total",
+                "Reconcile runs, by target and status (ok, failed).",
+                &["target", "status"],
+            ),
             registry,
         }
     }
@@ -216,7 +253,7 @@ impl Metrics {
     /// Every metric's name with its label names: what a dashboard or an alert may select on.
     pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 19] = [
+        let collectors: [&dyn Collector; 23] = [
             &self.build_info,
             &self.events_consumed,
             &self.decisions,
@@ -236,6 +273,10 @@ impl Metrics {
             &self.state_full,
             &self.kafka_write_failures,
             &self.fenced_partitions,
+            &self.commands,
+            &self.drift_rules,
+            &self.reconcile_repairs,
+            &self.reconciles,
         ];
         collectors
             .iter()
@@ -253,7 +294,20 @@ impl Metrics {
         &self,
         sites: impl IntoIterator<Item = &'a str>,
         servers: impl IntoIterator<Item = &'a str>,
+        targets: impl IntoIterator<Item = &'a str>,
     ) {
+        for action in crate::command::Action::iter() {
+            self.commands.with_label_values(&[action.as_str()]);
+        }
+        for target in targets {
+            for kind in ["missing", "orphaned"] {
+                self.drift_rules.with_label_values(&[target, kind]);
+            }
+            self.reconcile_repairs.with_label_values(&[target]);
+            for status in ["ok", "failed"] {
+                self.reconciles.with_label_values(&[target, status]);
+            }
+        }
         for outcome in Outcome::iter() {
             self.decisions.with_label_values(&[outcome.as_str()]);
         }
@@ -308,7 +362,7 @@ mod tests {
             "no samples yet"
         );
 
-        metrics.zero_known_series(["prague"], ["hq"]);
+        metrics.zero_known_series(["prague"], ["hq"], ["edge"]);
         let after = metrics.render();
         for series in [
             r#"samgate_decisions_total{outcome="failed"} 0"#,

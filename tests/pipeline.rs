@@ -990,6 +990,7 @@ async fn a_partition_whose_state_cannot_be_read_is_not_consumed() {
         ownership: Default::default(),
         stopping: CancellationToken::new(),
         replica: "test".into(),
+        events_partitions: 3,
         config: cfg,
     });
     let claims = shared.ownership.assign(&[0, 1]);

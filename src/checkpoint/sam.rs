@@ -43,7 +43,7 @@ pub enum Criteria {
 }
 
 impl Criteria {
-    fn is_ipv6(&self) -> bool {
+    pub fn is_ipv6(&self) -> bool {
         match self {
             Self::Src(ip) | Self::Dst(ip) | Self::Any(ip) => ip.is_ipv6(),
             Self::SubSrc(net) | Self::SubDst(net) | Self::SubAny(net) => {
@@ -281,6 +281,20 @@ impl SamRule {
 /// `fw samp del '<uid>'` for a rule uid as `fw samp get` printed it.
 pub fn fw_samp_del(uid: &SampUid, ipv6: bool) -> String {
     format!("{} samp del '{uid}'", if ipv6 { "fw6" } else { "fw" })
+}
+
+/// One script that deletes `fw samp` rules by uid (`fw6` for IPv6 rules), then flushes, which
+/// `del` needs to take effect at once. The uids are [`SampUid`]s: only the documented shape,
+/// read back from the gateway, reaches the script.
+pub fn samp_delete_script(uids: &[(SampUid, bool)]) -> String {
+    let mut script = format!("# samgate: delete {} rule(s)\n", uids.len());
+    for (uid, ipv6) in uids {
+        script.push_str(&fw_samp_del(uid, *ipv6));
+        script.push('\n');
+    }
+    script.push_str(FW_SAMP_FLUSH);
+    script.push_str(" >/dev/null\n");
+    script
 }
 
 /// `fw samp get` (every rule, one per line).

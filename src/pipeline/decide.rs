@@ -14,10 +14,12 @@ use chrono::{DateTime, Utc};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::dedupe::{Check, TrackedBlock};
+use super::dedupe::{Check, Origin, TrackedBlock};
 use super::policy::{idempotency_key, Policy, Target};
 use crate::checkpoint::sam::{RuleKey, SamRule};
+use crate::command::{Action, Command};
 use crate::event::Event;
+use crate::flowmon::Priority;
 
 /// Why a result has its outcome: a short, stable code (the `code` of `samgate.result.v1`).
 #[derive(
@@ -70,6 +72,32 @@ pub enum Code {
     Permanent,
     /// `run.max_tracked_blocks` active blocks are tracked already; this one would not be.
     StateFull,
+    // exempted
+    /// An operator exempted the address at the site (set now, or in force).
+    Exempted,
+    // unblocked
+    /// Removed from the gateways that held it.
+    Removed,
+    /// No gateway held it (nothing to remove).
+    NotInPlace,
+    /// A rule with samgate's tag that no block explained, removed (`reconcile.remove_orphans`).
+    OrphanRemoved,
+    // released
+    /// An operator ended the exemption.
+    Released,
+    /// The exemption's time ran out.
+    ExemptionEnded,
+    /// There was no exemption to end.
+    NotExempted,
+    // expired
+    /// The block's time ran out (the gateways drop the rule themselves: every rule has `-t`).
+    Expired,
+    // blocked, by reconcile
+    /// The gateway had lost the rule of an active block; sent again.
+    Reasserted,
+    // orphaned
+    /// A gateway holds a rule with samgate's tag that no block explains (left in place).
+    Orphaned,
 }
 
 impl Code {
@@ -81,6 +109,8 @@ impl Code {
 /// What the state knows of a key, as decide needs it.
 pub trait BlockView {
     fn check(&self, key: &RuleKey, now: DateTime<Utc>) -> Check;
+    /// The end of the address's exemption at the site, if one is in force.
+    fn exemption(&self, site: &str, ip: IpAddr, now: DateTime<Utc>) -> Option<DateTime<Utc>>;
 }
 
 /// A rule to enforce (or, in dry-run mode, to show).
@@ -95,6 +125,17 @@ pub struct Enforce {
     /// A previous owner may have sent this rule already (its outcome was never seen): ask the
     /// gateways before sending anything.
     pub verify_first: Option<TrackedBlock>,
+    pub origin: Origin,
+}
+
+/// Rules to remove from a target's gateways (an unblock).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unblock {
+    pub target: Arc<Target>,
+    pub key: RuleKey,
+    /// The rule as samgate makes it (what is looked for and cancelled).
+    pub rule: SamRule,
+    pub origin: Origin,
 }
 
 /// What happens to one event at one target (or, for `Filtered`, at all of them).
@@ -128,6 +169,18 @@ pub enum Decision {
     DryRun(Enforce),
     /// Enforce this rule.
     Enforce(Enforce),
+    /// An operator exempted the address at this site: no automatic block.
+    Exempted {
+        target: Arc<Target>,
+        key: RuleKey,
+        until: DateTime<Utc>,
+    },
+    /// Remove the rule from the target's gateways.
+    Unblock(Unblock),
+    /// Exempt the address at the command's site until `until`.
+    Exempt { until: DateTime<Utc> },
+    /// End the address's exemption at the command's site.
+    Release,
 }
 
 /// Decides what `event` leads to at each target of its site.
@@ -183,11 +236,51 @@ fn decide_target(
         Check::Repeat { level } => (level, None),
         Check::New => (0, None),
     };
-    let duration = policy.duration(event.flowmon.priority, level);
-    // Safety last: nothing below this line may be skipped on the way to a rule.
-    if let Some(network) = policy.never_block(&event.site, source) {
-        return Decision::Suppressed {
+    if let Some(until) = state.exemption(&event.site, source, now) {
+        return Decision::Exempted {
             target: target.clone(),
+            key,
+            until,
+        };
+    }
+    let duration = policy.duration(event.flowmon.priority, level);
+    guarded(
+        Enforce {
+            target: target.clone(),
+            key,
+            rule: target.rule(source, duration, key),
+            level,
+            duration,
+            verify_first,
+            origin: Origin::Automatic,
+        },
+        &event.site,
+        source,
+        policy,
+        dry_run,
+    )
+}
+
+/// The safety checks, last, immediately before a rule goes out: the never-block networks, then
+/// the addresses no rule may name; then dry-run or enforce.
+fn guarded(
+    enforce: Enforce,
+    site: &str,
+    source: IpAddr,
+    policy: &Policy,
+    dry_run: bool,
+) -> Decision {
+    let Enforce {
+        target,
+        key,
+        level,
+        duration,
+        ..
+    } = enforce.clone();
+    // Safety last: nothing below this line may be skipped on the way to a rule.
+    if let Some(network) = policy.never_block(site, source) {
+        return Decision::Suppressed {
+            target,
             key,
             level,
             duration,
@@ -196,24 +289,107 @@ fn decide_target(
     }
     if let Some((code, detail)) = policy.not_blockable(source) {
         return Decision::NotBlockable {
-            target: target.clone(),
+            target,
             key,
             code,
             detail,
         };
     }
-    let enforce = Enforce {
-        target: target.clone(),
-        key,
-        rule: target.rule(source, duration, key),
-        level,
-        duration,
-        verify_first,
-    };
     if dry_run {
         Decision::DryRun(enforce)
     } else {
         Decision::Enforce(enforce)
+    }
+}
+
+/// Decides what an operator command leads to at each target of its site: the same dedupe and
+/// the same safety checks as a detection for `block` (an operator cannot block a management
+/// server by mistake); `unblock` removes the rule wherever it is (removing is always safe);
+/// `exempt` / `unexempt` are one decision for the site. `reconcile` is not decided here.
+pub fn decide_command(
+    command: &Command,
+    policy: &Policy,
+    state: &impl BlockView,
+    dry_run: bool,
+    now: DateTime<Utc>,
+) -> Vec<Decision> {
+    let (Some(site), Some(ip)) = (command.site.as_deref(), command.ip) else {
+        return Vec::new();
+    };
+    let ip = ip.to_canonical();
+    let Some(targets) = policy.site_targets(site) else {
+        return vec![Decision::Filtered {
+            code: Code::UnknownSite,
+            detail: format!("site {site:?} has no [sites] entry"),
+        }];
+    };
+    let exempt_until =
+        |seconds: u64| now + chrono::Duration::seconds(seconds.min(i64::MAX as u64 / 1000) as i64);
+    match command.action {
+        Action::Block => targets
+            .iter()
+            .map(|target| {
+                let key = idempotency_key(target, ip);
+                let (level, verify_first) = match state.check(&key, now) {
+                    Check::Active(block) => {
+                        return Decision::Duplicate {
+                            target: target.clone(),
+                            key,
+                            block: Some(block),
+                        }
+                    }
+                    Check::Pending => {
+                        return Decision::Duplicate {
+                            target: target.clone(),
+                            key,
+                            block: None,
+                        }
+                    }
+                    Check::Unconfirmed(block) => (block.level, Some(block)),
+                    Check::Repeat { level } => (level, None),
+                    Check::New => (0, None),
+                };
+                let duration = command
+                    .duration_s
+                    .map(Duration::from_secs)
+                    .unwrap_or_else(|| policy.duration(Priority::High, level));
+                let enforce = Enforce {
+                    target: target.clone(),
+                    key,
+                    rule: target.rule(ip, duration, key),
+                    level,
+                    duration,
+                    verify_first,
+                    origin: Origin::Manual,
+                };
+                guarded(enforce, site, ip, policy, dry_run)
+            })
+            .collect(),
+        Action::Unblock => {
+            let exempt = command
+                .exempt_for_s
+                .filter(|s| *s > 0)
+                .map(|s| Decision::Exempt {
+                    until: exempt_until(s),
+                });
+            exempt
+                .into_iter()
+                .chain(targets.iter().map(|target| {
+                    let key = idempotency_key(target, ip);
+                    Decision::Unblock(Unblock {
+                        target: target.clone(),
+                        key,
+                        rule: target.rule(ip, Duration::ZERO, key),
+                        origin: Origin::Manual,
+                    })
+                }))
+                .collect()
+        }
+        Action::Exempt => vec![Decision::Exempt {
+            until: exempt_until(command.exempt_for_s.unwrap_or(0)),
+        }],
+        Action::Unexempt => vec![Decision::Release],
+        Action::Reconcile => Vec::new(),
     }
 }
 
@@ -233,6 +409,11 @@ mod tests {
     impl BlockView for Table {
         fn check(&self, key: &RuleKey, _now: DateTime<Utc>) -> Check {
             self.0.get(key).cloned().unwrap_or(Check::New)
+        }
+
+        fn exemption(&self, _: &str, ip: IpAddr, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+            (ip == "198.51.100.77".parse::<IpAddr>().unwrap())
+                .then(|| now + chrono::Duration::hours(1))
         }
     }
 
@@ -309,6 +490,10 @@ mod tests {
                 Decision::Suppressed { network, .. } => format!("suppressed:{network}"),
                 Decision::NotBlockable { code, .. } => format!("not_blockable:{}", code.as_str()),
                 Decision::DryRun(e) => format!("dry_run:{}", e.level),
+                Decision::Exempted { .. } => "exempted".into(),
+                Decision::Unblock(u) => format!("unblock:{}", u.target.name),
+                Decision::Exempt { .. } => "exempt".into(),
+                Decision::Release => "release".into(),
                 Decision::Enforce(e) => format!(
                     "enforce:{}:{}s{}",
                     e.level,
@@ -330,6 +515,7 @@ mod tests {
             blocked_at: now,
             expires_at: now + chrono::Duration::hours(1),
             event_id: None,
+            origin: Origin::Automatic,
         }
     }
 
@@ -503,6 +689,93 @@ mod tests {
         assert_eq!(
             shape(&decide(&protected, &p, &state, false, now))[0],
             "duplicate:active"
+        );
+    }
+
+    #[test]
+    fn an_exempted_address_is_not_blocked_automatically_but_a_duplicate_stays_one() {
+        let p = policy();
+        let now = Utc::now();
+        let e = event("SCANS", Priority::High, "198.51.100.77");
+        assert_eq!(
+            shape(&decide(&e, &p, &Table::default(), false, now)),
+            vec!["exempted"; 2]
+        );
+    }
+
+    #[test]
+    fn commands_take_the_same_safety_checks() {
+        use crate::command::{Action, Command};
+        let p = policy();
+        let now = Utc::now();
+        let command = |action: Action, ip: &str| Command {
+            site: Some("prague".into()),
+            ip: Some(ip.parse().unwrap()),
+            exempt_for_s: Some(3600),
+            ..Command::new(action)
+        };
+        let cases: Vec<(Command, Vec<&str>)> = vec![
+            (
+                command(Action::Block, "198.51.100.1"),
+                vec!["enforce:0:3600s"; 2],
+            ),
+            (
+                Command {
+                    duration_s: Some(120),
+                    ..command(Action::Block, "198.51.100.1")
+                },
+                vec!["enforce:0:120s"; 2],
+            ),
+            // An exemption stops automatic blocks only: the operator's block goes through.
+            (
+                command(Action::Block, "198.51.100.77"),
+                vec!["enforce:0:3600s"; 2],
+            ),
+            (
+                command(Action::Block, "10.99.3.4"),
+                vec!["suppressed:10.99.0.0/16"; 2],
+            ),
+            (
+                command(Action::Block, "::ffff:192.0.2.250"),
+                vec!["not_blockable:management_server"; 2],
+            ),
+            (
+                command(Action::Unblock, "198.51.100.1"),
+                vec!["exempt", "unblock:edge", "unblock:branch"],
+            ),
+            (
+                Command {
+                    exempt_for_s: None,
+                    ..command(Action::Unblock, "10.99.3.4")
+                },
+                vec!["unblock:edge", "unblock:branch"],
+            ),
+            (command(Action::Exempt, "198.51.100.1"), vec!["exempt"]),
+            (command(Action::Unexempt, "198.51.100.1"), vec!["release"]),
+            (
+                Command {
+                    site: Some("nowhere".into()),
+                    ..command(Action::Block, "198.51.100.1")
+                },
+                vec!["filtered:unknown_site"],
+            ),
+        ];
+        for (c, expected) in cases {
+            let decisions = decide_command(&c, &p, &Table::default(), false, now);
+            assert_eq!(shape(&decisions), expected, "{:?} {:?}", c.action, c.ip);
+        }
+        let block = command(Action::Block, "198.51.100.1");
+        let key = idempotency_key(
+            &p.site_targets("prague").unwrap()[0],
+            "198.51.100.1".parse().unwrap(),
+        );
+        let state = Table(HashMap::from([(
+            key,
+            Check::Active(super::tests::block(0)),
+        )]));
+        assert_eq!(
+            shape(&decide_command(&block, &p, &state, false, now)),
+            vec!["duplicate:active", "enforce:0:3600s"]
         );
     }
 

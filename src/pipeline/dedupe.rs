@@ -48,6 +48,97 @@ pub struct BlockRecord {
     /// The replica that wrote the record (`pipeline::ownership::replica_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<String>,
+    /// Who asked for the block: a detection, an operator, reconcile.
+    #[serde(default)]
+    pub origin: Origin,
+    /// The operator, for a manual block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// The block ended and its `expired` result is written (the record stays, for escalation,
+    /// until the escalation window passes; then a tombstone).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expired: bool,
+}
+
+/// Who or what made a decision.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::IntoStaticStr,
+    strum::EnumIter,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum Origin {
+    /// A detection (an ADS event).
+    #[default]
+    Automatic,
+    /// An operator command.
+    Manual,
+    /// The reconcile loop (a rule found missing, or orphaned).
+    Reconcile,
+    /// The block's time ran out.
+    Expiry,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// Where a block applies: the site that asked for it, the address, the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub site: String,
+    pub ip: IpAddr,
+    pub target: String,
+}
+
+/// Schema id of exemption records on the state topic.
+pub const EXEMPTION_SCHEMA: &str = "samgate.exemption.v1";
+
+/// An exemption as written to the state topic (key [`exemption_key`]): the address is not
+/// blocked automatically at the site until `until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExemptionRecord {
+    pub schema: String,
+    pub site: String,
+    pub ip: IpAddr,
+    #[serde(with = "crate::event::rfc3339_millis")]
+    pub since: DateTime<Utc>,
+    #[serde(with = "crate::event::rfc3339_millis")]
+    pub until: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// The command that made it.
+    pub command_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+}
+
+/// The state-topic key of an exemption: `exempt/<site>/<ip>`.
+pub fn exemption_key(site: &str, ip: IpAddr) -> String {
+    format!("{EXEMPTION_PREFIX}{site}/{ip}")
+}
+
+/// The prefix of exemption keys.
+pub const EXEMPTION_PREFIX: &str = "exempt/";
+
+/// The site and address of an exemption key.
+pub fn parse_exemption_key(key: &str) -> Option<(String, IpAddr)> {
+    let rest = key.strip_prefix(EXEMPTION_PREFIX)?;
+    let (site, ip) = rest.rsplit_once('/')?;
+    Some((site.to_owned(), ip.parse().ok()?))
 }
 
 impl BlockRecord {
@@ -57,6 +148,7 @@ impl BlockRecord {
             blocked_at: self.blocked_at,
             expires_at: self.expires_at,
             event_id: Some(self.event_id.clone()).filter(|e| !e.is_empty()),
+            origin: self.origin,
         }
     }
 }
@@ -67,8 +159,10 @@ pub struct TrackedBlock {
     pub level: u32,
     pub blocked_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
-    /// The samgate event that made it.
+    /// The samgate event (or operator command) that made it.
     pub event_id: Option<String>,
+    /// Who asked for it.
+    pub origin: Origin,
 }
 
 /// What the state says about a key.
@@ -111,11 +205,17 @@ struct Entry {
     /// While in flight here, another replica wrote a record for this key: ask the gateways
     /// before sending.
     contested: bool,
+    /// The block's `expired` result is written.
+    expiry_reported: bool,
     level: u32,
     blocked_ms: i64,
     expires_ms: i64,
     /// The event id's 16 bytes (samgate ids are 32 hex digits); all zero when unknown.
     event: [u8; 16],
+    ip: IpAddr,
+    /// Index of the (site, target) pair in [`BlockState::names`].
+    names: u32,
+    origin: Origin,
 }
 
 impl Entry {
@@ -126,11 +226,16 @@ impl Entry {
             blocked_at: at(self.blocked_ms),
             expires_at: at(self.expires_ms),
             event_id: (self.event != [0; 16]).then(|| hex(&self.event)),
+            origin: self.origin,
         }
     }
 
     fn set_block(&mut self, block: &TrackedBlock) {
+        if !self.known || block.expires_at.timestamp_millis() != self.expires_ms {
+            self.expiry_reported = false;
+        }
         self.known = true;
+        self.origin = block.origin;
         self.level = block.level;
         self.blocked_ms = block.blocked_at.timestamp_millis();
         self.expires_ms = block.expires_at.timestamp_millis();
@@ -140,16 +245,52 @@ impl Entry {
             .and_then(|id| RuleKey::parse(id).map(|k| k.bytes()))
             .unwrap_or([0; 16]);
     }
+
+    fn active(&self, now_ms: i64) -> bool {
+        self.known && self.status == Status::Settled && self.expires_ms > now_ms
+    }
 }
 
 fn hex(bytes: &[u8; 16]) -> String {
     RuleKey::from_bytes(*bytes).to_string()
 }
 
-/// Blocks by idempotency key, tagged with the events partition that owns them.
+/// One exemption in memory: its partition and end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Exempt {
+    partition: i32,
+    until_ms: i64,
+}
+
+/// A block whose time ran out, to be reported `expired` (see [`BlockState::sweep`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub key: RuleKey,
+    pub partition: i32,
+    pub subject: Subject,
+    pub block: TrackedBlock,
+}
+
+/// What [`BlockState::sweep`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Blocks that expired since the last sweep: an `expired` result each.
+    pub expired: Vec<Ended>,
+    /// Expired blocks past the escalation window, forgotten: a tombstone each.
+    pub forgotten: Vec<(RuleKey, i32)>,
+    /// Exemptions that ended, forgotten: a tombstone and a `released` result each.
+    pub exemptions_ended: Vec<(String, IpAddr, i32)>,
+}
+
+/// Blocks by idempotency key, tagged with the events partition that owns them; and exemptions
+/// by site and address.
 #[derive(Debug)]
 pub struct BlockState {
     entries: HashMap<RuleKey, Entry>,
+    exemptions: HashMap<(String, IpAddr), Exempt>,
+    /// Interned (site, target) pairs: entries hold an index.
+    names: Vec<(String, String)>,
+    name_index: HashMap<(String, String), u32>,
     max: usize,
     window_ms: i64,
 }
@@ -158,8 +299,48 @@ impl BlockState {
     pub fn new(max: usize, window: Duration) -> Self {
         Self {
             entries: HashMap::new(),
+            exemptions: HashMap::new(),
+            names: Vec::new(),
+            name_index: HashMap::new(),
             max,
             window_ms: i64::try_from(window.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    fn intern(&mut self, site: &str, target: &str) -> u32 {
+        let pair = (site.to_owned(), target.to_owned());
+        if let Some(i) = self.name_index.get(&pair) {
+            return *i;
+        }
+        let i = self.names.len() as u32;
+        self.names.push(pair.clone());
+        self.name_index.insert(pair, i);
+        i
+    }
+
+    fn new_entry(&mut self, partition: i32, status: Status, subject: &Subject) -> Entry {
+        Entry {
+            partition,
+            status,
+            known: false,
+            contested: false,
+            expiry_reported: false,
+            level: 0,
+            blocked_ms: 0,
+            expires_ms: 0,
+            event: [0; 16],
+            ip: subject.ip,
+            names: self.intern(&subject.site, &subject.target),
+            origin: Origin::Automatic,
+        }
+    }
+
+    fn subject(&self, entry: &Entry) -> Subject {
+        let (site, target) = self.names[entry.names as usize].clone();
+        Subject {
+            site,
+            ip: entry.ip,
+            target,
         }
     }
 
@@ -182,7 +363,13 @@ impl BlockState {
 
     /// A block for `key` is on its way to the firewall. A new key is refused when only blocks
     /// that must not be forgotten are tracked.
-    pub fn begin(&mut self, key: RuleKey, partition: i32, now: DateTime<Utc>) -> Result<(), Full> {
+    pub fn begin(
+        &mut self,
+        key: RuleKey,
+        partition: i32,
+        subject: &Subject,
+        now: DateTime<Utc>,
+    ) -> Result<(), Full> {
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.status = Status::InFlight;
             entry.contested = false;
@@ -192,19 +379,8 @@ impl BlockState {
         if self.entries.len() >= self.max && self.evict(now) == 0 {
             return Err(Full);
         }
-        self.entries.insert(
-            key,
-            Entry {
-                partition,
-                status: Status::InFlight,
-                known: false,
-                contested: false,
-                level: 0,
-                blocked_ms: 0,
-                expires_ms: 0,
-                event: [0; 16],
-            },
-        );
+        let entry = self.new_entry(partition, Status::InFlight, subject);
+        self.entries.insert(key, entry);
         Ok(())
     }
 
@@ -222,38 +398,45 @@ impl BlockState {
         }
     }
 
-    /// The block may be in place and nobody knows: the next decision asks the gateways first.
-    pub fn unconfirm(&mut self, key: RuleKey, partition: i32, block: &TrackedBlock) {
-        let entry = self.entries.entry(key).or_insert(Entry {
-            partition,
-            status: Status::Unconfirmed,
-            known: true,
-            contested: false,
-            level: 0,
-            blocked_ms: 0,
-            expires_ms: 0,
-            event: [0; 16],
-        });
-        entry.status = Status::Unconfirmed;
+    fn set(
+        &mut self,
+        key: RuleKey,
+        partition: i32,
+        subject: &Subject,
+        status: Status,
+        block: &TrackedBlock,
+    ) -> &mut Entry {
+        if !self.entries.contains_key(&key) {
+            let entry = self.new_entry(partition, status, subject);
+            self.entries.insert(key, entry);
+        }
+        let entry = self.entries.get_mut(&key).expect("inserted");
+        entry.status = status;
         entry.partition = partition;
         entry.set_block(block);
+        entry
+    }
+
+    /// The block may be in place and nobody knows: the next decision asks the gateways first.
+    pub fn unconfirm(
+        &mut self,
+        key: RuleKey,
+        partition: i32,
+        subject: &Subject,
+        block: &TrackedBlock,
+    ) {
+        self.set(key, partition, subject, Status::Unconfirmed, block);
     }
 
     /// The block is confirmed on every gateway.
-    pub fn confirm(&mut self, key: RuleKey, partition: i32, block: &TrackedBlock) {
-        let entry = self.entries.entry(key).or_insert(Entry {
-            partition,
-            status: Status::Settled,
-            known: true,
-            contested: false,
-            level: 0,
-            blocked_ms: 0,
-            expires_ms: 0,
-            event: [0; 16],
-        });
-        entry.status = Status::Settled;
-        entry.partition = partition;
-        entry.set_block(block);
+    pub fn confirm(
+        &mut self,
+        key: RuleKey,
+        partition: i32,
+        subject: &Subject,
+        block: &TrackedBlock,
+    ) {
+        self.set(key, partition, subject, Status::Settled, block);
     }
 
     /// A record read from the state topic (later records of a key replace earlier ones).
@@ -265,18 +448,29 @@ impl BlockState {
             .timestamp_millis()
             .saturating_add(self.window_ms)
             <= now.timestamp_millis();
+        let subject = Subject {
+            site: record.site.clone(),
+            ip: record.ip,
+            target: record.target.clone(),
+        };
         if record.pending {
-            self.unconfirm(record.key, partition, &block);
+            self.unconfirm(record.key, partition, &subject, &block);
         } else if past_window && block.expires_at <= now {
             self.entries.remove(&record.key);
         } else {
-            self.confirm(record.key, partition, &block);
+            let entry = self.set(record.key, partition, &subject, Status::Settled, &block);
+            entry.expiry_reported = record.expired;
         }
     }
 
     /// Takes over the entries of a partition's freshly read state.
     pub fn absorb(&mut self, part: BlockState) {
-        self.entries.extend(part.entries);
+        for (key, entry) in part.entries {
+            let (site, target) = &part.names[entry.names as usize];
+            let names = self.intern(site, target);
+            self.entries.insert(key, Entry { names, ..entry });
+        }
+        self.exemptions.extend(part.exemptions);
     }
 
     /// A record another replica wrote, read while we own its partition. A key in flight here
@@ -296,23 +490,129 @@ impl BlockState {
             .is_some_and(|e| std::mem::take(&mut e.contested))
     }
 
-    /// Forgets a key (a tombstone on the state topic).
+    /// Forgets a key (a tombstone on the state topic, or an unblock).
     pub fn remove(&mut self, key: &RuleKey) {
         self.entries.remove(key);
+    }
+
+    /// Forgets a key unless a block for it is in flight (an unblock that ended while a new
+    /// block began). Returns whether it was forgotten.
+    pub fn remove_unless_in_flight(&mut self, key: &RuleKey) -> bool {
+        match self.entries.get(key) {
+            Some(e) if e.status == Status::InFlight => false,
+            _ => {
+                self.entries.remove(key);
+                true
+            }
+        }
+    }
+
+    /// The address is exempted at the site until `until`.
+    pub fn exempt(&mut self, site: &str, ip: IpAddr, partition: i32, until: DateTime<Utc>) {
+        self.exemptions.insert(
+            (site.to_owned(), ip),
+            Exempt {
+                partition,
+                until_ms: until.timestamp_millis(),
+            },
+        );
+    }
+
+    /// Ends an exemption; returns whether there was one in force.
+    pub fn release(&mut self, site: &str, ip: IpAddr, now: DateTime<Utc>) -> bool {
+        self.exemptions
+            .remove(&(site.to_owned(), ip))
+            .is_some_and(|e| e.until_ms > now.timestamp_millis())
+    }
+
+    /// The end of the address's exemption at the site, if one is in force.
+    pub fn exemption(&self, site: &str, ip: IpAddr, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.exemptions
+            .get(&(site.to_owned(), ip))
+            .filter(|e| e.until_ms > now.timestamp_millis())
+            .and_then(|e| Utc.timestamp_millis_opt(e.until_ms).single())
+    }
+
+    /// An exemption record read from the state topic.
+    pub fn load_exemption(&mut self, partition: i32, record: &ExemptionRecord) {
+        self.exempt(&record.site, record.ip, partition, record.until);
     }
 
     /// Drops everything a revoked partition owned.
     pub fn drop_partition(&mut self, partition: i32) {
         self.entries.retain(|_, e| e.partition != partition);
+        self.exemptions.retain(|_, e| e.partition != partition);
     }
 
     /// Blocks active now.
     pub fn active(&self, now: DateTime<Utc>) -> usize {
         let now = now.timestamp_millis();
+        self.entries.values().filter(|e| e.active(now)).count()
+    }
+
+    /// The blocks active at `target` that stay active past `until` (what the target's gateways
+    /// must hold), with their keys, partitions and subjects.
+    pub fn active_at(&self, target: &str, until: DateTime<Utc>) -> Vec<Ended> {
+        let until = until.timestamp_millis();
         self.entries
-            .values()
-            .filter(|e| e.known && e.status == Status::Settled && e.expires_ms > now)
-            .count()
+            .iter()
+            .filter(|(_, e)| e.active(until) && self.names[e.names as usize].1 == target)
+            .map(|(key, e)| Ended {
+                key: *key,
+                partition: e.partition,
+                subject: self.subject(e),
+                block: e.block(),
+            })
+            .collect()
+    }
+
+    /// Whether `key` is tracked in any status (a rule with its tag is explained).
+    pub fn tracks(&self, key: &RuleKey, now: DateTime<Utc>) -> bool {
+        let now = now.timestamp_millis();
+        self.entries
+            .get(key)
+            .is_some_and(|e| e.status != Status::Settled || e.expires_ms > now)
+    }
+
+    /// Marks what ended by `now`: blocks that expired (reported once), history past the
+    /// escalation window (forgotten), exemptions that ended (forgotten).
+    pub fn sweep(&mut self, now: DateTime<Utc>) -> Sweep {
+        let now = now.timestamp_millis();
+        let mut sweep = Sweep::default();
+        let mut ended = Vec::new();
+        for (key, e) in &mut self.entries {
+            if !e.known || e.status != Status::Settled || e.expires_ms > now {
+                continue;
+            }
+            if e.blocked_ms.saturating_add(self.window_ms) <= now && e.expiry_reported {
+                sweep.forgotten.push((*key, e.partition));
+            } else if !e.expiry_reported {
+                e.expiry_reported = true;
+                ended.push(*key);
+            }
+        }
+        for (key, _) in &sweep.forgotten {
+            self.entries.remove(key);
+        }
+        for key in ended {
+            let e = self.entries[&key];
+            sweep.expired.push(Ended {
+                key,
+                partition: e.partition,
+                subject: self.subject(&e),
+                block: e.block(),
+            });
+        }
+        self.exemptions.retain(|(site, ip), e| {
+            let keep = e.until_ms > now;
+            if !keep {
+                sweep
+                    .exemptions_ended
+                    .push((site.clone(), *ip, e.partition));
+            }
+            keep
+        });
+        sweep
     }
 
     pub fn len(&self) -> usize {
@@ -348,6 +648,10 @@ impl super::decide::BlockView for BlockState {
     fn check(&self, key: &RuleKey, now: DateTime<Utc>) -> Check {
         BlockState::check(self, key, now)
     }
+
+    fn exemption(&self, site: &str, ip: IpAddr, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        BlockState::exemption(self, site, ip, now)
+    }
 }
 
 #[cfg(test)]
@@ -370,6 +674,7 @@ mod tests {
             blocked_at: blocked,
             expires_at: blocked + chrono::Duration::hours(hours),
             event_id: Some("0123456789abcdef0123456789abcdef".into()),
+            origin: Origin::Automatic,
         }
     }
 
@@ -386,6 +691,17 @@ mod tests {
             event_id: block.event_id.clone().unwrap_or_default(),
             pending,
             writer: None,
+            origin: Origin::Automatic,
+            actor: None,
+            expired: false,
+        }
+    }
+
+    fn subject() -> Subject {
+        Subject {
+            site: "s".into(),
+            ip: "192.0.2.1".parse().unwrap(),
+            target: "t".into(),
         }
     }
 
@@ -394,14 +710,14 @@ mod tests {
         let now = now_ms();
         let mut s = BlockState::new(100, Duration::from_secs(30 * 86400));
         assert_eq!(s.check(&key(1), now), Check::New);
-        s.begin(key(1), 0, now).unwrap();
+        s.begin(key(1), 0, &subject(), now).unwrap();
         assert_eq!(s.check(&key(1), now), Check::Pending);
         let b = block(now, 1, 0);
-        s.confirm(key(1), 0, &b);
+        s.confirm(key(1), 0, &subject(), &b);
         assert_eq!(s.check(&key(1), now), Check::Active(b.clone()));
         let later = now + chrono::Duration::hours(2);
         assert_eq!(s.check(&key(1), later), Check::Repeat { level: 1 });
-        s.begin(key(1), 0, later).unwrap();
+        s.begin(key(1), 0, &subject(), later).unwrap();
         s.abort(&key(1));
         assert_eq!(
             s.check(&key(1), later),
@@ -414,7 +730,7 @@ mod tests {
             Check::New,
             "outside the window"
         );
-        s.begin(key(2), 0, now).unwrap();
+        s.begin(key(2), 0, &subject(), now).unwrap();
         s.abort(&key(2));
         assert_eq!(s.check(&key(2), now), Check::New);
         assert_eq!(s.len(), 1, "an aborted first block leaves nothing behind");
@@ -424,9 +740,9 @@ mod tests {
     fn a_block_whose_fate_is_unknown_stays_unconfirmed_until_settled() {
         let now = now_ms();
         let mut s = BlockState::new(100, Duration::from_secs(86400));
-        s.begin(key(1), 0, now).unwrap();
+        s.begin(key(1), 0, &subject(), now).unwrap();
         let b = block(now, 1, 2);
-        s.unconfirm(key(1), 0, &b);
+        s.unconfirm(key(1), 0, &subject(), &b);
         assert_eq!(s.check(&key(1), now), Check::Unconfirmed(b.clone()));
         let expired = now + chrono::Duration::hours(2);
         assert_eq!(
@@ -434,7 +750,7 @@ mod tests {
             Check::Repeat { level: 3 },
             "once it would have expired, it is gone either way"
         );
-        s.confirm(key(1), 0, &b);
+        s.confirm(key(1), 0, &subject(), &b);
         assert_eq!(s.check(&key(1), now), Check::Active(b));
     }
 
@@ -463,8 +779,8 @@ mod tests {
     fn partitions_own_their_keys() {
         let now = now_ms();
         let mut s = BlockState::new(100, Duration::from_secs(86400));
-        s.confirm(key(1), 0, &block(now, 1, 0));
-        s.confirm(key(2), 1, &block(now, 1, 0));
+        s.confirm(key(1), 0, &subject(), &block(now, 1, 0));
+        s.confirm(key(2), 1, &subject(), &block(now, 1, 0));
         s.drop_partition(0);
         assert_eq!(s.check(&key(1), now), Check::New);
         assert!(matches!(s.check(&key(2), now), Check::Active(_)));
@@ -476,13 +792,13 @@ mod tests {
         let mut s = BlockState::new(10, Duration::from_secs(30 * 86400));
         for n in 0..5u8 {
             let b = block(now - chrono::Duration::hours(5 + i64::from(n)), 1, 0);
-            s.confirm(key(100 + n), 0, &b); // expired history
+            s.confirm(key(100 + n), 0, &subject(), &b); // expired history
         }
         for n in 0..5u8 {
-            s.confirm(key(n), 0, &block(now, 1, 0)); // active
+            s.confirm(key(n), 0, &subject(), &block(now, 1, 0)); // active
         }
         assert_eq!(s.len(), 10);
-        s.begin(key(50), 0, now).unwrap();
+        s.begin(key(50), 0, &subject(), now).unwrap();
         assert_eq!(
             s.check(&key(104), now),
             Check::New,
@@ -494,19 +810,19 @@ mod tests {
         }
         // Fill with blocks that must be kept: a new key is refused, nothing is dropped.
         let mut s = BlockState::new(3, Duration::from_secs(86400));
-        s.confirm(key(1), 0, &block(now, 1, 0));
-        s.begin(key(2), 0, now).unwrap();
-        s.unconfirm(key(3), 0, &block(now, 1, 0));
-        assert_eq!(s.begin(key(4), 0, now), Err(Full));
+        s.confirm(key(1), 0, &subject(), &block(now, 1, 0));
+        s.begin(key(2), 0, &subject(), now).unwrap();
+        s.unconfirm(key(3), 0, &subject(), &block(now, 1, 0));
+        assert_eq!(s.begin(key(4), 0, &subject(), now), Err(Full));
         assert_eq!(s.len(), 3);
-        s.begin(key(1), 0, now).unwrap(); // a tracked key is not new tracking
+        s.begin(key(1), 0, &subject(), now).unwrap(); // a tracked key is not new tracking
     }
 
     #[test]
     fn another_writers_record_contests_a_block_in_flight() {
         let now = now_ms();
         let mut s = BlockState::new(100, Duration::from_secs(86400));
-        s.begin(key(1), 0, now).unwrap();
+        s.begin(key(1), 0, &subject(), now).unwrap();
         let b = block(now, 1, 0);
         s.foreign(0, &record(1, &b, true), now);
         assert_eq!(
@@ -527,9 +843,57 @@ mod tests {
     #[test]
     fn an_entry_is_small() {
         assert!(
-            std::mem::size_of::<Entry>() <= 48,
+            std::mem::size_of::<Entry>() <= 80,
             "{}",
             std::mem::size_of::<Entry>()
         );
+    }
+
+    #[test]
+    fn a_sweep_reports_each_expiry_once_then_forgets_it_after_the_window() {
+        let now = now_ms();
+        let mut s = BlockState::new(100, Duration::from_secs(10 * 3600));
+        s.confirm(key(1), 3, &subject(), &block(now, 1, 0));
+        assert_eq!(s.sweep(now), Sweep::default(), "active: nothing to do");
+        let after = now + chrono::Duration::hours(2);
+        let sweep = s.sweep(after);
+        assert_eq!(sweep.expired.len(), 1);
+        assert_eq!(sweep.expired[0].subject, subject());
+        assert_eq!(sweep.expired[0].partition, 3);
+        assert!(sweep.forgotten.is_empty());
+        assert_eq!(s.sweep(after), Sweep::default(), "reported once");
+        assert_eq!(
+            s.check(&key(1), after),
+            Check::Repeat { level: 1 },
+            "kept for escalation"
+        );
+        let sweep = s.sweep(now + chrono::Duration::hours(11));
+        assert_eq!(sweep.forgotten, vec![(key(1), 3)]);
+        assert!(s.is_empty());
+        // A record already reported expired (read back after a restart) is not reported again.
+        let mut r = record(2, &block(now - chrono::Duration::hours(3), 1, 0), false);
+        r.expired = true;
+        s.load(1, &r, now);
+        assert!(s.sweep(now).expired.is_empty());
+    }
+
+    #[test]
+    fn exemptions_hold_until_their_end_per_site_and_go_with_their_partition() {
+        let now = now_ms();
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let mut s = BlockState::new(100, Duration::from_secs(86400));
+        let until = now + chrono::Duration::hours(1);
+        s.exempt("brno", ip, 2, until);
+        assert_eq!(s.exemption("brno", ip, now), Some(until));
+        assert_eq!(s.exemption("prague", ip, now), None, "per site");
+        assert_eq!(s.exemption("brno", ip, until), None, "ended");
+        let sweep = s.sweep(until);
+        assert_eq!(sweep.exemptions_ended, vec![("brno".into(), ip, 2)]);
+        s.exempt("brno", ip, 2, until);
+        assert!(s.release("brno", ip, now));
+        assert!(!s.release("brno", ip, now), "released once");
+        s.exempt("brno", ip, 2, until);
+        s.drop_partition(2);
+        assert_eq!(s.exemption("brno", ip, now), None);
     }
 }

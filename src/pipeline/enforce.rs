@@ -24,12 +24,12 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::decide::{Code, Enforce};
-use super::dedupe::{BlockRecord, TrackedBlock, STATE_SCHEMA};
+use super::dedupe::{BlockRecord, Origin, Subject, TrackedBlock, STATE_SCHEMA};
 use super::policy::Target;
 use super::report::{self, ResultMessage, Settled, WriteError};
 use super::rule::{self, retry_action, Next, Progress, RetryPolicy, Step};
 use super::{Completion, Shared};
-use crate::checkpoint::sam::{self, Operation, SamRule};
+use crate::checkpoint::sam::{self, Operation, SamMode, SamRule, SampUid};
 use crate::checkpoint::{
     classify, ApiError, ErrorClass, ManagementClient, RunScript, Task, TaskRef,
 };
@@ -66,6 +66,8 @@ pub struct Work {
     pub first_sent: Option<DateTime<Utc>>,
     /// What went wrong in the last round, if anything (decides the retry delay).
     trouble: Option<ErrorClass>,
+    /// A removal in `fw_samp` mode: the uids each gateway listed for the rule.
+    uids: std::collections::HashMap<String, Vec<SampUid>>,
 }
 
 impl Work {
@@ -82,13 +84,35 @@ impl Work {
             pending_written: false,
             first_sent: None,
             trouble: None,
+            uids: Default::default(),
+        }
+    }
+
+    /// A removal (an unblock) of `enforce.rule` from its target's gateways.
+    pub fn removal(completion: Arc<Completion>, enforce: Enforce, result: ResultMessage) -> Self {
+        let mut work = Self::new(completion, enforce, result);
+        work.progress = Progress::removal(&work.enforce.target.gateways);
+        work
+    }
+
+    /// Where the rule applies.
+    pub fn subject(&self) -> Subject {
+        Subject {
+            site: self.result.site.clone(),
+            ip: self.result.ip,
+            target: self.enforce.target.name.clone(),
         }
     }
 
     /// The block this rule makes (or made): a previous owner's, or ours from its first send.
     fn block(&self) -> TrackedBlock {
-        if let (None, Some(found)) = (self.first_sent, &self.enforce.verify_first) {
-            return found.clone();
+        match (&self.enforce.verify_first, self.first_sent) {
+            // Re-asserted by reconcile: the same block, until the same time.
+            (Some(original), _) if self.enforce.origin == Origin::Reconcile => {
+                return original.clone()
+            }
+            (Some(found), None) => return found.clone(),
+            _ => {}
         }
         let from = self.first_sent.unwrap_or_else(Utc::now);
         TrackedBlock {
@@ -98,6 +122,10 @@ impl Work {
                 + chrono::Duration::from_std(self.enforce.duration)
                     .unwrap_or(chrono::Duration::MAX),
             event_id: self.result.event_ids.first().cloned(),
+            origin: match self.enforce.origin {
+                Origin::Manual => Origin::Manual,
+                _ => Origin::Automatic,
+            },
         }
     }
 
@@ -115,6 +143,9 @@ impl Work {
             event_id: block.event_id.unwrap_or_default(),
             pending,
             writer: Some(writer.to_owned()),
+            origin: block.origin,
+            actor: self.result.actor.clone(),
+            expired: false,
         }
     }
 }
@@ -208,13 +239,22 @@ impl Batcher {
         permit: OwnedSemaphorePermit,
         retry: mpsc::UnboundedSender<Work>,
     ) {
-        let mut groups: BTreeMap<(bool, Vec<String>), Vec<Work>> = BTreeMap::new();
+        let mut groups: BTreeMap<(bool, bool, Vec<String>), Vec<Work>> = BTreeMap::new();
         for mut work in batch {
             if !self.shared.ownership.is_current(work.completion.claim) {
                 self.shared.metrics.fenced.inc();
                 continue; // the partition moved on: its next owner answers the event
             }
             work.trouble = None;
+            let removal = work.progress.is_removal();
+            if removal && self.block_in_flight(&work) {
+                // A block of this key is on its way: remove it once it landed, not before.
+                work.next_try = Instant::now() + Duration::from_millis(500);
+                if let Err(mpsc::error::SendError(work)) = retry.send(work) {
+                    abandon(&self.shared, work, "its batcher stopped");
+                }
+                continue;
+            }
             if work.first_sent.is_none()
                 && self
                     .shared
@@ -227,16 +267,21 @@ impl Batcher {
                 // rule): ask the gateways instead of sending.
                 work.progress = Progress::new(&self.target.gateways, true);
             }
-            match work.progress.next() {
-                Step::Verify(gateways) => groups.entry((false, gateways)).or_default().push(work),
-                Step::Send(gateways) => groups.entry((true, gateways)).or_default().push(work),
-                Step::Done => groups.entry((false, Vec::new())).or_default().push(work),
-            }
+            let (send, gateways) = match work.progress.next() {
+                Step::Verify(gateways) => (false, gateways),
+                Step::Send(gateways) => (true, gateways),
+                Step::Done => (false, Vec::new()),
+            };
+            groups
+                .entry((removal, send, gateways))
+                .or_default()
+                .push(work);
         }
         let mut settled = Vec::new();
-        for ((send, gateways), works) in groups {
+        for ((removal, send, gateways), works) in groups {
             settled.extend(match (send, gateways.is_empty()) {
                 (_, true) => works,
+                (true, false) if removal => self.remove(works, &gateways).await,
                 (true, false) => self.send(works, &gateways).await,
                 (false, false) => self.verify(works, &gateways).await,
             });
@@ -329,7 +374,11 @@ impl Batcher {
                     in_place = found,
                     "asked the gateways about rules whose fate was unknown"
                 );
-                for (work, verdicts) in works.iter_mut().zip(verdicts) {
+                let uids = match self.target.mode {
+                    SamMode::FwSamp => rule::listed_uids(&refs, &tasks, &rules),
+                    SamMode::FwSam => vec![Default::default(); rules.len()],
+                };
+                for ((work, verdicts), uids) in works.iter_mut().zip(verdicts).zip(uids) {
                     if verdicts
                         .iter()
                         .any(|(_, p)| matches!(p, rule::Presence::Unknown(_)))
@@ -337,11 +386,98 @@ impl Batcher {
                         work.trouble = Some(ErrorClass::Retryable);
                     }
                     work.progress.after_verify(&verdicts);
+                    if work.progress.is_removal() {
+                        work.uids.extend(uids);
+                    }
                 }
             }
             Err(Failure::Call(e) | Failure::Tasks(e)) => for_each_error(&mut works, &step, &e),
         }
         works
+    }
+
+    /// Whether a block of `work`'s key is being enforced right now (an unblock waits for it).
+    fn block_in_flight(&self, work: &Work) -> bool {
+        let state = self.shared.state.lock().expect("state");
+        state.check(&work.enforce.key, Utc::now()) == super::dedupe::Check::Pending
+    }
+
+    /// Removes the rules from `gateways`, where the last listing found them: `fw sam -C` with
+    /// the rule's own flags, or `fw samp del` of the uids listed (one script per gateway), then
+    /// a flush. Whatever the gateway answers, the rule's next step is to list it again.
+    async fn remove(&self, mut works: Vec<Work>, gateways: &[String]) -> Vec<Work> {
+        let rules: Vec<SamRule> = works.iter().map(|w| w.enforce.rule).collect();
+        let (guard, _) = self
+            .shared
+            .ownership
+            .begin_send(&works.iter().map(|w| w.completion.claim).collect::<Vec<_>>());
+        let mut calls: Vec<(Vec<String>, String)> = Vec::new();
+        match self.target.mode {
+            SamMode::FwSam => match sam::batch_script(&rules, SamMode::FwSam, Operation::Unblock) {
+                Ok(script) => calls.push((gateways.to_vec(), script)),
+                Err(e) => return unrenderable(works, e),
+            },
+            SamMode::FwSamp => {
+                for gateway in gateways {
+                    let uids: Vec<(SampUid, bool)> = works
+                        .iter()
+                        .flat_map(|w| {
+                            let ipv6 = w.enforce.rule.criteria.is_ipv6();
+                            w.uids
+                                .get(gateway)
+                                .into_iter()
+                                .flatten()
+                                .map(move |u| (u.clone(), ipv6))
+                        })
+                        .collect();
+                    calls.push((vec![gateway.clone()], sam::samp_delete_script(&uids)));
+                }
+            }
+        }
+        for (gateways, script) in calls {
+            let one_step = Step::Send(gateways.clone());
+            match self
+                .run_script("samgate unblock", &script, &gateways, rules.len())
+                .await
+            {
+                Ok((refs, tasks)) => {
+                    let verdicts = rule::send_verdicts(&refs, &tasks, &gateways, works.len());
+                    for (work, verdicts) in works.iter_mut().zip(verdicts) {
+                        work.result
+                            .task_ids
+                            .extend(refs.iter().map(|r| r.task_id.clone()));
+                        work.progress.after_send(&verdicts);
+                    }
+                }
+                Err(Failure::Call(e)) => for_each_error(&mut works, &one_step, &e),
+                Err(Failure::Tasks(e)) => {
+                    for work in &mut works {
+                        work.progress.after_lost_answer(&gateways, &e);
+                        work.trouble = Some(classify(&e));
+                    }
+                }
+            }
+        }
+        drop(guard);
+        for work in &mut works {
+            work.uids.clear();
+        }
+        works
+    }
+
+    /// Lists the rules on every gateway of the target (reconcile), within the server's limits.
+    pub async fn list_gateways(
+        &self,
+    ) -> Result<(BTreeMap<String, super::lifecycle::Listing>, Vec<String>), ApiError> {
+        let script = super::lifecycle::listing_script(&self.target);
+        let _permit = self.limits.batches.clone().acquire_owned().await;
+        match self
+            .run_script("samgate reconcile", &script, &self.target.gateways, 0)
+            .await
+        {
+            Ok((refs, tasks)) => Ok(super::lifecycle::listings(&self.target, &refs, &tasks)),
+            Err(Failure::Call(e) | Failure::Tasks(e)) => Err(e),
+        }
     }
 
     /// Writes the pending record of every rule not sent before; a rule whose record cannot be
@@ -454,7 +590,10 @@ async fn sleep_until(at: Option<Instant>) {
 /// After a round: report a rule that is done, retry one that is not, or give up on it.
 async fn settle(shared: &Arc<Shared>, mut work: Work, retry: &mpsc::UnboundedSender<Work>) {
     if work.progress.next() == Step::Done {
-        return blocked(shared, work).await;
+        return match work.progress.is_removal() {
+            true => unblocked(shared, work).await,
+            false => blocked(shared, work).await,
+        };
     }
     if shared.stopping.is_cancelled() {
         return abandon(shared, work, "stopping");
@@ -518,11 +657,12 @@ async fn blocked(shared: &Arc<Shared>, mut work: Work) {
             error!(error = %e, key = %record.key, "the state record of a block was refused: a restart may verify it again");
         }
     }
-    shared
-        .state
-        .lock()
-        .expect("state")
-        .confirm(work.enforce.key, claim.partition, &block);
+    shared.state.lock().expect("state").confirm(
+        work.enforce.key,
+        claim.partition,
+        &work.subject(),
+        &block,
+    );
     if let Some(detected) = work.result.detected() {
         let latency = (Utc::now() - detected).to_std().unwrap_or_default();
         shared
@@ -535,6 +675,46 @@ async fn blocked(shared: &Arc<Shared>, mut work: Work) {
         attempts: work.progress.attempts,
         block,
         duration: work.enforce.duration,
+    });
+    super::finish(shared, &work.completion, work.result).await;
+}
+
+/// The rule is gone from every gateway: forget the block (a tombstone on the state topic: an
+/// unblocked block leaves no history, it was a mistake), then report.
+async fn unblocked(shared: &Arc<Shared>, mut work: Work) {
+    let claim = work.completion.claim;
+    if !shared.ownership.is_current(claim) {
+        shared.metrics.fenced.inc();
+        return;
+    }
+    let key = work.enforce.key;
+    let forgotten = work.enforce.origin == Origin::Reconcile
+        || shared
+            .state
+            .lock()
+            .expect("state")
+            .remove_unless_in_flight(&key);
+    if forgotten && work.enforce.origin != Origin::Reconcile {
+        let topic = &shared.config.kafka.topics.state;
+        match report::write_tombstone(
+            &shared.producer,
+            topic,
+            &key.to_string(),
+            claim.partition,
+            &shared.stopping,
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(WriteError::Stopping) => return,
+            Err(e) => {
+                error!(error = %e, key = %key, "the tombstone of an unblocked block was refused")
+            }
+        }
+    }
+    work.result.settle(Settled::Unblocked {
+        found: work.progress.found,
+        attempts: work.progress.attempts,
     });
     super::finish(shared, &work.completion, work.result).await;
 }
@@ -599,12 +779,17 @@ fn abandon(shared: &Shared, work: Work, why: &str) {
 }
 
 /// In memory: a rule that may be in place is unconfirmed; one that is surely not is forgotten.
+/// (A removal that did not finish changes nothing: the block stays as it was believed.)
 fn forget_or_keep(shared: &Shared, work: &Work) {
+    if work.progress.is_removal() || work.enforce.origin == Origin::Reconcile {
+        return;
+    }
     let mut state = shared.state.lock().expect("state");
     if work.progress.maybe_in_place() {
         state.unconfirm(
             work.enforce.key,
             work.completion.claim.partition,
+            &work.subject(),
             &work.block(),
         );
     } else {

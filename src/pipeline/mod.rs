@@ -24,6 +24,7 @@
 pub mod decide;
 pub mod dedupe;
 pub mod enforce;
+pub mod lifecycle;
 pub mod offsets;
 pub mod ownership;
 pub mod policy;
@@ -52,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::checkpoint::ManagementClient;
+use crate::command::{Action as CommandAction, Command, COMMAND_SCHEMA};
 use crate::config::Config;
 use crate::event::{DeadLetter, DeadLetterStage, Event, EVENT_SCHEMA};
 use crate::http::Readiness;
@@ -76,6 +78,8 @@ pub struct Shared {
     pub stopping: CancellationToken,
     /// This process among the replicas (`ownership::replica_id`): the writer of its records.
     pub replica: String,
+    /// Partitions of the events topic (an address's partition is computed from its key).
+    pub events_partitions: i32,
 }
 
 /// Messages from the rebalance callbacks and the state readers to the consume loop.
@@ -112,9 +116,11 @@ pub async fn run(
     metrics.zero_known_series(
         config.sites.keys().map(String::as_str),
         config.checkpoint.servers.keys().map(String::as_str),
+        config.targets.keys().map(String::as_str),
     );
-    ensure_topics(&config).await?;
+    let events_partitions = ensure_topics(&config).await?;
     let shared = Arc::new(Shared {
+        events_partitions,
         producer: crate::kafka::producer(&config.kafka, Duration::from_secs(30))?,
         metrics,
         tracker: Mutex::new(OffsetTracker::default()),
@@ -127,7 +133,13 @@ pub async fn run(
         replica: ownership::replica_id(),
         config,
     });
-    let (queues, batchers) = start_batchers(&shared, &policy, &clients);
+    let (queues, batchers, targets) = start_batchers(&shared, &policy, &clients);
+    let (reconcile, requests) = mpsc::unbounded_channel();
+    let weak = queues
+        .iter()
+        .map(|(n, q)| (n.clone(), q.downgrade()))
+        .collect();
+    let reconciler = tokio::spawn(lifecycle::run(shared.clone(), targets, weak, requests));
     let keepalive = CancellationToken::new();
     let keepalives = start_keepalives(&clients, &keepalive);
 
@@ -146,9 +158,12 @@ pub async fn run(
         ready,
         parked: None,
         backpressured: false,
+        reconcile,
+        ticks: 0,
     };
     pipeline.consume(&cancel).await;
     pipeline.shut_down(batchers).await;
+    let _ = reconciler.await;
     keepalive.cancel(); // after the batches: each client then logs out
     for k in keepalives {
         let _ = k.await;
@@ -181,6 +196,17 @@ async fn connect_servers(
     Ok((clients, addresses))
 }
 
+/// The management servers' own addresses, by server name (no rule may name them).
+pub async fn server_addresses(config: &Config) -> anyhow::Result<Vec<(String, IpAddr)>> {
+    let mut addresses = Vec::new();
+    for (name, server) in &config.checkpoint.servers {
+        for ip in resolve(name, &server.url).await? {
+            addresses.push((name.clone(), ip));
+        }
+    }
+    Ok(addresses)
+}
+
 /// The addresses of a management server URL's host, tried for up to 30 seconds.
 async fn resolve(name: &str, url: &str) -> anyhow::Result<Vec<IpAddr>> {
     let parsed = url::Url::parse(url).with_context(|| format!("server {name}: bad url"))?;
@@ -209,7 +235,8 @@ async fn resolve(name: &str, url: &str) -> anyhow::Result<Vec<IpAddr>> {
     }
 }
 
-async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
+/// Creates what is missing; returns the events topic's partition count.
+async fn ensure_topics(config: &Config) -> anyhow::Result<i32> {
     let topics = &config.kafka.topics;
     let timeout = Duration::from_secs(30);
     crate::kafka::ensure_topics(
@@ -220,16 +247,21 @@ async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
     .await?;
     let partitions = crate::kafka::partition_count(&config.kafka, &topics.events, timeout).await?;
     crate::kafka::ensure_state_topic(&config.kafka, &topics.state, partitions, timeout).await?;
-    Ok(())
+    Ok(partitions)
 }
 
 /// One batcher per target, with per-server courtesy limits; their queues are as deep as
 /// `max_in_flight`, which bounds them already (one rule per event and target).
+#[allow(clippy::type_complexity)]
 fn start_batchers(
     shared: &Arc<Shared>,
     policy: &Policy,
     clients: &BTreeMap<String, Arc<ManagementClient>>,
-) -> (BTreeMap<String, mpsc::Sender<Work>>, JoinSet<()>) {
+) -> (
+    BTreeMap<String, mpsc::Sender<Work>>,
+    JoinSet<()>,
+    BTreeMap<String, Arc<Batcher>>,
+) {
     let run = &shared.config.run;
     let limits: BTreeMap<&String, Arc<ServerLimits>> = clients
         .keys()
@@ -240,6 +272,7 @@ fn start_batchers(
         .collect();
     let mut queues = BTreeMap::new();
     let mut batchers = JoinSet::new();
+    let mut by_target = BTreeMap::new();
     for name in shared.config.targets.keys() {
         let target = Arc::new(policy.target(name).expect("validated target").clone());
         let (tx, rx) = mpsc::channel(run.max_in_flight);
@@ -250,9 +283,10 @@ fn start_batchers(
             shared: shared.clone(),
             target,
         });
+        by_target.insert(name.clone(), batcher.clone());
         batchers.spawn(batcher.run(rx));
     }
-    (queues, batchers)
+    (queues, batchers, by_target)
 }
 
 fn start_keepalives(
@@ -322,6 +356,10 @@ struct Pipeline {
     /// Every partition is paused (the parked message waited [`PAUSE_AFTER`]) until a tenth of
     /// the permits are back.
     backpressured: bool,
+    /// The reconcile loop's inbox (`reconcile` commands).
+    reconcile: lifecycle::Requests,
+    /// Seconds ticked (the expiry sweep runs every [`lifecycle::SWEEP_EVERY`]).
+    ticks: u64,
 }
 
 /// A message that waits for a permit, under the claim it was consumed under.
@@ -434,14 +472,65 @@ impl Pipeline {
         let completion = |decisions| {
             Arc::new(Completion {
                 claim,
-                offset,
+                offset: Some(offset),
                 remaining: AtomicUsize::new(decisions),
-                _permit: permit,
+                _permit: Some(permit),
             })
         };
         match decode(&payload) {
-            Ok(event) => self.decide(event, completion).await,
+            Ok(Input::Event(event)) => self.decide(*event, completion).await,
+            Ok(Input::Command(command)) => self.command(command, completion).await,
             Err(reason) => dead_letter(&self.shared, completion(1), &payload, reason),
+        }
+    }
+
+    /// An operator command: decided like an event, with the same safety checks; each decision
+    /// handed on the same way.
+    async fn command(
+        &mut self,
+        command: Command,
+        completion: impl FnOnce(usize) -> Arc<Completion>,
+    ) {
+        let shared = self.shared.clone();
+        shared
+            .metrics
+            .commands
+            .with_label_values(&[command.action.as_str()])
+            .inc();
+        if command.action == CommandAction::Reconcile {
+            let completion = completion(1);
+            return self.reconcile_on_demand(command, completion);
+        }
+        info!(
+            action = command.action.as_str(),
+            site = command.site.as_deref().unwrap_or("-"),
+            ip = ?command.ip,
+            actor = command.actor.as_deref().unwrap_or("-"),
+            id = command.id,
+            "operator command"
+        );
+        let now = Utc::now();
+        let decisions = {
+            let state = shared.state.lock().expect("state");
+            decide::decide_command(
+                &command,
+                &self.policy,
+                &*state,
+                shared.config.run.dry_run,
+                now,
+            )
+        };
+        let completion = completion(decisions.len().max(1));
+        if decisions.is_empty() {
+            completion.done(&shared);
+            return;
+        }
+        let site = command.site.clone().unwrap_or_default();
+        let ip = command.ip.expect("checked");
+        for decision in decisions {
+            let result = ResultMessage::commanded(&command, &decision);
+            self.hand_on(decision, result, &completion, &site, ip, &command, now)
+                .await;
         }
     }
 
@@ -472,35 +561,168 @@ impl Pipeline {
         };
         let completion = completion(decisions.len());
         for decision in decisions {
-            let mut result = ResultMessage::decided(&event, &decision);
-            let Decision::Enforce(enforce) = decision else {
-                spawn_finish(shared, &completion, result);
-                continue;
-            };
-            let claim = completion.claim;
-            if shared
-                .state
-                .lock()
-                .expect("state")
-                .begin(enforce.key, claim.partition, now)
-                .is_err()
-            {
-                shared.metrics.state_full.inc();
-                error!(max = shared.config.run.max_tracked_blocks, "block state full of active blocks: a new block is refused (raise run.max_tracked_blocks)");
-                result.settle(Settled::Failed {
-                    code: Code::StateFull,
-                    attempts: 0,
-                    problem: "run.max_tracked_blocks active blocks are tracked already".into(),
-                });
-                spawn_finish(shared, &completion, result);
-                continue;
+            let result = ResultMessage::decided(&event, &decision);
+            let source = event.flowmon.source;
+            self.hand_on_event(decision, result, &completion, source, now)
+                .await;
+        }
+    }
+
+    /// One decision of an event: enforcement to its target's batcher, the rest straight to its
+    /// result.
+    async fn hand_on_event(
+        &mut self,
+        decision: Decision,
+        mut result: ResultMessage,
+        completion: &Arc<Completion>,
+        source: IpAddr,
+        now: chrono::DateTime<Utc>,
+    ) {
+        let shared = &self.shared;
+        let Decision::Enforce(enforce) = decision else {
+            return spawn_finish(shared, completion, result);
+        };
+        let claim = completion.claim;
+        let subject = dedupe::Subject {
+            site: result.site.clone(),
+            ip: source,
+            target: enforce.target.name.clone(),
+        };
+        if shared
+            .state
+            .lock()
+            .expect("state")
+            .begin(enforce.key, claim.partition, &subject, now)
+            .is_err()
+        {
+            shared.metrics.state_full.inc();
+            error!(max = shared.config.run.max_tracked_blocks, "block state full of active blocks: a new block is refused (raise run.max_tracked_blocks)");
+            result.settle(Settled::Failed {
+                code: Code::StateFull,
+                attempts: 0,
+                problem: "run.max_tracked_blocks active blocks are tracked already".into(),
+            });
+            return spawn_finish(shared, completion, result);
+        }
+        let queue = &self.queues[&enforce.target.name];
+        let work = Work::new(completion.clone(), enforce, result);
+        if queue.send(work).await.is_err() {
+            error!("a target's batcher is gone; its rule is let go and its event redelivered");
+        }
+    }
+
+    /// One decision of an operator command: a block as for an event; an unblock to the target's
+    /// batcher as a removal; an exemption (or its end) into the state at once, then to the state
+    /// topic, then its result.
+    #[allow(clippy::too_many_arguments)]
+    async fn hand_on(
+        &mut self,
+        decision: Decision,
+        result: ResultMessage,
+        completion: &Arc<Completion>,
+        site: &str,
+        ip: IpAddr,
+        command: &Command,
+        now: chrono::DateTime<Utc>,
+    ) {
+        let shared = self.shared.clone();
+        let partition = completion.claim.partition;
+        match decision {
+            Decision::Unblock(unblock) => {
+                let enforce = decide::Enforce {
+                    target: unblock.target.clone(),
+                    key: unblock.key,
+                    rule: unblock.rule,
+                    level: 0,
+                    duration: Duration::ZERO,
+                    verify_first: None,
+                    origin: unblock.origin,
+                };
+                let queue = &self.queues[&unblock.target.name];
+                let work = Work::removal(completion.clone(), enforce, result);
+                if queue.send(work).await.is_err() {
+                    error!("a target's batcher is gone; the unblock is let go and redelivered");
+                }
             }
-            let queue = &self.queues[&enforce.target.name];
-            let work = Work::new(completion.clone(), enforce, result);
-            if queue.send(work).await.is_err() {
-                error!("a target's batcher is gone; its rule is let go and its event redelivered");
+            Decision::Exempt { until } => {
+                shared
+                    .state
+                    .lock()
+                    .expect("state")
+                    .exempt(site, ip, partition, until);
+                let record = dedupe::ExemptionRecord {
+                    schema: dedupe::EXEMPTION_SCHEMA.into(),
+                    site: site.to_owned(),
+                    ip,
+                    since: now,
+                    until,
+                    reason: command.reason.clone(),
+                    actor: command.actor.clone(),
+                    command_id: command.id.clone(),
+                    writer: Some(shared.replica.clone()),
+                };
+                let payload = serde_json::to_string(&record).expect("records serialize");
+                let key = dedupe::exemption_key(site, ip);
+                let completion = completion.clone();
+                tokio::spawn(async move {
+                    let topic = &shared.config.kafka.topics.state;
+                    let stop = &shared.stopping;
+                    match report::write(
+                        &shared.producer,
+                        topic,
+                        &key,
+                        &payload,
+                        Some(partition),
+                        stop,
+                    )
+                    .await
+                    {
+                        Ok(_) => {}
+                        Err(WriteError::Stopping) => return,
+                        Err(e) => {
+                            error!(error = %e, key, "an exemption record was refused; it holds until a restart")
+                        }
+                    }
+                    finish(&shared, &completion, result).await;
+                });
+            }
+            Decision::Release => {
+                let had = shared.state.lock().expect("state").release(site, ip, now);
+                let mut result = result;
+                if !had {
+                    result.code = Code::NotExempted;
+                    result.reason = format!("{ip} was not exempted at site {site}");
+                }
+                let key = dedupe::exemption_key(site, ip);
+                let completion = completion.clone();
+                tokio::spawn(async move {
+                    let topic = &shared.config.kafka.topics.state;
+                    match report::write_tombstone(
+                        &shared.producer,
+                        topic,
+                        &key,
+                        partition,
+                        &shared.stopping,
+                    )
+                    .await
+                    {
+                        Ok(_) => {}
+                        Err(WriteError::Stopping) => return,
+                        Err(e) => error!(error = %e, key, "an exemption's tombstone was refused"),
+                    }
+                    finish(&shared, &completion, result).await;
+                });
+            }
+            decision => {
+                self.hand_on_event(decision, result, completion, ip, now)
+                    .await
             }
         }
+    }
+
+    /// A `reconcile` command: reconcile now (see `lifecycle`).
+    fn reconcile_on_demand(&mut self, command: Command, completion: Arc<Completion>) {
+        lifecycle::request_reconcile(&self.reconcile, command, completion, &self.shared);
     }
 
     /// Leaves a message for later: its partition goes back to it, paused.
@@ -604,9 +826,14 @@ impl Pipeline {
             .drop_partition(partition);
     }
 
-    /// Every second: commit what moved, refresh the gauges.
-    fn tick(&self) {
+    /// Every second: commit what moved, refresh the gauges; every few seconds, report the blocks
+    /// and exemptions that ended.
+    fn tick(&mut self) {
         commit(&self.consumer, &self.shared, CommitMode::Async);
+        self.ticks += 1;
+        if self.ticks % lifecycle::SWEEP_EVERY.as_secs() == 0 {
+            lifecycle::sweep(&self.shared, &self.policy);
+        }
         let state = self.shared.state.lock().expect("state");
         self.shared
             .metrics
@@ -651,7 +878,7 @@ impl Pipeline {
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+pub(crate) async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -703,39 +930,76 @@ async fn write_claim(
 /// in-flight permit.
 pub struct Completion {
     pub claim: Claim,
-    pub offset: i64,
+    /// The event's offset; `None` for samgate's own work (expiry, reconcile), which no offset
+    /// waits for.
+    pub offset: Option<i64>,
     remaining: AtomicUsize,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Completion {
+    /// Work of samgate's own under `claim` (results that answer no event).
+    pub fn own(claim: Claim, results: usize) -> Arc<Self> {
+        Arc::new(Self {
+            claim,
+            offset: None,
+            remaining: AtomicUsize::new(results),
+            _permit: None,
+        })
+    }
+
     /// One of the event's results is durable; after the last, its offset is finished.
-    fn done(&self, shared: &Shared) {
+    pub(crate) fn done(&self, shared: &Shared) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            shared
-                .tracker
-                .lock()
-                .expect("tracker")
-                .finish(self.claim, self.offset);
+            if let Some(offset) = self.offset {
+                shared
+                    .tracker
+                    .lock()
+                    .expect("tracker")
+                    .finish(self.claim, offset);
+            }
         }
     }
 }
 
-/// Decode: anything that is not a `samgate.event.v1` is a dead letter. Addresses are made
-/// canonical here, where they enter the pipeline (`::ffff:10.0.0.5` is 10.0.0.5).
-fn decode(payload: &[u8]) -> Result<Event, String> {
-    match serde_json::from_slice::<Event>(payload) {
-        Ok(mut e) if e.schema == EVENT_SCHEMA => {
-            e.flowmon.source = e.flowmon.source.to_canonical();
-            Ok(e)
+/// What the events topic carries.
+enum Input {
+    Event(Box<Event>),
+    Command(Command),
+}
+
+/// Decode: anything that is not a `samgate.event.v1` or a valid `samgate.command.v1` is a dead
+/// letter. Addresses are made canonical here, where they enter the pipeline (`::ffff:10.0.0.5`
+/// is 10.0.0.5).
+fn decode(payload: &[u8]) -> Result<Input, String> {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        schema: std::borrow::Cow<'a, str>,
+    }
+    let schema = serde_json::from_slice::<Head>(payload).map(|h| h.schema.into_owned());
+    match schema.as_deref() {
+        Ok(COMMAND_SCHEMA) => {
+            let command = serde_json::from_slice::<Command>(payload)
+                .map_err(|e| format!("not a valid samgate.command.v1 message: {e}"))?;
+            command
+                .checked()
+                .map(Input::Command)
+                .map_err(|e| format!("invalid samgate.command.v1 message: {e}"))
         }
-        Ok(e) => Err(format!("unknown schema {:?}", e.schema)),
-        Err(e) => Err(format!("not a samgate.event.v1 message: {e}")),
+        _ => match serde_json::from_slice::<Event>(payload) {
+            Ok(mut e) if e.schema == EVENT_SCHEMA => {
+                e.flowmon.source = e.flowmon.source.to_canonical();
+                Ok(Input::Event(Box::new(e)))
+            }
+            Ok(e) => Err(format!("unknown schema {:?}", e.schema)),
+            Err(e) => Err(format!("not a samgate.event.v1 message: {e}")),
+        },
     }
 }
 
 fn dead_letter(shared: &Arc<Shared>, completion: Arc<Completion>, payload: &[u8], reason: String) {
-    let (partition, offset) = (completion.claim.partition, completion.offset);
+    let (partition, offset) = (completion.claim.partition, completion.offset.unwrap_or(-1));
     warn!(
         partition,
         offset, reason, "undecodable message; sending it to the dead-letter topic"

@@ -138,6 +138,23 @@ impl Policy {
         }
     }
 
+    /// The targets a site routes to (`None`: no such site).
+    pub fn site_targets(&self, site: &str) -> Option<&[Arc<Target>]> {
+        self.routes.get(site).map(Vec::as_slice)
+    }
+
+    /// The configured sites.
+    pub fn sites(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+
+    /// What a new detection must be to be acted on: the methods, the lowest priority.
+    pub fn acts_on(&self) -> (Vec<String>, Priority) {
+        let mut methods: Vec<String> = self.methods.iter().cloned().collect();
+        methods.sort();
+        (methods, self.min_priority)
+    }
+
     /// A target by name.
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.get(name).map(|t| t.as_ref())

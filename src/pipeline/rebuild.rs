@@ -14,7 +14,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
-use super::dedupe::{BlockRecord, BlockState};
+use super::dedupe::{parse_exemption_key, BlockRecord, BlockState, ExemptionRecord};
 use super::ownership::{Claim, ClaimRecord, CLAIM_KEY};
 use super::{Control, Shared};
 use crate::checkpoint::sam::RuleKey;
@@ -112,6 +112,12 @@ fn read(
             match decode(&message) {
                 StateMessage::Block(record) => part.load(message.partition(), &record, now),
                 StateMessage::Tombstone(key) => part.remove(&key),
+                StateMessage::Exemption(record) => {
+                    part.load_exemption(message.partition(), &record)
+                }
+                StateMessage::ExemptionEnded(site, ip) => {
+                    part.release(&site, ip, now);
+                }
                 StateMessage::Claim(_) | StateMessage::Other => {}
             }
         }
@@ -155,6 +161,9 @@ pub enum StateMessage {
     /// A key's tombstone: the key is forgotten.
     Tombstone(RuleKey),
     Claim(ClaimRecord),
+    Exemption(ExemptionRecord),
+    /// An exemption's tombstone: the exemption ended.
+    ExemptionEnded(String, std::net::IpAddr),
     /// Not something samgate wrote (logged and skipped).
     Other,
 }
@@ -166,6 +175,14 @@ pub fn decode(message: &impl Message) -> StateMessage {
             .payload()
             .and_then(|p| serde_json::from_slice(p).ok())
             .map_or(StateMessage::Other, StateMessage::Claim);
+    }
+    if let Some((site, ip)) = raw_key.and_then(parse_exemption_key) {
+        return match message.payload() {
+            None => StateMessage::ExemptionEnded(site, ip),
+            Some(p) => {
+                serde_json::from_slice(p).map_or(StateMessage::Other, StateMessage::Exemption)
+            }
+        };
     }
     match (raw_key.and_then(RuleKey::parse), message.payload()) {
         (Some(key), None) => StateMessage::Tombstone(key),

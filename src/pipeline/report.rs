@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::decide::{Code, Decision, Enforce};
-use super::dedupe::TrackedBlock;
+use super::dedupe::{Origin, TrackedBlock};
 use crate::checkpoint::sam::SamMode;
+use crate::command::Command;
 use crate::event::{rfc3339_millis, Event};
 
 /// Schema id of result messages.
@@ -38,6 +39,16 @@ pub enum Outcome {
     DryRun,
     /// The firewall did not take the rule within the retry deadline.
     Failed,
+    /// An operator exempted the address (or an exemption stopped an automatic block).
+    Exempted,
+    /// The rule is gone from every gateway of the target.
+    Unblocked,
+    /// An exemption ended.
+    Released,
+    /// A block's time ran out.
+    Expired,
+    /// A gateway holds a rule with samgate's tag that no block explains.
+    Orphaned,
 }
 
 impl Outcome {
@@ -50,6 +61,11 @@ impl Outcome {
             Self::Filtered => "filtered",
             Self::DryRun => "dry_run",
             Self::Failed => "failed",
+            Self::Exempted => "exempted",
+            Self::Unblocked => "unblocked",
+            Self::Released => "released",
+            Self::Expired => "expired",
+            Self::Orphaned => "orphaned",
         }
     }
 }
@@ -128,6 +144,18 @@ pub struct ResultMessage {
     /// When the gateways confirmed the rule.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub enforced_at: Option<String>,
+    /// What asked for this: a detection, an operator, reconcile, expiry.
+    #[serde(default)]
+    pub origin: Origin,
+    /// The operator (manual decisions).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub actor: Option<String>,
+    /// The operator's reason (manual decisions).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub note: Option<String>,
+    /// For `exempted`: when the exemption ends.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub exempt_until: Option<String>,
 }
 
 pub fn timestamp(t: DateTime<Utc>) -> String {
@@ -167,19 +195,131 @@ impl ResultMessage {
             received_at: timestamp(event.received_at),
             decided_at: Utc::now(),
             enforced_at: None,
+            origin: Origin::Automatic,
+            actor: None,
+            note: None,
+            exempt_until: None,
         }
+    }
+
+    /// A result for an operator `command` (its id stands in `event_ids`).
+    pub fn for_command(command: &Command, outcome: Outcome, code: Code, reason: String) -> Self {
+        let now = Utc::now();
+        Self {
+            schema: RESULT_SCHEMA.to_owned(),
+            outcome,
+            code,
+            reason,
+            key: None,
+            site: command.site.clone().unwrap_or_default(),
+            ip: command
+                .ip
+                .map_or(IpAddr::from([0, 0, 0, 0]), |ip| ip.to_canonical()),
+            target: None,
+            server: None,
+            gateways: Vec::new(),
+            action: None,
+            mode: None,
+            command: None,
+            duration_s: None,
+            level: None,
+            expires_at: None,
+            suppressed_by: None,
+            active_block: None,
+            event_ids: vec![command.id.clone()],
+            ads_event_id: None,
+            method: None,
+            priority: "unknown".into(),
+            attempts: 0,
+            task_ids: Vec::new(),
+            detected_at: None,
+            received_at: timestamp(command.issued_at),
+            decided_at: now,
+            enforced_at: None,
+            origin: Origin::Manual,
+            actor: command.actor.clone(),
+            note: command.reason.clone(),
+            exempt_until: None,
+        }
+    }
+
+    /// A result of samgate's own (expiry, reconcile) about a block's subject at `target`.
+    pub fn for_block(
+        subject: &super::dedupe::Subject,
+        target: &super::policy::Target,
+        key: crate::checkpoint::sam::RuleKey,
+        origin: Origin,
+        outcome: Outcome,
+        code: Code,
+        reason: String,
+    ) -> Self {
+        let now = Utc::now();
+        let mut r = Self {
+            schema: RESULT_SCHEMA.to_owned(),
+            outcome,
+            code,
+            reason,
+            key: None,
+            site: subject.site.clone(),
+            ip: subject.ip,
+            target: None,
+            server: None,
+            gateways: Vec::new(),
+            action: None,
+            mode: None,
+            command: None,
+            duration_s: None,
+            level: None,
+            expires_at: None,
+            suppressed_by: None,
+            active_block: None,
+            event_ids: Vec::new(),
+            ads_event_id: None,
+            method: None,
+            priority: "unknown".into(),
+            attempts: 0,
+            task_ids: Vec::new(),
+            detected_at: None,
+            received_at: timestamp(now),
+            decided_at: now,
+            enforced_at: None,
+            origin,
+            actor: None,
+            note: None,
+            exempt_until: None,
+        };
+        r.target_fields(target, key);
+        r
     }
 
     /// The result of `decision` for `event`. For an `Enforce` decision, what is known before the
     /// firewall is asked; [`Self::settle`] completes it.
     pub fn decided(event: &Event, decision: &Decision) -> Self {
+        let base = Self::for_event(event, Outcome::Filtered, Code::UnknownSite, String::new());
+        base.with_decision(decision)
+    }
+
+    /// The result of `decision` for an operator's `command`.
+    pub fn commanded(command: &Command, decision: &Decision) -> Self {
+        let base = Self::for_command(command, Outcome::Filtered, Code::UnknownSite, String::new());
+        base.with_decision(decision)
+    }
+
+    /// `self` (with what the event or command tells) completed by `decision`.
+    fn with_decision(self, decision: &Decision) -> Self {
+        let for_event = |outcome: Outcome, code: Code, reason: String| Self {
+            outcome,
+            code,
+            reason,
+            ..self.clone()
+        };
+        let source = self.ip;
         match decision {
             Decision::Filtered { code, detail } => {
-                Self::for_event(event, Outcome::Filtered, *code, detail.clone())
+                for_event(Outcome::Filtered, *code, detail.clone())
             }
             Decision::Duplicate { target, key, block } => {
-                let mut r =
-                    Self::for_event(event, Outcome::Duplicate, Code::ActiveBlock, String::new());
+                let mut r = for_event(Outcome::Duplicate, Code::ActiveBlock, String::new());
                 r.target_fields(target, *key);
                 r.refer_to(block.as_ref());
                 r
@@ -191,11 +331,8 @@ impl ResultMessage {
                 duration,
                 network,
             } => {
-                let reason = format!(
-                    "{} is in never-block network {network}",
-                    event.flowmon.source
-                );
-                let mut r = Self::for_event(event, Outcome::Suppressed, Code::NeverBlock, reason);
+                let reason = format!("{source} is in never-block network {network}");
+                let mut r = for_event(Outcome::Suppressed, Code::NeverBlock, reason);
                 r.target_fields(target, *key);
                 r.level = Some(*level);
                 r.duration_s = Some(duration.as_secs());
@@ -208,7 +345,7 @@ impl ResultMessage {
                 code,
                 detail,
             } => {
-                let mut r = Self::for_event(event, Outcome::NotBlockable, *code, detail.clone());
+                let mut r = for_event(Outcome::NotBlockable, *code, detail.clone());
                 r.target_fields(target, *key);
                 r
             }
@@ -217,19 +354,56 @@ impl ResultMessage {
                     "dry run: would block for {}",
                     humantime::format_duration(enforce.duration)
                 );
-                let mut r = Self::for_event(event, Outcome::DryRun, Code::DryRun, reason);
+                let mut r = for_event(Outcome::DryRun, Code::DryRun, reason);
                 r.enforce_fields(enforce);
                 r
             }
             Decision::Enforce(enforce) => {
-                let mut r = Self::for_event(event, Outcome::Blocked, Code::Enforced, String::new());
+                let mut r = for_event(Outcome::Blocked, Code::Enforced, String::new());
                 r.enforce_fields(enforce);
                 r
             }
+            Decision::Exempted { target, key, until } => {
+                let reason = format!(
+                    "{source} is exempted at site {} until {} (by an operator)",
+                    self.site,
+                    timestamp(*until)
+                );
+                let mut r = for_event(Outcome::Exempted, Code::Exempted, reason);
+                r.target_fields(target, *key);
+                r.exempt_until = Some(timestamp(*until));
+                r
+            }
+            Decision::Unblock(unblock) => {
+                let mut r = for_event(Outcome::Unblocked, Code::Removed, String::new());
+                r.target_fields(&unblock.target, unblock.key);
+                r.command = Some(match unblock.target.mode {
+                    SamMode::FwSam => unblock.rule.fw_sam_cancel(),
+                    SamMode::FwSamp => {
+                        "fw samp del '<uid>' (uids from fw samp get by samgate's comment)".into()
+                    }
+                });
+                r
+            }
+            Decision::Exempt { until } => {
+                let reason = format!(
+                    "{source} exempted at site {} until {}: no automatic block until then",
+                    self.site,
+                    timestamp(*until)
+                );
+                let mut r = for_event(Outcome::Exempted, Code::Exempted, reason);
+                r.exempt_until = Some(timestamp(*until));
+                r
+            }
+            Decision::Release => for_event(
+                Outcome::Released,
+                Code::Released,
+                format!("the exemption of {source} at site {} ended", self.site),
+            ),
         }
     }
 
-    fn target_fields(
+    pub fn target_fields(
         &mut self,
         target: &super::policy::Target,
         key: crate::checkpoint::sam::RuleKey,
@@ -248,8 +422,11 @@ impl ResultMessage {
         );
     }
 
-    fn enforce_fields(&mut self, enforce: &Enforce) {
+    pub fn enforce_fields(&mut self, enforce: &Enforce) {
         self.target_fields(&enforce.target, enforce.key);
+        if enforce.origin != Origin::Automatic {
+            self.origin = enforce.origin;
+        }
         self.level = Some(enforce.level);
         self.duration_s = Some(enforce.duration.as_secs());
         self.command = Some(match enforce.target.mode {
@@ -296,7 +473,12 @@ impl ResultMessage {
             } => {
                 self.outcome = Outcome::Blocked;
                 let gateways = self.gateways.join(", ");
-                (self.code, self.reason) = if verified {
+                (self.code, self.reason) = if self.origin == Origin::Reconcile {
+                    (
+                        Code::Reasserted,
+                        format!("a gateway of {gateways} had lost the rule of an active block: sent again until {}", timestamp(block.expires_at)),
+                    )
+                } else if verified {
                     (
                         Code::Verified,
                         format!("blocked on {gateways} (found in place; not sent again)"),
@@ -312,6 +494,27 @@ impl ResultMessage {
                 };
                 self.attempts = attempts;
                 self.expires_at = Some(timestamp(block.expires_at));
+                self.enforced_at = Some(timestamp(Utc::now()));
+            }
+            Settled::Unblocked { found, attempts } => {
+                self.outcome = Outcome::Unblocked;
+                self.attempts = attempts;
+                let gateways = self.gateways.join(", ");
+                (self.code, self.reason) = if found {
+                    (
+                        if self.origin == Origin::Reconcile {
+                            Code::OrphanRemoved
+                        } else {
+                            Code::Removed
+                        },
+                        format!("removed from {gateways}"),
+                    )
+                } else {
+                    (
+                        Code::NotInPlace,
+                        format!("no rule on {gateways}: nothing to remove"),
+                    )
+                };
                 self.enforced_at = Some(timestamp(Utc::now()));
             }
             Settled::Failed {
@@ -354,6 +557,8 @@ pub enum Settled {
         block: TrackedBlock,
         duration: Duration,
     },
+    /// The rule is gone from every gateway (`found`: some gateway held it).
+    Unblocked { found: bool, attempts: u32 },
     Failed {
         code: Code,
         attempts: u32,
@@ -403,9 +608,34 @@ pub async fn write(
     partition: Option<i32>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<i64, WriteError> {
+    write_record(producer, topic, key, Some(payload), partition, stop).await
+}
+
+/// [`write`] of a tombstone (no payload): compaction forgets the key.
+pub async fn write_tombstone(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    partition: i32,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<i64, WriteError> {
+    write_record(producer, topic, key, None, Some(partition), stop).await
+}
+
+async fn write_record(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: Option<&str>,
+    partition: Option<i32>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<i64, WriteError> {
     let mut delay = Duration::from_millis(100);
     loop {
-        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        let mut record = FutureRecord::<str, str>::to(topic).key(key);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
         if let Some(p) = partition {
             record = record.partition(p);
         }

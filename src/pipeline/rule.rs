@@ -102,6 +102,10 @@ pub struct Progress {
     pub attempts: u32,
     /// The last reason the rule is not done, for results and logs.
     pub last_problem: Option<String>,
+    /// A removal (an unblock): *done* means absent, and the rule is removed where it is found.
+    removing: bool,
+    /// A removal found the rule on some gateway.
+    pub found: bool,
 }
 
 impl Progress {
@@ -116,7 +120,40 @@ impl Progress {
             gateways: gateways.iter().map(|g| (g.clone(), start)).collect(),
             attempts: 0,
             last_problem: None,
+            removing: false,
+            found: false,
         }
+    }
+
+    /// A removal from `gateways` (an unblock), the block state machine turned around: each
+    /// gateway is asked first; where the rule is found it is cancelled (*send*), and a cancel is
+    /// believed only when the gateway, asked again, no longer lists the rule (*confirmed* means
+    /// absent). The exit status of a cancel is not documented, so it decides nothing.
+    ///
+    /// ```text
+    ///  Unknown ──verify: absent──► Confirmed (gone)
+    ///     ▲  └──verify: in place──► Unsent ──cancel──┐
+    ///     └──────────────────────────────────────────┘
+    /// ```
+    pub fn removal(gateways: &[String]) -> Self {
+        Self {
+            removing: true,
+            ..Self::new(gateways, true)
+        }
+    }
+
+    /// A rule known to be on `present` and not on the other gateways (reconcile re-asserts it
+    /// where it is missing).
+    pub fn missing_from(gateways: &[String], present: &[String]) -> Self {
+        let mut p = Self::new(gateways, false);
+        for g in present {
+            p.set(g, OnGateway::Confirmed);
+        }
+        p
+    }
+
+    pub fn is_removal(&self) -> bool {
+        self.removing
     }
 
     /// Unknown gateways are asked first; only then is the rule sent where it is known absent.
@@ -174,6 +211,16 @@ impl Progress {
     /// What the block script's tasks said, per gateway.
     pub fn after_send(&mut self, verdicts: &[(String, Sent)]) {
         self.attempts += 1;
+        if self.removing {
+            // Whatever a cancel said, only a listing tells that the rule is gone.
+            for (gateway, verdict) in verdicts {
+                if let Sent::Refused(why) | Sent::Unknown(why) = verdict {
+                    self.last_problem = Some(format!("gateway {gateway}: {why}"));
+                }
+                self.set(gateway, OnGateway::Unknown);
+            }
+            return;
+        }
         for (gateway, verdict) in verdicts {
             let state = match verdict {
                 Sent::Confirmed => OnGateway::Confirmed,
@@ -194,10 +241,15 @@ impl Progress {
     pub fn after_verify(&mut self, verdicts: &[(String, Presence)]) {
         self.attempts += 1;
         for (gateway, verdict) in verdicts {
-            match verdict {
-                Presence::InPlace => self.set(gateway, OnGateway::Confirmed),
-                Presence::Absent => self.set(gateway, OnGateway::Unsent),
-                Presence::Unknown(why) => {
+            match (verdict, self.removing) {
+                (Presence::InPlace, false) => self.set(gateway, OnGateway::Confirmed),
+                (Presence::Absent, false) => self.set(gateway, OnGateway::Unsent),
+                (Presence::InPlace, true) => {
+                    self.found = true;
+                    self.set(gateway, OnGateway::Unsent);
+                }
+                (Presence::Absent, true) => self.set(gateway, OnGateway::Confirmed),
+                (Presence::Unknown(why), _) => {
                     self.last_problem = Some(format!("gateway {gateway}: {why}"));
                 }
             }
@@ -372,6 +424,46 @@ pub fn verify_verdicts(
                 .collect()
         })
         .collect()
+}
+
+/// Per gateway: its task's output, or why there is none to read (no task, not finished).
+pub fn task_outputs(refs: &[TaskRef], tasks: &[Task]) -> HashMap<String, Result<String, String>> {
+    task_by_gateway(refs, tasks)
+        .into_iter()
+        .map(|(gateway, task)| {
+            let output = match task.status.is_terminal() {
+                true => Ok(output_of(task).to_owned()),
+                false => Err("task still in progress".to_owned()),
+            };
+            (gateway, output)
+        })
+        .collect()
+}
+
+/// Per rule, per gateway: the uids of the `fw samp` rules carrying the rule's key, read from a
+/// verify script's tasks (what an unblock deletes in `fw_samp` mode).
+pub fn listed_uids(
+    refs: &[TaskRef],
+    tasks: &[Task],
+    rules: &[SamRule],
+) -> Vec<HashMap<String, Vec<sam::SampUid>>> {
+    let by_gateway = task_by_gateway(refs, tasks);
+    let mut uids = vec![HashMap::new(); rules.len()];
+    for (gateway, task) in by_gateway {
+        let sections = sam::split_sections(output_of(task), rules.len());
+        for (i, section) in sections.into_iter().enumerate() {
+            let Some((0, listing)) = section else {
+                continue;
+            };
+            let found: Vec<sam::SampUid> = sam::parse_samp_get(&listing)
+                .into_iter()
+                .filter(|e| rules[i].key.is_some() && e.samgate_key() == rules[i].key)
+                .filter_map(|e| e.uid)
+                .collect();
+            uids[i].insert(gateway.clone(), found);
+        }
+    }
+    uids
 }
 
 /// Whether a listing shows samgate's own rule: `fw samp get` by samgate's comment (the key), or

@@ -150,6 +150,13 @@ fn read(
             let mut state = shared.state.lock().expect("state");
             state.foreign(p, &record, Utc::now());
         }
+        StateMessage::Exemption(record)
+            if record.writer.as_deref() != Some(&shared.replica)
+                && shared.ownership.claim(p).is_some() =>
+        {
+            let mut state = shared.state.lock().expect("state");
+            state.load_exemption(p, &record);
+        }
         _ => {}
     }
 }
