@@ -12,6 +12,12 @@
 //! - `never_block_rules`: rule adds for a protected address;
 //! - `lost_blocks`: sources reported `blocked` that a gateway of their target does not block;
 //! - `secrets_in_logs`: passwords, API keys or session ids in any log, result or dead letter;
+//! - `commands_unanswered`: operator commands (block, unblock, exempt, unexempt of addresses,
+//!   mixed into the stream at seeded moments) without a result for each of their targets;
+//!
+//! One gateway is wiped mid-run (a reinstall); the replicas reconcile every 20 s and the drain
+//! runs `samgate reconcile`, so `lost_blocks` holds only if reconcile repaired it. A source's
+//! expected state at a gateway is its latest `blocked` or `unblocked` result there.
 //!
 //! and prints a last `key=value` line. Every non-zero count prints its evidence first.
 //!
@@ -48,6 +54,8 @@ struct Plan {
     kills: usize,
     terms: usize,
     fault_rounds: usize,
+    /// Operator commands mixed into the stream.
+    commands: usize,
     feed: Duration,
     drain: Duration,
     keep: bool,
@@ -65,6 +73,7 @@ impl Plan {
                 kills: 12,
                 terms: 3,
                 fault_rounds: 24,
+                commands: 80,
                 feed: Duration::from_secs(240),
                 drain: Duration::from_secs(240),
                 keep: false,
@@ -77,6 +86,7 @@ impl Plan {
                 kills: 3,
                 terms: 1,
                 fault_rounds: 8,
+                commands: 12,
                 feed: Duration::from_secs(40),
                 drain: Duration::from_secs(180),
                 keep: false,
@@ -159,6 +169,9 @@ struct Summary {
     lost_blocks: usize,
     failed: usize,
     secrets_in_logs: usize,
+    commands: usize,
+    commands_unanswered: usize,
+    reconcile_ok: bool,
     seconds: u64,
     seed: u64,
 }
@@ -173,6 +186,8 @@ impl Summary {
             ("lost_blocks", self.lost_blocks),
             ("secrets_in_logs", self.secrets_in_logs),
             ("shim_failures", self.shim_failures),
+            ("commands_unanswered", self.commands_unanswered),
+            ("reconcile_failed", usize::from(!self.reconcile_ok)),
         ]
         .into_iter()
         .filter(|(_, n)| *n > 0)
@@ -184,7 +199,8 @@ impl Summary {
         format!(
             "events={} valid={} results={} kills={} terms={} broker_restarts={} faults={} \
              shim_runs={} shim_failures={} results_missing={} duplicate_rule_sends={} \
-             never_block_rules={} lost_blocks={} failed={} secrets_in_logs={} seconds={} seed={}",
+             never_block_rules={} lost_blocks={} failed={} secrets_in_logs={} commands={} \
+             commands_unanswered={} reconcile_ok={} seconds={} seed={}",
             self.events,
             self.valid,
             self.results,
@@ -200,6 +216,9 @@ impl Summary {
             self.lost_blocks,
             self.failed,
             self.secrets_in_logs,
+            self.commands,
+            self.commands_unanswered,
+            self.reconcile_ok,
             self.seconds,
             self.seed
         )
@@ -314,6 +333,71 @@ enum Fault {
     StuckTask,
     LostAnswer,
     ShowTaskErrors,
+    /// A gateway loses every rule (a reinstall): reconcile must bring them back.
+    WipeGateway,
+    /// The i-th operator command goes onto the events topic.
+    Operator(usize),
+}
+
+/// The operator commands of the run: manual blocks of addresses no ADS event names (some
+/// unblocked later, some with an exemption), exemptions of ADS sources (some ended later), and
+/// blocks of protected addresses (which must be refused). Each site routes to one target, so
+/// each command has one result.
+fn operator_commands(plan: &Plan, rng: &mut StdRng) -> Vec<samgate::command::Command> {
+    use samgate::command::{Action, Command};
+    let mut commands = Vec::new();
+    let mut blocked: Vec<(&'static str, IpAddr)> = Vec::new();
+    let mut exempted: Vec<(&'static str, IpAddr)> = Vec::new();
+    let pool = (plan.events / 5).max(20);
+    for i in 0..plan.commands {
+        let site = if rng.random_bool(0.5) { "prague" } else { "brno" };
+        let mut c = Command::new(Action::Block);
+        c.actor = Some("chaos".into());
+        let roll = rng.random_range(0..10);
+        match roll {
+            5..=6 if !blocked.is_empty() => {
+                let (site, ip) = blocked.remove(rng.random_range(0..blocked.len()));
+                c.action = Action::Unblock;
+                c.site = Some(site.into());
+                c.ip = Some(ip);
+                if rng.random_bool(0.5) {
+                    c.exempt_for_s = Some(3600);
+                }
+            }
+            7 => {
+                let n = rng.random_range(0..pool);
+                let ip = format!("198.18.{}.{}", n / 250, n % 250 + 1).parse().unwrap();
+                c.action = Action::Exempt;
+                c.site = Some(site.into());
+                c.ip = Some(ip);
+                c.exempt_for_s = Some(3600);
+                exempted.push((site, ip));
+            }
+            8 if !exempted.is_empty() => {
+                let (site, ip) = exempted.remove(rng.random_range(0..exempted.len()));
+                c.action = Action::Unexempt;
+                c.site = Some(site.into());
+                c.ip = Some(ip);
+            }
+            9 => {
+                c.site = Some(site.into());
+                c.ip = Some(format!("10.99.7.{}", i % 250 + 1).parse().unwrap());
+            }
+            _ => {
+                let ip: IpAddr = format!("203.0.113.{}", i % 250 + 1).parse().unwrap();
+                c.site = Some(site.into());
+                c.ip = Some(ip);
+                blocked.push((site, ip));
+            }
+        }
+        commands.push(c);
+    }
+    commands
+}
+
+/// Each command's results: one per target (unblock with an exemption: one more).
+fn command_results_expected(c: &samgate::command::Command) -> usize {
+    1 + usize::from(c.exempt_for_s.is_some() && c.action == samgate::command::Action::Unblock)
 }
 
 fn schedule(plan: &Plan, rng: &mut StdRng) -> Vec<(Duration, Fault)> {
@@ -322,6 +406,13 @@ fn schedule(plan: &Plan, rng: &mut StdRng) -> Vec<(Duration, Fault)> {
         Duration::from_secs_f64(span * rng.random_range(from..to))
     };
     let mut plan_faults = Vec::new();
+    plan_faults.push((at(rng, 0.4, 0.6), Fault::WipeGateway));
+    // Commands in their own order (an unblock after its block), spread over the feed.
+    let mut times: Vec<Duration> = (0..plan.commands).map(|_| at(rng, 0.02, 0.95)).collect();
+    times.sort();
+    for (i, t) in times.into_iter().enumerate() {
+        plan_faults.push((t, Fault::Operator(i)));
+    }
     for _ in 0..plan.kills {
         let replica = rng.random_range(0..plan.replicas);
         let t = at(rng, 0.05, 0.9);
@@ -457,6 +548,8 @@ shutdown_timeout = "10s"
 retry_initial = "200ms"
 retry_max = "3s"
 retry_deadline = "90s"
+[reconcile]
+interval = "20s"
 [policy]
 never_block = ["{GLOBAL_NEVER}"]
 [checkpoint.servers.hq]
@@ -682,8 +775,15 @@ async fn chaos(plan: Plan) -> Summary {
             outcomes
         })
     };
+    let faults = schedule(&plan, &mut rng);
+    let commands = operator_commands(&plan, &mut rng);
+    summary.commands = commands.len();
+    let operator: rdkafka::producer::BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &address)
+        .create()
+        .unwrap();
     let begun = Instant::now();
-    for (at, fault) in schedule(&plan, &mut rng) {
+    for (at, fault) in faults {
         if let Some(wait) = (begun + at).checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
@@ -736,6 +836,22 @@ async fn chaos(plan: Plan) -> Summary {
                 show_task_errors_next: Some(3),
                 ..Default::default()
             }),
+            Fault::WipeGateway => update(FaultsUpdate {
+                wipe_gateway: Some("gw-2".into()),
+                ..Default::default()
+            }),
+            Fault::Operator(i) => {
+                use rdkafka::producer::{BaseRecord, Producer};
+                let c = &commands[i];
+                let payload = serde_json::to_string(c).unwrap();
+                let key = c.key();
+                operator
+                    .send(BaseRecord::to(&topics.events).key(&key).payload(&payload))
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+                let _ = operator.flush(Duration::from_secs(30));
+                continue;
+            }
         }
         if !matches!(fault, Fault::Kill(_) | Fault::Restart(_) | Fault::Term(_)) {
             summary.faults += 1;
@@ -774,6 +890,26 @@ async fn chaos(plan: Plan) -> Summary {
         .map(|s| ((s.site.to_owned(), s.ads_id), s))
         .collect();
     let drain_until = Instant::now() + plan.drain;
+    // Per command id, the targets (or exemption) answered.
+    let command_answers = |results: &[Value]| -> BTreeMap<String, BTreeSet<String>> {
+        let mut answers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for r in results.iter().filter(|r| r["origin"] == "manual") {
+            if let Some(id) = r["event_ids"][0].as_str() {
+                let what = r["target"].as_str().unwrap_or(r["outcome"].as_str().unwrap_or("-"));
+                answers.entry(id.to_owned()).or_default().insert(what.to_owned());
+            }
+        }
+        answers
+    };
+    let unanswered = |results: &[Value]| -> Vec<&samgate::command::Command> {
+        let answers = command_answers(results);
+        commands
+            .iter()
+            .filter(|c| {
+                answers.get(&c.id).map_or(0, BTreeSet::len) < command_results_expected(c)
+            })
+            .collect()
+    };
     let answered = loop {
         let answered: BTreeSet<(String, u64)> = results
             .lock()
@@ -784,13 +920,37 @@ async fn chaos(plan: Plan) -> Summary {
                 Some((r["site"].as_str()?.to_owned(), id))
             })
             .collect();
-        if valid.keys().all(|k| answered.contains(k)) || Instant::now() > drain_until {
+        let commands_done = unanswered(&results.lock().unwrap()).is_empty();
+        if (valid.keys().all(|k| answered.contains(k)) && commands_done)
+            || Instant::now() > drain_until
+        {
             break answered;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
+    // A gateway was wiped: reconcile on demand (the periodic one may have run already), as an
+    // operator would, and let its re-asserted rules land.
+    let reconcile = {
+        let config = replicas[0].config.clone();
+        tokio::task::spawn_blocking(move || {
+            samgate_command()
+                .args(["reconcile", "--config"])
+                .arg(&config)
+                .args(["--timeout", "120s"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    summary.reconcile_ok = reconcile.status.success();
+    eprintln!(
+        "chaos: samgate reconcile: {}{}",
+        String::from_utf8_lossy(&reconcile.stdout),
+        String::from_utf8_lossy(&reconcile.stderr)
+    );
     // Work that is still retrying somewhere would send late: give it a moment to show.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     let mut shutdowns = Vec::new();
     for r in &mut replicas {
         shutdowns.extend(r.term());
@@ -805,6 +965,19 @@ async fn chaos(plan: Plan) -> Summary {
     let logs = Logs::read(&dir);
     let history = sim.history();
     let state = sim.state();
+
+    // commands_unanswered
+    let silent = unanswered(&results);
+    summary.commands_unanswered = silent.len();
+    for c in silent.iter().take(5) {
+        eprintln!(
+            "EVIDENCE commands_unanswered: {} {:?} at {:?} ({})",
+            c.action.as_str(),
+            c.ip,
+            c.site,
+            c.id
+        );
+    }
 
     // results_missing
     let missing: Vec<&&Sent> = valid
@@ -861,16 +1034,28 @@ async fn chaos(plan: Plan) -> Summary {
         }
     }
 
-    // lost_blocks: every source reported blocked is blocked on every gateway of its target
+    // lost_blocks: every source whose latest result at a gateway is `blocked` (not a later
+    // `unblocked`) is blocked there
     let blocked_now = sim.blocked_sources();
-    let mut lost = BTreeSet::new();
-    for r in results.iter().filter(|r| r["outcome"] == "blocked") {
+    let mut latest: BTreeMap<(String, IpAddr), (String, bool)> = BTreeMap::new();
+    for r in results
+        .iter()
+        .filter(|r| r["outcome"] == "blocked" || r["outcome"] == "unblocked")
+    {
         let ip: IpAddr = r["ip"].as_str().unwrap().parse().unwrap();
+        let at = r["decided_at"].as_str().unwrap_or("").to_owned();
         for gw in r["gateways"].as_array().into_iter().flatten() {
             let gw = gw.as_str().unwrap().to_owned();
-            if !blocked_now.get(&gw).is_some_and(|set| set.contains(&ip)) {
-                lost.insert((gw, ip));
+            let entry = latest.entry((gw, ip)).or_insert((String::new(), false));
+            if at >= entry.0 {
+                *entry = (at.clone(), r["outcome"] == "blocked");
             }
+        }
+    }
+    let mut lost = BTreeSet::new();
+    for ((gw, ip), (_, expected)) in latest {
+        if expected && !blocked_now.get(&gw).is_some_and(|set| set.contains(&ip)) {
+            lost.insert((gw, ip));
         }
     }
     summary.lost_blocks = lost.len();
