@@ -350,7 +350,11 @@ fn operator_commands(plan: &Plan, rng: &mut StdRng) -> Vec<samgate::command::Com
     let mut exempted: Vec<(&'static str, IpAddr)> = Vec::new();
     let pool = (plan.events / 5).max(20);
     for i in 0..plan.commands {
-        let site = if rng.random_bool(0.5) { "prague" } else { "brno" };
+        let site = if rng.random_bool(0.5) {
+            "prague"
+        } else {
+            "brno"
+        };
         let mut c = Command::new(Action::Block);
         c.actor = Some("chaos".into());
         let roll = rng.random_range(0..10);
@@ -366,7 +370,9 @@ fn operator_commands(plan: &Plan, rng: &mut StdRng) -> Vec<samgate::command::Com
             }
             7 => {
                 let n = rng.random_range(0..pool);
-                let ip = format!("198.18.{}.{}", n / 250, n % 250 + 1).parse().unwrap();
+                let ip = format!("198.18.{}.{}", n / 250, n % 250 + 1)
+                    .parse()
+                    .unwrap();
                 c.action = Action::Exempt;
                 c.site = Some(site.into());
                 c.ip = Some(ip);
@@ -895,8 +901,13 @@ async fn chaos(plan: Plan) -> Summary {
         let mut answers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for r in results.iter().filter(|r| r["origin"] == "manual") {
             if let Some(id) = r["event_ids"][0].as_str() {
-                let what = r["target"].as_str().unwrap_or(r["outcome"].as_str().unwrap_or("-"));
-                answers.entry(id.to_owned()).or_default().insert(what.to_owned());
+                let what = r["target"]
+                    .as_str()
+                    .unwrap_or(r["outcome"].as_str().unwrap_or("-"));
+                answers
+                    .entry(id.to_owned())
+                    .or_default()
+                    .insert(what.to_owned());
             }
         }
         answers
@@ -905,9 +916,7 @@ async fn chaos(plan: Plan) -> Summary {
         let answers = command_answers(results);
         commands
             .iter()
-            .filter(|c| {
-                answers.get(&c.id).map_or(0, BTreeSet::len) < command_results_expected(c)
-            })
+            .filter(|c| answers.get(&c.id).map_or(0, BTreeSet::len) < command_results_expected(c))
             .collect()
     };
     let answered = loop {
