@@ -312,9 +312,22 @@ fn subscribe(
     // A pause (backpressure) drops what librdkafka prefetched for the partition, and the broker
     // serves it again on resume: a small prefetch (2 MiB per partition, librdkafka's default
     // is 64) keeps that waste small. kafka.properties may set it otherwise.
-    let prefetch = [("queued.max.messages.kbytes", "2048")];
+    //
+    // max.poll.interval.ms is also the rebalance timeout: how long the group waits for a member
+    // to rejoin. A replica killed during a rebalance held the test broker's group for librdkafka's
+    // default five minutes (docs/kafka-broker.md); this loop polls all the time (even paused),
+    // and a revoke waits at most `run.shutdown_timeout`, so a minute (or that wait plus 30 s) is
+    // plenty.
+    let poll_interval = (config.run.shutdown_timeout + Duration::from_secs(30))
+        .max(Duration::from_secs(60))
+        .as_millis()
+        .to_string();
+    let defaults = [
+        ("queued.max.messages.kbytes", "2048"),
+        ("max.poll.interval.ms", poll_interval.as_str()),
+    ];
     let consumer: StreamConsumer<PipelineContext> =
-        crate::kafka::with_defaults(&config.kafka, &prefetch)
+        crate::kafka::with_defaults(&config.kafka, &defaults)
             .set("group.id", &config.run.group_id)
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.auto.commit", "false")
