@@ -3,7 +3,10 @@
 //! and a generator writes realistic ADS lines for two sites (scanners and brute-forcers that come
 //! back, a DOS victim, a low-priority event, a protected server, an IPv6 source). The lines go
 //! through the real shim ([`crate::shim::run`]) into the real pipeline ([`crate::pipeline::run`]);
-//! the demo prints every result as it arrives and a summary at the end.
+//! the demo prints every result as it arrives and a summary at the end. After the second round an
+//! operator unblocks one of Prague's blocks as a false positive, with a one-hour exemption
+//! (`samgate unblock --exempt-for 1h`, through the pipeline): its rule leaves the gateway and the
+//! address's next detection is `exempted`.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -296,9 +299,11 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
 
     // Stop the ADS side, then wait (bounded) for the result of every event already sent.
     stop.cancel();
-    let sent = generator.await.context("the generator failed")??;
+    let (sent, commanded) = generator.await.context("the generator failed")??;
     let drain = tokio::time::Instant::now() + Duration::from_secs(10);
-    while table.decided < sent {
+    // The operator's unblock (sent after round 2) has two results: the exemption and the removal.
+    let manual = if commanded { 2 } else { 0 };
+    while table.decided < sent || table.manual < manual {
         tokio::select! {
             _ = tokio::time::sleep_until(drain) => break,
             message = viewer.recv() => table.show(message?.payload()),
@@ -313,19 +318,21 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
     Ok(())
 }
 
-/// Feeds a round of ADS lines per site through the shim every `interval`; returns the number
-/// of events published when `stop` fires.
+/// Feeds a round of ADS lines per site through the shim every `interval` (and the operator's
+/// unblock after round 2); returns the number of events published when `stop` fires, and
+/// whether the unblock was sent.
 async fn generate(
     config: Config,
     spool: std::path::PathBuf,
     interval: Duration,
     stop: CancellationToken,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, bool)> {
     let (mut round, mut next_id, mut sent) = (0u64, 0u64, 0u64);
     let mut tick = tokio::time::interval(interval);
+    let operator = crate::kafka::producer(&config.kafka, Duration::from_secs(5))?;
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return Ok(sent),
+            _ = stop.cancelled() => return Ok((sent, round >= 2)),
             _ = tick.tick() => {}
         }
         round += 1;
@@ -345,13 +352,37 @@ async fn generate(
                 .with_context(|| format!("shim for {site}"))?;
             sent += report.events;
         }
+        if round == 2 {
+            // What `samgate unblock --site prague 198.51.100.23 --exempt-for 1h` sends.
+            let mut command = crate::command::Command::new(crate::command::Action::Unblock);
+            command.site = Some("prague".into());
+            command.ip = Some(UNBLOCKED.parse().expect("an address"));
+            command.exempt_for_s = Some(3600);
+            command.actor = Some("demo".into());
+            command.reason = Some("false positive: our own password auditor".into());
+            let payload = serde_json::to_string(&command).expect("commands serialize");
+            let key = command.key();
+            let record = rdkafka::producer::FutureRecord::to(&config.kafka.topics.events)
+                .key(&key)
+                .payload(&payload);
+            operator
+                .send(record, Duration::from_secs(5))
+                .await
+                .map_err(|(e, _)| anyhow::anyhow!("cannot send the demo's unblock: {e}"))?;
+        }
     }
 }
+
+/// The address the demo's operator unblocks (and exempts) after the second round.
+const UNBLOCKED: &str = "198.51.100.23";
 
 /// The live table and its counts.
 #[derive(Default)]
 struct Table {
+    /// Results of ADS events.
     decided: u64,
+    /// Results of operator commands.
+    manual: u64,
     outcomes: BTreeMap<&'static str, u64>,
 }
 
@@ -361,7 +392,11 @@ impl Table {
         else {
             return;
         };
-        self.decided += 1;
+        let manual = result.origin == crate::pipeline::dedupe::Origin::Manual;
+        match manual {
+            true => self.manual += 1,
+            false => self.decided += 1,
+        }
         *self.outcomes.entry(result.outcome.as_str()).or_default() += 1;
         let clock = |t: &str| t.get(11..19).unwrap_or("-").to_owned();
         let expires = match (&result.expires_at, result.duration_s) {
@@ -371,7 +406,10 @@ impl Table {
                 humantime::format_duration(Duration::from_secs(d))
             ),
             (Some(at), None) => clock(at),
-            _ => "-".into(),
+            _ => match &result.exempt_until {
+                Some(until) => format!("until {}", clock(until)),
+                None => "-".into(),
+            },
         };
         let mut reason = result.reason.clone();
         if reason.chars().count() > 60 {
@@ -382,7 +420,10 @@ impl Table {
             clock(&crate::pipeline::report::timestamp(result.decided_at)),
             result.site,
             result.ip.to_string(),
-            result.method.as_deref().unwrap_or("-"),
+            match manual {
+                true => "operator",
+                false => result.method.as_deref().unwrap_or("-"),
+            },
             result.outcome.as_str(),
             if result.gateways.is_empty() {
                 "-".to_owned()
@@ -402,10 +443,22 @@ fn print_summary(sent: u64, table: &Table, state: &Value) {
         "summary: {sent} ADS events sent, {} decisions",
         table.decided
     );
-    let outcomes: Vec<String> = ["blocked", "duplicate", "filtered", "suppressed", "failed"]
-        .iter()
-        .map(|o| format!("{o} {}", table.outcomes.get(o).copied().unwrap_or(0)))
-        .collect();
+    println!(
+        "  operator     1 unblock with a 1h exemption ({UNBLOCKED} at prague), {} result(s)",
+        table.manual
+    );
+    let outcomes: Vec<String> = [
+        "blocked",
+        "duplicate",
+        "filtered",
+        "suppressed",
+        "exempted",
+        "unblocked",
+        "failed",
+    ]
+    .iter()
+    .map(|o| format!("{o} {}", table.outcomes.get(o).copied().unwrap_or(0)))
+    .collect();
     println!("  outcomes     {}", outcomes.join(" · "));
     let calls = state["calls"].as_object().cloned().unwrap_or_default();
     let total: u64 = calls.values().filter_map(Value::as_u64).sum();

@@ -74,15 +74,34 @@ fn the_demo_shows_each_kind_of_decision_and_sums_them_up() {
         .position(|l| l.starts_with("summary:"))
         .expect("summary");
     let mut rows: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut operator: Vec<(&str, &str)> = Vec::new();
     let mut prague_blocks = 0;
     for row in &lines[header + 1..summary] {
-        if let [_, site, source, _method, outcome, ..] =
-            row.split_whitespace().collect::<Vec<_>>()[..]
-        {
-            rows.entry(outcome).or_default().push(source);
-            prague_blocks += usize::from(site == "prague" && outcome == "blocked");
+        match row.split_whitespace().collect::<Vec<_>>()[..] {
+            [_, _, source, "operator", outcome, ..] => operator.push((source, outcome)),
+            [_, site, source, _method, outcome, ..] => {
+                rows.entry(outcome).or_default().push(source);
+                prague_blocks += usize::from(site == "prague" && outcome == "blocked");
+            }
+            _ => {}
         }
     }
+    // The operator's unblock with an exemption: both results, and the address's next
+    // detection exempted.
+    operator.sort();
+    assert_eq!(
+        operator,
+        [
+            ("198.51.100.23", "exempted"),
+            ("198.51.100.23", "unblocked")
+        ],
+        "{output}"
+    );
+    assert!(
+        rows.get("exempted")
+            .is_some_and(|s| s.contains(&"198.51.100.23")),
+        "the unblocked address's next detection is exempted:\n{output}"
+    );
     for outcome in ["blocked", "duplicate", "filtered", "suppressed"] {
         assert!(rows.contains_key(outcome), "no {outcome} row:\n{output}");
     }
@@ -125,10 +144,10 @@ fn the_demo_shows_each_kind_of_decision_and_sums_them_up() {
             (words.get(2) == Some(&"rule(s):")).then(|| words[1].parse::<usize>().unwrap())
         })
         .sum();
-    // Prague's blocks go to one gateway, Brno's to two.
+    // Prague's blocks go to one gateway, Brno's to two; the unblocked one is gone.
     assert_eq!(
         rules,
-        prague_blocks + 2 * (blocked - prague_blocks),
+        prague_blocks - 1 + 2 * (blocked - prague_blocks),
         "{output}"
     );
     assert!(output.contains("logins 1"), "one login: {output}");

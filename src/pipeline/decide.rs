@@ -217,6 +217,15 @@ fn decide_target(
     now: DateTime<Utc>,
 ) -> Decision {
     let key = idempotency_key(target, source);
+    // An operator's exemption comes first: an exempted address is never blocked automatically,
+    // and a detection while its block is being removed (`unblock --exempt-for`) is exempted too.
+    if let Some(until) = state.exemption(&event.site, source, now) {
+        return Decision::Exempted {
+            target: target.clone(),
+            key,
+            until,
+        };
+    }
     let (level, verify_first) = match state.check(&key, now) {
         Check::Active(block) => {
             return Decision::Duplicate {
@@ -236,13 +245,6 @@ fn decide_target(
         Check::Repeat { level } => (level, None),
         Check::New => (0, None),
     };
-    if let Some(until) = state.exemption(&event.site, source, now) {
-        return Decision::Exempted {
-            target: target.clone(),
-            key,
-            until,
-        };
-    }
     let duration = policy.duration(event.flowmon.priority, level);
     guarded(
         Enforce {
@@ -693,12 +695,18 @@ mod tests {
     }
 
     #[test]
-    fn an_exempted_address_is_not_blocked_automatically_but_a_duplicate_stays_one() {
+    fn an_exempted_address_is_not_blocked_automatically_even_while_its_block_is_removed() {
         let p = policy();
         let now = Utc::now();
         let e = event("SCANS", Priority::High, "198.51.100.77");
         assert_eq!(
             shape(&decide(&e, &p, &Table::default(), false, now)),
+            vec!["exempted"; 2]
+        );
+        let key = idempotency_key(&p.route(&e).unwrap()[0], "198.51.100.77".parse().unwrap());
+        let state = Table(HashMap::from([(key, Check::Active(block(0)))]));
+        assert_eq!(
+            shape(&decide(&e, &p, &state, false, now)),
             vec!["exempted"; 2]
         );
     }
