@@ -481,7 +481,7 @@ async fn operator_command(
     fill: impl Fn(&mut crate::command::Command),
 ) -> ExitCode {
     use crate::operator;
-    let config = match load_config(args.config.as_deref()) {
+    let config = match operator_config(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
@@ -533,7 +533,7 @@ async fn operator_command(
 }
 
 async fn blocks(args: BlocksArgs) -> ExitCode {
-    let config = match load_config(args.config.as_deref()) {
+    let config = match operator_config(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
@@ -573,7 +573,7 @@ async fn blocks(args: BlocksArgs) -> ExitCode {
 }
 
 async fn explain(args: ExplainArgs) -> ExitCode {
-    let config = match load_config(args.config.as_deref()) {
+    let config = match operator_config(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
@@ -600,7 +600,7 @@ async fn explain(args: ExplainArgs) -> ExitCode {
 }
 
 async fn reconcile(args: ReconcileArgs) -> ExitCode {
-    let config = match load_config(args.config.as_deref()) {
+    let config = match operator_config(args.config.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
@@ -632,6 +632,11 @@ async fn reconcile(args: ReconcileArgs) -> ExitCode {
         )),
         None => ExitCode::SUCCESS,
     }
+}
+
+/// The configuration as the operator's commands read it (no firewall credentials needed).
+fn operator_config(path: Option<&std::path::Path>) -> Result<Config, crate::config::ConfigError> {
+    Config::load(path)?.validate_for_operator()
 }
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config, crate::config::ConfigError> {

@@ -549,6 +549,14 @@ impl Config {
             .map_err(|e| ConfigError::Parse(Box::new(e)))
     }
 
+    /// What the operator's commands need checked: Kafka, sites, targets, policy; not the
+    /// management servers' credentials, which an operator's copy of the file may leave out.
+    pub fn validate_for_operator(self) -> Result<Self, ConfigError> {
+        validate_kafka(&self.kafka)?;
+        self.validate_run()?;
+        Ok(self)
+    }
+
     /// Checks every field; the error names the field and the fix.
     pub fn validate(self) -> Result<Self, ConfigError> {
         validate_kafka(&self.kafka)?;
@@ -713,6 +721,17 @@ fn validate_shim(s: &ShimConfig) -> Result<(), ConfigError> {
 
 impl Config {
     fn validate_run(&self) -> Result<(), ConfigError> {
+        let interval = self.reconcile.interval;
+        if !interval.is_zero() && interval < Duration::from_secs(10) {
+            return Err(invalid(
+                "reconcile.interval",
+                format!(
+                    "{} lists every gateway too often",
+                    humantime::format_duration(interval)
+                ),
+                "use at least \"10s\" (the default is \"10m\"), or \"0s\" to turn the loop off",
+            ));
+        }
         let r = &self.run;
         if r.group_id.trim().is_empty() {
             return Err(invalid(
@@ -1043,6 +1062,17 @@ mod tests {
     }
 
     #[test]
+    fn the_operators_commands_need_no_firewall_credentials() {
+        let text = "[checkpoint.servers.hq]\nurl = \"https://192.0.2.1\"\n[targets.t]\nserver = \"hq\"\ngateways = [\"gw\"]\n[sites.s]\ntargets = [\"t\"]\n";
+        let config = Config::from_toml(text).unwrap();
+        assert_eq!(
+            field_of(config.clone().validate().unwrap_err()),
+            "checkpoint.servers.api_key"
+        );
+        assert!(config.validate_for_operator().is_ok());
+    }
+
+    #[test]
     fn unknown_fields_are_refused_with_their_name() {
         let err = Config::from_toml("[kafka]\nbrokerz = \"x:1\"\n").unwrap_err();
         let text = err.to_string();
@@ -1086,6 +1116,7 @@ mod tests {
                 "shim.delivery_timeout",
             ),
             ("[shim]\nmax_line_bytes = 10", "shim.max_line_bytes"),
+            ("[reconcile]\ninterval = \"1s\"", "reconcile.interval"),
             ("[checkpoint.servers.a]\nurl = \"ftp://x\"\napi_key = \"k\"", "checkpoint.servers.url"),
             ("[checkpoint.servers.a]\nurl = \"http://x\"\napi_key = \"k\"", "checkpoint.servers.url"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"", "checkpoint.servers.api_key"),

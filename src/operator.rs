@@ -752,7 +752,8 @@ async fn ends(config: &Config, topic: &str, partitions: &[i32]) -> anyhow::Resul
     .await?
 }
 
-/// Each partition's low watermark.
+/// Each non-empty partition's low watermark (an empty one has nothing to read, and would never
+/// report its end).
 async fn beginnings(
     config: &Config,
     topic: &str,
@@ -761,13 +762,14 @@ async fn beginnings(
     let (config, topic, partitions) = (config.clone(), topic.to_owned(), partitions.to_vec());
     tokio::task::spawn_blocking(move || {
         let r = reader(&config)?;
-        partitions
-            .iter()
-            .map(|p| {
-                let (low, _) = r.fetch_watermarks(&topic, *p, METADATA_TIMEOUT)?;
-                Ok((*p, low))
-            })
-            .collect()
+        let mut starts = Vec::new();
+        for p in partitions {
+            let (low, high) = r.fetch_watermarks(&topic, p, METADATA_TIMEOUT)?;
+            if high > low {
+                starts.push((p, low));
+            }
+        }
+        Ok(starts)
     })
     .await?
 }
