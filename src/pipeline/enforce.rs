@@ -638,23 +638,29 @@ async fn blocked(shared: &Arc<Shared>, mut work: Work) {
         return;
     }
     let block = work.block();
-    let record = work.record(false, &shared.replica);
-    let payload = serde_json::to_string(&record).expect("state serializes");
-    let topic = &shared.config.kafka.topics.state;
-    match report::write(
-        &shared.producer,
-        topic,
-        &record.key.to_string(),
-        &payload,
-        Some(claim.partition),
-        &shared.stopping,
-    )
-    .await
-    {
-        Ok(_) => {}
-        Err(WriteError::Stopping) => return,
-        Err(e @ WriteError::Refused(_)) => {
-            error!(error = %e, key = %record.key, "the state record of a block was refused: a restart may verify it again");
+    // A block re-asserted by reconcile is the same block: its record (with its origin and actor)
+    // stands as written, so neither a pending nor an active record is written for it.
+    if work.enforce.origin != Origin::Reconcile {
+        let record = work.record(false, &shared.replica);
+        let payload = serde_json::to_string(&record).expect("state serializes");
+        let topic = &shared.config.kafka.topics.state;
+        let key = record.key.to_string();
+        let stop = &shared.stopping;
+        match report::write(
+            &shared.producer,
+            topic,
+            &key,
+            &payload,
+            Some(claim.partition),
+            stop,
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(WriteError::Stopping) => return,
+            Err(e @ WriteError::Refused(_)) => {
+                error!(error = %e, key, "the state record of a block was refused: a restart may verify it again");
+            }
         }
     }
     shared.state.lock().expect("state").confirm(

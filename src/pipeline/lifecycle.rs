@@ -380,6 +380,9 @@ async fn reconcile_target(
             .collect();
         let mut work = Work::new(Completion::own(claim, 1), enforce, result);
         work.progress = Progress::missing_from(&target.gateways, &present);
+        // The block's active record stands (a crash mid-send is repaired by the next
+        // reconcile, which lists the gateways again): no write-ahead.
+        work.pending_written = true;
         metrics
             .reconcile_repairs
             .with_label_values(&[&target.name])
