@@ -83,7 +83,12 @@ pub enum Invalid {
     NeedsDuration(&'static str, &'static str),
     #[error("`id` must be 32 hex digits")]
     BadId,
+    #[error("`{0}` is longer than a SAM timeout can be (136 years)")]
+    TooLong(&'static str),
 }
+
+/// The longest duration a command may carry: what a SAM rule's `-t` can (`u32` seconds).
+pub const MAX_SECONDS: u64 = u32::MAX as u64;
 
 impl Command {
     /// A new command with a random id, issued now.
@@ -114,11 +119,18 @@ impl Command {
         if self.action != Action::Reconcile && (self.site.is_none() || self.ip.is_none()) {
             return Err(Invalid::NeedsAddress(action));
         }
-        if self.action == Action::Exempt && self.exempt_for_s.unwrap_or(0) == 0 {
+        if self.action == Action::Exempt && self.exempt_for_s.is_none() {
             return Err(Invalid::NeedsDuration(action, "exempt_for_s"));
         }
-        if self.duration_s == Some(0) {
-            return Err(Invalid::NeedsDuration(action, "duration_s"));
+        for (field, value) in [
+            ("duration_s", self.duration_s),
+            ("exempt_for_s", self.exempt_for_s),
+        ] {
+            match value {
+                Some(0) => return Err(Invalid::NeedsDuration(action, field)),
+                Some(s) if s > MAX_SECONDS => return Err(Invalid::TooLong(field)),
+                _ => {}
+            }
         }
         self.ip = self.ip.map(|ip| ip.to_canonical());
         for text in [&mut self.reason, &mut self.actor].into_iter().flatten() {
@@ -173,6 +185,24 @@ mod tests {
                     ..Command::new(Action::Exempt)
                 },
                 Invalid::NeedsDuration("exempt", "exempt_for_s"),
+            ),
+            (
+                Command {
+                    site: Some("s".into()),
+                    ip: Some("192.0.2.1".parse().unwrap()),
+                    exempt_for_s: Some(0),
+                    ..Command::new(Action::Unblock)
+                },
+                Invalid::NeedsDuration("unblock", "exempt_for_s"),
+            ),
+            (
+                Command {
+                    site: Some("s".into()),
+                    ip: Some("192.0.2.1".parse().unwrap()),
+                    duration_s: Some(MAX_SECONDS + 1),
+                    ..Command::new(Action::Block)
+                },
+                Invalid::TooLong("duration_s"),
             ),
             (
                 Command {

@@ -518,6 +518,7 @@ mod tests {
             expires_at: now + chrono::Duration::hours(1),
             event_id: None,
             origin: Origin::Automatic,
+            actor: None,
         }
     }
 

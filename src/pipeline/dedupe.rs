@@ -149,6 +149,7 @@ impl BlockRecord {
             expires_at: self.expires_at,
             event_id: Some(self.event_id.clone()).filter(|e| !e.is_empty()),
             origin: self.origin,
+            actor: self.actor.clone(),
         }
     }
 }
@@ -163,6 +164,8 @@ pub struct TrackedBlock {
     pub event_id: Option<String>,
     /// Who asked for it.
     pub origin: Origin,
+    /// The operator, for a manual block.
+    pub actor: Option<String>,
 }
 
 /// What the state says about a key.
@@ -207,6 +210,8 @@ struct Entry {
     contested: bool,
     /// The block's `expired` result is written.
     expiry_reported: bool,
+    /// An unblock is removing the rule: reconcile must not re-assert it.
+    removing: bool,
     level: u32,
     blocked_ms: i64,
     expires_ms: i64,
@@ -216,10 +221,12 @@ struct Entry {
     /// Index of the (site, target) pair in [`BlockState::names`].
     names: u32,
     origin: Origin,
+    /// 1 + the index of the operator in [`BlockState::actors`]; 0 for none.
+    actor: u32,
 }
 
 impl Entry {
-    fn block(&self) -> TrackedBlock {
+    fn block(&self, actors: &[String]) -> TrackedBlock {
         let at = |ms: i64| Utc.timestamp_millis_opt(ms).single().unwrap_or_default();
         TrackedBlock {
             level: self.level,
@@ -227,6 +234,9 @@ impl Entry {
             expires_at: at(self.expires_ms),
             event_id: (self.event != [0; 16]).then(|| hex(&self.event)),
             origin: self.origin,
+            actor: (self.actor as usize)
+                .checked_sub(1)
+                .and_then(|i| actors.get(i).cloned()),
         }
     }
 
@@ -291,6 +301,8 @@ pub struct BlockState {
     /// Interned (site, target) pairs: entries hold an index.
     names: Vec<(String, String)>,
     name_index: HashMap<(String, String), u32>,
+    /// Interned operators (manual blocks are few).
+    actors: Vec<String>,
     max: usize,
     window_ms: i64,
 }
@@ -302,6 +314,7 @@ impl BlockState {
             exemptions: HashMap::new(),
             names: Vec::new(),
             name_index: HashMap::new(),
+            actors: Vec::new(),
             max,
             window_ms: i64::try_from(window.as_millis()).unwrap_or(i64::MAX),
         }
@@ -325,6 +338,7 @@ impl BlockState {
             known: false,
             contested: false,
             expiry_reported: false,
+            removing: false,
             level: 0,
             blocked_ms: 0,
             expires_ms: 0,
@@ -332,6 +346,7 @@ impl BlockState {
             ip: subject.ip,
             names: self.intern(&subject.site, &subject.target),
             origin: Origin::Automatic,
+            actor: 0,
         }
     }
 
@@ -351,9 +366,11 @@ impl BlockState {
         };
         match entry.status {
             Status::InFlight => Check::Pending,
-            Status::Unconfirmed if entry.expires_ms > now => Check::Unconfirmed(entry.block()),
+            Status::Unconfirmed if entry.expires_ms > now => {
+                Check::Unconfirmed(entry.block(&self.actors))
+            }
             _ if !entry.known => Check::New,
-            Status::Settled if entry.expires_ms > now => Check::Active(entry.block()),
+            Status::Settled if entry.expires_ms > now => Check::Active(entry.block(&self.actors)),
             _ if entry.blocked_ms.saturating_add(self.window_ms) > now => Check::Repeat {
                 level: entry.level + 1,
             },
@@ -373,6 +390,7 @@ impl BlockState {
         if let Some(entry) = self.entries.get_mut(&key) {
             entry.status = Status::InFlight;
             entry.contested = false;
+            entry.removing = false;
             entry.partition = partition;
             return Ok(());
         }
@@ -410,10 +428,22 @@ impl BlockState {
             let entry = self.new_entry(partition, status, subject);
             self.entries.insert(key, entry);
         }
+        let actor = match &block.actor {
+            Some(a) => match self.actors.iter().position(|x| x == a) {
+                Some(i) => i as u32 + 1,
+                None => {
+                    self.actors.push(a.clone());
+                    self.actors.len() as u32
+                }
+            },
+            None => 0,
+        };
         let entry = self.entries.get_mut(&key).expect("inserted");
         entry.status = status;
         entry.partition = partition;
+        entry.contested = false;
         entry.set_block(block);
+        entry.actor = actor;
         entry
     }
 
@@ -468,7 +498,27 @@ impl BlockState {
         for (key, entry) in part.entries {
             let (site, target) = &part.names[entry.names as usize];
             let names = self.intern(site, target);
-            self.entries.insert(key, Entry { names, ..entry });
+            let actor = match (entry.actor as usize).checked_sub(1) {
+                Some(i) => {
+                    let a = &part.actors[i];
+                    match self.actors.iter().position(|x| x == a) {
+                        Some(j) => j as u32 + 1,
+                        None => {
+                            self.actors.push(a.clone());
+                            self.actors.len() as u32
+                        }
+                    }
+                }
+                None => 0,
+            };
+            self.entries.insert(
+                key,
+                Entry {
+                    names,
+                    actor,
+                    ..entry
+                },
+            );
         }
         self.exemptions.extend(part.exemptions);
     }
@@ -504,6 +554,14 @@ impl BlockState {
                 self.entries.remove(key);
                 true
             }
+        }
+    }
+
+    /// An unblock of `key` is under way (`true`) or ended without removing it (`false`): while
+    /// it is, reconcile does not count the block as one the gateways must hold.
+    pub fn set_removing(&mut self, key: &RuleKey, removing: bool) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.removing = removing;
         }
     }
 
@@ -556,14 +614,26 @@ impl BlockState {
         let until = until.timestamp_millis();
         self.entries
             .iter()
-            .filter(|(_, e)| e.active(until) && self.names[e.names as usize].1 == target)
+            .filter(|(_, e)| {
+                e.active(until) && !e.removing && self.names[e.names as usize].1 == target
+            })
             .map(|(key, e)| Ended {
                 key: *key,
                 partition: e.partition,
                 subject: self.subject(e),
-                block: e.block(),
+                block: e.block(&self.actors),
             })
             .collect()
+    }
+
+    /// Whether `key` is still the active block `expires_at` says, not being removed: what a
+    /// re-assert checks before it goes out.
+    pub fn expects(&self, key: &RuleKey, expires_at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        self.entries.get(key).is_some_and(|e| {
+            e.active(now.timestamp_millis())
+                && !e.removing
+                && e.expires_ms == expires_at.timestamp_millis()
+        })
     }
 
     /// Whether `key` is tracked in any status (a rule with its tag is explained).
@@ -574,14 +644,16 @@ impl BlockState {
             .is_some_and(|e| e.status != Status::Settled || e.expires_ms > now)
     }
 
-    /// Marks what ended by `now`: blocks that expired (reported once), history past the
-    /// escalation window (forgotten), exemptions that ended (forgotten).
-    pub fn sweep(&mut self, now: DateTime<Utc>) -> Sweep {
+    /// Marks what ended by `now` in the partitions `owned` says are consumed here: blocks that
+    /// expired (reported once), history past the escalation window (forgotten), exemptions that
+    /// ended (forgotten).
+    pub fn sweep(&mut self, now: DateTime<Utc>, owned: impl Fn(i32) -> bool) -> Sweep {
         let now = now.timestamp_millis();
         let mut sweep = Sweep::default();
         let mut ended = Vec::new();
         for (key, e) in &mut self.entries {
-            if !e.known || e.status != Status::Settled || e.expires_ms > now {
+            if !e.known || e.status != Status::Settled || e.expires_ms > now || !owned(e.partition)
+            {
                 continue;
             }
             if e.blocked_ms.saturating_add(self.window_ms) <= now && e.expiry_reported {
@@ -600,11 +672,11 @@ impl BlockState {
                 key,
                 partition: e.partition,
                 subject: self.subject(&e),
-                block: e.block(),
+                block: e.block(&self.actors),
             });
         }
         self.exemptions.retain(|(site, ip), e| {
-            let keep = e.until_ms > now;
+            let keep = e.until_ms > now || !owned(e.partition);
             if !keep {
                 sweep
                     .exemptions_ended
@@ -675,6 +747,7 @@ mod tests {
             expires_at: blocked + chrono::Duration::hours(hours),
             event_id: Some("0123456789abcdef0123456789abcdef".into()),
             origin: Origin::Automatic,
+            actor: None,
         }
     }
 
@@ -691,8 +764,8 @@ mod tests {
             event_id: block.event_id.clone().unwrap_or_default(),
             pending,
             writer: None,
-            origin: Origin::Automatic,
-            actor: None,
+            origin: block.origin,
+            actor: block.actor.clone(),
             expired: false,
         }
     }
@@ -850,31 +923,74 @@ mod tests {
     }
 
     #[test]
+    fn reconcile_expects_active_blocks_of_a_target_except_those_being_removed() {
+        let now = now_ms();
+        let mut s = BlockState::new(100, Duration::from_secs(86400));
+        s.confirm(key(1), 0, &subject(), &block(now, 1, 0));
+        s.confirm(key(2), 0, &subject(), &block(now, 1, 0));
+        s.confirm(
+            key(3),
+            0,
+            &subject(),
+            &block(now - chrono::Duration::hours(2), 1, 0),
+        );
+        let other = Subject {
+            target: "other".into(),
+            ..subject()
+        };
+        s.confirm(key(4), 0, &other, &block(now, 1, 0));
+        let keys = |s: &BlockState| {
+            let mut k: Vec<RuleKey> = s.active_at("t", now).into_iter().map(|e| e.key).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(keys(&s), vec![key(1), key(2)], "active, at this target");
+        s.set_removing(&key(2), true);
+        assert_eq!(keys(&s), vec![key(1)]);
+        s.set_removing(&key(2), false);
+        assert_eq!(keys(&s), vec![key(1), key(2)]);
+        assert!(
+            s.active_at("t", now + chrono::Duration::hours(2))
+                .is_empty(),
+            "ending before then"
+        );
+    }
+
+    #[test]
     fn a_sweep_reports_each_expiry_once_then_forgets_it_after_the_window() {
         let now = now_ms();
         let mut s = BlockState::new(100, Duration::from_secs(10 * 3600));
         s.confirm(key(1), 3, &subject(), &block(now, 1, 0));
-        assert_eq!(s.sweep(now), Sweep::default(), "active: nothing to do");
+        assert_eq!(
+            s.sweep(now, |_| true),
+            Sweep::default(),
+            "active: nothing to do"
+        );
         let after = now + chrono::Duration::hours(2);
-        let sweep = s.sweep(after);
+        assert_eq!(
+            s.sweep(after, |_| false),
+            Sweep::default(),
+            "a partition not consumed here (still loading) reports nothing, and marks nothing"
+        );
+        let sweep = s.sweep(after, |_| true);
         assert_eq!(sweep.expired.len(), 1);
         assert_eq!(sweep.expired[0].subject, subject());
         assert_eq!(sweep.expired[0].partition, 3);
         assert!(sweep.forgotten.is_empty());
-        assert_eq!(s.sweep(after), Sweep::default(), "reported once");
+        assert_eq!(s.sweep(after, |_| true), Sweep::default(), "reported once");
         assert_eq!(
             s.check(&key(1), after),
             Check::Repeat { level: 1 },
             "kept for escalation"
         );
-        let sweep = s.sweep(now + chrono::Duration::hours(11));
+        let sweep = s.sweep(now + chrono::Duration::hours(11), |_| true);
         assert_eq!(sweep.forgotten, vec![(key(1), 3)]);
         assert!(s.is_empty());
         // A record already reported expired (read back after a restart) is not reported again.
         let mut r = record(2, &block(now - chrono::Duration::hours(3), 1, 0), false);
         r.expired = true;
         s.load(1, &r, now);
-        assert!(s.sweep(now).expired.is_empty());
+        assert!(s.sweep(now, |_| true).expired.is_empty());
     }
 
     #[test]
@@ -887,7 +1003,7 @@ mod tests {
         assert_eq!(s.exemption("brno", ip, now), Some(until));
         assert_eq!(s.exemption("prague", ip, now), None, "per site");
         assert_eq!(s.exemption("brno", ip, until), None, "ended");
-        let sweep = s.sweep(until);
+        let sweep = s.sweep(until, |_| true);
         assert_eq!(sweep.exemptions_ended, vec![("brno".into(), ip, 2)]);
         s.exempt("brno", ip, 2, until);
         assert!(s.release("brno", ip, now));

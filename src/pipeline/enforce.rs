@@ -118,14 +118,16 @@ impl Work {
         TrackedBlock {
             level: self.enforce.level,
             blocked_at: from,
-            expires_at: from
-                + chrono::Duration::from_std(self.enforce.duration)
-                    .unwrap_or(chrono::Duration::MAX),
+            expires_at: chrono::Duration::from_std(self.enforce.duration)
+                .ok()
+                .and_then(|d| from.checked_add_signed(d))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
             event_id: self.result.event_ids.first().cloned(),
             origin: match self.enforce.origin {
                 Origin::Manual => Origin::Manual,
                 _ => Origin::Automatic,
             },
+            actor: self.result.actor.clone(),
         }
     }
 
@@ -144,7 +146,7 @@ impl Work {
             pending,
             writer: Some(writer.to_owned()),
             origin: block.origin,
-            actor: self.result.actor.clone(),
+            actor: block.actor,
             expired: false,
         }
     }
@@ -247,7 +249,9 @@ impl Batcher {
             }
             work.trouble = None;
             let removal = work.progress.is_removal();
-            if removal && self.block_in_flight(&work) {
+            let reconciled = !removal && work.enforce.origin == Origin::Reconcile;
+            let deadline = self.shared.config.run.retry_deadline;
+            if removal && work.first_try.elapsed() < deadline && self.block_in_flight(&work) {
                 // A block of this key is on its way: remove it once it landed, not before.
                 work.next_try = Instant::now() + Duration::from_millis(500);
                 if let Err(mpsc::error::SendError(work)) = retry.send(work) {
@@ -255,7 +259,13 @@ impl Batcher {
                 }
                 continue;
             }
+            if reconciled && !self.still_expected(&work) {
+                // Unblocked, expired or replaced since reconcile listed it: nothing to repair.
+                continue;
+            }
             if work.first_sent.is_none()
+                && !removal
+                && !reconciled
                 && self
                     .shared
                     .state
@@ -388,12 +398,26 @@ impl Batcher {
                     work.progress.after_verify(&verdicts);
                     if work.progress.is_removal() {
                         work.uids.extend(uids);
+                        let listed = verdicts.iter().any(|(_, p)| *p == rule::Presence::InPlace);
+                        if listed && work.progress.cancels > 0 {
+                            // Cancelled and still there: back off, and fail at the deadline.
+                            work.trouble = Some(ErrorClass::Retryable);
+                        }
                     }
                 }
             }
             Err(Failure::Call(e) | Failure::Tasks(e)) => for_each_error(&mut works, &step, &e),
         }
         works
+    }
+
+    /// Whether a re-assert's block is still the active block reconcile saw.
+    fn still_expected(&self, work: &Work) -> bool {
+        let Some(block) = &work.enforce.verify_first else {
+            return false;
+        };
+        let state = self.shared.state.lock().expect("state");
+        state.expects(&work.enforce.key, block.expires_at, Utc::now())
     }
 
     /// Whether a block of `work`'s key is being enforced right now (an unblock waits for it).
@@ -406,11 +430,16 @@ impl Batcher {
     /// the rule's own flags, or `fw samp del` of the uids listed (one script per gateway), then
     /// a flush. Whatever the gateway answers, the rule's next step is to list it again.
     async fn remove(&self, mut works: Vec<Work>, gateways: &[String]) -> Vec<Work> {
+        let claims: Vec<_> = works.iter().map(|w| w.completion.claim).collect();
+        let (guard, current) = self.shared.ownership.begin_send(&claims);
+        let stale = current.iter().filter(|c| !**c).count();
+        self.shared.metrics.fenced.inc_by(stale as u64);
+        let mut keep = current.into_iter();
+        works.retain(|_| keep.next().unwrap_or(false));
+        if works.is_empty() {
+            return works;
+        }
         let rules: Vec<SamRule> = works.iter().map(|w| w.enforce.rule).collect();
-        let (guard, _) = self
-            .shared
-            .ownership
-            .begin_send(&works.iter().map(|w| w.completion.claim).collect::<Vec<_>>());
         let mut calls: Vec<(Vec<String>, String)> = Vec::new();
         match self.target.mode {
             SamMode::FwSam => match sam::batch_script(&rules, SamMode::FwSam, Operation::Unblock) {
@@ -663,12 +692,14 @@ async fn blocked(shared: &Arc<Shared>, mut work: Work) {
             }
         }
     }
-    shared.state.lock().expect("state").confirm(
-        work.enforce.key,
-        claim.partition,
-        &work.subject(),
-        &block,
-    );
+    if work.enforce.origin != Origin::Reconcile {
+        shared.state.lock().expect("state").confirm(
+            work.enforce.key,
+            claim.partition,
+            &work.subject(),
+            &block,
+        );
+    }
     if let Some(detected) = work.result.detected() {
         let latency = (Utc::now() - detected).to_std().unwrap_or_default();
         shared
@@ -787,7 +818,13 @@ fn abandon(shared: &Shared, work: Work, why: &str) {
 /// In memory: a rule that may be in place is unconfirmed; one that is surely not is forgotten.
 /// (A removal that did not finish changes nothing: the block stays as it was believed.)
 fn forget_or_keep(shared: &Shared, work: &Work) {
-    if work.progress.is_removal() || work.enforce.origin == Origin::Reconcile {
+    if work.progress.is_removal() {
+        // The block stays as it was believed (and reconcile counts it again).
+        let mut state = shared.state.lock().expect("state");
+        state.set_removing(&work.enforce.key, false);
+        return;
+    }
+    if work.enforce.origin == Origin::Reconcile {
         return;
     }
     let mut state = shared.state.lock().expect("state");

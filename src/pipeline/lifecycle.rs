@@ -15,7 +15,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tracing::{error, info, warn};
 
 use super::decide::{Code, Enforce};
@@ -40,7 +40,11 @@ const REASSERT_MARGIN: chrono::Duration = chrono::Duration::seconds(60);
 /// the escalation window (tombstones).
 pub fn sweep(shared: &Arc<Shared>, policy: &Policy) {
     let now = Utc::now();
-    let found = shared.state.lock().expect("state").sweep(now);
+    let found = shared
+        .state
+        .lock()
+        .expect("state")
+        .sweep(now, |p| owned(shared, p).is_some());
     for ended in found.expired {
         let Some(claim) = owned(shared, ended.partition) else {
             continue;
@@ -78,14 +82,17 @@ pub fn sweep(shared: &Arc<Shared>, policy: &Policy) {
             pending: false,
             writer: Some(shared.replica.clone()),
             origin: ended.block.origin,
-            actor: None,
+            actor: ended.block.actor.clone(),
             expired: true,
         };
         let shared = shared.clone();
         tokio::spawn(async move {
             // The result first, then the record that says it was written: a crash between
-            // the two reports the expiry twice, never not at all.
-            finish(&shared, &Completion::own(claim, 1), result).await;
+            // the two reports the expiry twice, never not at all; a result not written (the
+            // partition moved on) leaves the record to the next owner, which reports it.
+            if !finish(&shared, &Completion::own(claim, 1), result).await {
+                return;
+            }
             let payload = serde_json::to_string(&record).expect("records serialize");
             let topic = &shared.config.kafka.topics.state;
             let key = record.key.to_string();
@@ -139,7 +146,9 @@ pub fn sweep(shared: &Arc<Shared>, policy: &Policy) {
             let key = super::dedupe::exemption_key(&site, ip);
             let stop = &shared.stopping;
             match report::write_tombstone(&shared.producer, topic, &key, partition, stop).await {
-                Ok(_) => finish(&shared, &Completion::own(claim, 1), result).await,
+                Ok(_) => {
+                    finish(&shared, &Completion::own(claim, 1), result).await;
+                }
                 Err(WriteError::Stopping) => {}
                 Err(e) => error!(error = %e, "an exemption's tombstone was refused"),
             }
@@ -214,6 +223,8 @@ pub fn request_reconcile(
 /// a second of each other make one run (every owner hears one command per partition it owns).
 pub async fn run(
     shared: Arc<Shared>,
+    policy: Policy,
+    permits: Arc<Semaphore>,
     batchers: BTreeMap<String, Arc<Batcher>>,
     queues: BTreeMap<String, mpsc::WeakSender<Work>>,
     mut requests: mpsc::UnboundedReceiver<Pending>,
@@ -257,7 +268,12 @@ pub async fn run(
                 .iter()
                 .map(|p| p.completion.claim.partition)
                 .collect();
-            reconcile_target(&shared, batcher, &queue, ids, partitions).await;
+            let to = Repairs {
+                queue: &queue,
+                policy: &policy,
+                permits: &permits,
+            };
+            reconcile_target(&shared, batcher, to, ids, partitions).await;
         }
         for p in answering {
             p.completion.done(&shared);
@@ -271,13 +287,24 @@ pub async fn run(
 /// One target: list its gateways, compare with the active blocks of the partitions we own,
 /// re-assert what is missing, report (and, if configured, remove) orphans, then write the
 /// report.
+/// Where reconcile's repairs go: the target's batcher, under the policy's safety checks, each
+/// holding one of the pipeline's in-flight permits (so repairs never crowd out the events).
+struct Repairs<'a> {
+    queue: &'a mpsc::Sender<Work>,
+    policy: &'a Policy,
+    permits: &'a Arc<Semaphore>,
+}
+
 async fn reconcile_target(
     shared: &Arc<Shared>,
     batcher: &Batcher,
-    queue: &mpsc::Sender<Work>,
+    to: Repairs<'_>,
     command_ids: Vec<String>,
     mut partitions: Vec<i32>,
 ) {
+    let queue = to.queue;
+    let dry_run = shared.config.run.dry_run;
+    let mut deferred = 0usize;
     let target = batcher.target.clone();
     let started_at = Utc::now();
     // What the gateways must hold, taken *before* they are listed: a block confirmed later may
@@ -351,6 +378,23 @@ async fn reconcile_target(
         let Some(claim) = owned(shared, block.partition) else {
             continue;
         };
+        if dry_run {
+            continue; // dry run: counted and reported, never sent
+        }
+        // Safety last, for a re-assert too: the address may have become protected since.
+        let (site, ip) = (&block.subject.site, block.subject.ip);
+        if let Some(net) = to.policy.never_block(site, ip) {
+            warn!(target = target.name, %ip, %net, "reconcile: not re-asserting a block of an address now in a never-block network");
+            continue;
+        }
+        if let Some((_, why)) = to.policy.not_blockable(ip) {
+            warn!(target = target.name, %ip, why, "reconcile: not re-asserting a block of an address no rule may name");
+            continue;
+        }
+        let Ok(permit) = to.permits.clone().try_acquire_owned() else {
+            deferred += 1;
+            continue;
+        };
         let remaining = (block.block.expires_at - now).to_std().unwrap_or_default();
         let enforce = Enforce {
             target: target.clone(),
@@ -378,7 +422,7 @@ async fn reconcile_target(
             .filter(|g| !gateways.contains(g))
             .cloned()
             .collect();
-        let mut work = Work::new(Completion::own(claim, 1), enforce, result);
+        let mut work = Work::new(Completion::own_holding(claim, 1, permit), enforce, result);
         work.progress = Progress::missing_from(&target.gateways, &present);
         // The block's active record stands (a crash mid-send is repaired by the next
         // reconcile, which lists the gateways again): no write-ahead.
@@ -426,7 +470,11 @@ async fn reconcile_target(
             reason,
         );
         finish(shared, &Completion::own(claim, 1), result.clone()).await;
-        if shared.config.reconcile.remove_orphans {
+        if shared.config.reconcile.remove_orphans && !dry_run {
+            let Ok(permit) = to.permits.clone().try_acquire_owned() else {
+                deferred += 1;
+                continue;
+            };
             removing += 1;
             let enforce = Enforce {
                 target: target.clone(),
@@ -440,7 +488,7 @@ async fn reconcile_target(
             let mut result = result;
             result.outcome = Outcome::Unblocked;
             result.code = Code::OrphanRemoved;
-            let work = Work::removal(Completion::own(claim, 1), enforce, result);
+            let work = Work::removal(Completion::own_holding(claim, 1, permit), enforce, result);
             metrics
                 .reconcile_repairs
                 .with_label_values(&[&target.name])
@@ -449,6 +497,12 @@ async fn reconcile_target(
                 return;
             }
         }
+    }
+    if deferred > 0 {
+        warn!(
+            target = target.name,
+            deferred, "reconcile: the pipeline is busy; these repairs wait for the next reconcile"
+        );
     }
     metrics
         .reconciles
@@ -704,6 +758,7 @@ mod tests {
                 expires_at: now + chrono::Duration::hours(1),
                 event_id: None,
                 origin: Origin::Automatic,
+                actor: None,
             },
         }
     }

@@ -139,7 +139,15 @@ pub async fn run(
         .iter()
         .map(|(n, q)| (n.clone(), q.downgrade()))
         .collect();
-    let reconciler = tokio::spawn(lifecycle::run(shared.clone(), targets, weak, requests));
+    let in_flight = Arc::new(Semaphore::new(shared.config.run.max_in_flight));
+    let reconciler = tokio::spawn(lifecycle::run(
+        shared.clone(),
+        policy.clone(),
+        in_flight.clone(),
+        targets,
+        weak,
+        requests,
+    ));
     let keepalive = CancellationToken::new();
     let keepalives = start_keepalives(&clients, &keepalive);
 
@@ -148,7 +156,7 @@ pub async fn run(
     let consumer = subscribe(&shared, &ready, control_tx.clone(), watch.clone())?;
     let mut pipeline = Pipeline {
         watch,
-        in_flight: Arc::new(Semaphore::new(shared.config.run.max_in_flight)),
+        in_flight,
         shared,
         policy,
         queues,
@@ -160,6 +168,7 @@ pub async fn run(
         backpressured: false,
         reconcile,
         ticks: 0,
+        rejoined_at: None,
     };
     pipeline.consume(&cancel).await;
     pipeline.shut_down(batchers).await;
@@ -373,6 +382,8 @@ struct Pipeline {
     reconcile: lifecycle::Requests,
     /// Seconds ticked (the expiry sweep runs every [`lifecycle::SWEEP_EVERY`]).
     ticks: u64,
+    /// When the replica last left and rejoined the group (after a fence).
+    rejoined_at: Option<tokio::time::Instant>,
 }
 
 /// A message that waits for a permit, under the claim it was consumed under.
@@ -492,7 +503,7 @@ impl Pipeline {
         };
         match decode(&payload) {
             Ok(Input::Event(event)) => self.decide(*event, completion).await,
-            Ok(Input::Command(command)) => self.command(command, completion).await,
+            Ok(Input::Command(command)) => self.command(command, claim, &payload, completion).await,
             Err(reason) => dead_letter(&self.shared, completion(1), &payload, reason),
         }
     }
@@ -502,6 +513,8 @@ impl Pipeline {
     async fn command(
         &mut self,
         command: Command,
+        claim: Claim,
+        payload: &[u8],
         completion: impl FnOnce(usize) -> Arc<Completion>,
     ) {
         let shared = self.shared.clone();
@@ -513,6 +526,20 @@ impl Pipeline {
         if command.action == CommandAction::Reconcile {
             let completion = completion(1);
             return self.reconcile_on_demand(command, completion);
+        }
+        // A command on another partition than its address's would act on state the address's
+        // owner never reads (a producer that did not key it by address): refused.
+        let ip = command.ip.expect("checked");
+        let home =
+            crate::kafka::partition_for(&crate::event::event_key(ip), shared.events_partitions);
+        let partitioner_set = shared.config.kafka.properties.contains_key("partitioner");
+        if !partitioner_set && claim.partition != home {
+            let reason = format!(
+                "a {} command for {ip} on partition {}, not on its address's partition {home}: key samgate.command.v1 messages by address",
+                command.action.as_str(),
+                claim.partition
+            );
+            return dead_letter(&shared, completion(1), payload, reason);
         }
         info!(
             action = command.action.as_str(),
@@ -539,7 +566,6 @@ impl Pipeline {
             return;
         }
         let site = command.site.clone().unwrap_or_default();
-        let ip = command.ip.expect("checked");
         for decision in decisions {
             let result = ResultMessage::commanded(&command, &decision);
             self.hand_on(decision, result, &completion, &site, ip, &command, now)
@@ -641,6 +667,16 @@ impl Pipeline {
         let shared = self.shared.clone();
         let partition = completion.claim.partition;
         match decision {
+            Decision::Unblock(_) if shared.config.run.dry_run => {
+                let mut result = result;
+                result.outcome = report::Outcome::DryRun;
+                result.code = Code::DryRun;
+                result.reason = format!(
+                    "dry run: would remove the rule from {}",
+                    result.gateways.join(", ")
+                );
+                spawn_finish(&shared, completion, result);
+            }
             Decision::Unblock(unblock) => {
                 let enforce = decide::Enforce {
                     target: unblock.target.clone(),
@@ -651,6 +687,11 @@ impl Pipeline {
                     verify_first: None,
                     origin: unblock.origin,
                 };
+                shared
+                    .state
+                    .lock()
+                    .expect("state")
+                    .set_removing(&unblock.key, true);
                 let queue = &self.queues[&unblock.target.name];
                 let work = Work::removal(completion.clone(), enforce, result);
                 if queue.send(work).await.is_err() {
@@ -819,7 +860,7 @@ impl Pipeline {
 
     /// Another replica claimed `partition` after us: whatever the group says, its work here is
     /// stale from now on, and the partition waits until the group assigns it again.
-    fn fence(&self, partition: i32, by: &str) {
+    fn fence(&mut self, partition: i32, by: &str) {
         let shared = &self.shared;
         if shared.ownership.claim(partition).is_none() {
             return;
@@ -837,6 +878,29 @@ impl Pipeline {
             .lock()
             .expect("state")
             .drop_partition(partition);
+        self.rejoin();
+    }
+
+    /// Leaves the consumer group and joins it again. After a fence the group still counts the
+    /// partition as ours (it never revoked it), so nobody would consume it if the replica that
+    /// claimed it went away (the chaos run saw exactly that: a double assignment, then the other
+    /// replica stopped, and the partition stood still). Rejoining makes the group assign every
+    /// partition afresh; whoever gets it claims it anew. At most once every few seconds.
+    fn rejoin(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self
+            .rejoined_at
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(5))
+        {
+            return;
+        }
+        self.rejoined_at = Some(now);
+        let topic = &self.shared.config.kafka.topics.events;
+        warn!("rejoining the consumer group, so that it assigns the fenced partition afresh");
+        self.consumer.unsubscribe();
+        if let Err(e) = self.consumer.subscribe(&[topic]) {
+            error!(error = %e, "cannot subscribe to the events topic again");
+        }
     }
 
     /// Every second: commit what moved, refresh the gauges; every few seconds, report the blocks
@@ -961,6 +1025,16 @@ impl Completion {
         })
     }
 
+    /// [`Self::own`], holding one of the pipeline's in-flight permits until it is done.
+    pub fn own_holding(claim: Claim, results: usize, permit: OwnedSemaphorePermit) -> Arc<Self> {
+        Arc::new(Self {
+            claim,
+            offset: None,
+            remaining: AtomicUsize::new(results),
+            _permit: Some(permit),
+        })
+    }
+
     /// One of the event's results is durable; after the last, its offset is finished.
     pub(crate) fn done(&self, shared: &Shared) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -1047,11 +1121,16 @@ fn dead_letter(shared: &Arc<Shared>, completion: Arc<Completion>, payload: &[u8]
 }
 
 /// Report: writes `result`, and finishes the event's offset once its last result is durable.
-/// The result of a revoked claim is not written: its next owner answers the event.
-pub async fn finish(shared: &Arc<Shared>, completion: &Arc<Completion>, result: ResultMessage) {
+/// The result of a revoked claim is not written: its next owner answers the event. Returns
+/// whether the result was written.
+pub async fn finish(
+    shared: &Arc<Shared>,
+    completion: &Arc<Completion>,
+    result: ResultMessage,
+) -> bool {
     if !shared.ownership.is_current(completion.claim) {
         shared.metrics.fenced.inc();
-        return;
+        return false;
     }
     let payload = serde_json::to_string(&result).expect("results serialize");
     let topic = &shared.config.kafka.topics.results;
@@ -1069,8 +1148,10 @@ pub async fn finish(shared: &Arc<Shared>, completion: &Arc<Completion>, result: 
             let outcome = result.outcome.as_str();
             shared.metrics.decisions.with_label_values(&[outcome]).inc();
             report::log_decision(&result);
+            completion.done(shared);
+            true
         }
-        Err(WriteError::Stopping) => return,
+        Err(WriteError::Stopping) => false,
         Err(e) => {
             shared
                 .metrics
@@ -1078,14 +1159,17 @@ pub async fn finish(shared: &Arc<Shared>, completion: &Arc<Completion>, result: 
                 .with_label_values(&[topic])
                 .inc();
             error!(error = %e, ip = %result.ip, outcome = result.outcome.as_str(), "a result was refused for good; its event is finished without it");
+            completion.done(shared);
+            false
         }
     }
-    completion.done(shared);
 }
 
 fn spawn_finish(shared: &Arc<Shared>, completion: &Arc<Completion>, result: ResultMessage) {
     let (shared, completion) = (shared.clone(), completion.clone());
-    tokio::spawn(async move { finish(&shared, &completion, result).await });
+    tokio::spawn(async move {
+        finish(&shared, &completion, result).await;
+    });
 }
 
 /// Commits every partition's committable position that moved (marked committed once Kafka

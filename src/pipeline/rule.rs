@@ -106,6 +106,8 @@ pub struct Progress {
     removing: bool,
     /// A removal found the rule on some gateway.
     pub found: bool,
+    /// Cancels a removal sent (a rule still listed after one is trouble: it backs off).
+    pub cancels: u32,
 }
 
 impl Progress {
@@ -122,6 +124,7 @@ impl Progress {
             last_problem: None,
             removing: false,
             found: false,
+            cancels: 0,
         }
     }
 
@@ -142,10 +145,11 @@ impl Progress {
         }
     }
 
-    /// A rule known to be on `present` and not on the other gateways (reconcile re-asserts it
-    /// where it is missing).
+    /// A rule listed on `present` and not on the other gateways (reconcile re-asserts it where it
+    /// is missing). Those are asked once more before anything is sent: another re-assert of the
+    /// same rule may have landed since the listing.
     pub fn missing_from(gateways: &[String], present: &[String]) -> Self {
-        let mut p = Self::new(gateways, false);
+        let mut p = Self::new(gateways, true);
         for g in present {
             p.set(g, OnGateway::Confirmed);
         }
@@ -212,6 +216,7 @@ impl Progress {
     pub fn after_send(&mut self, verdicts: &[(String, Sent)]) {
         self.attempts += 1;
         if self.removing {
+            self.cancels += 1;
             // Whatever a cancel said, only a listing tells that the rule is gone.
             for (gateway, verdict) in verdicts {
                 if let Sent::Refused(why) | Sent::Unknown(why) = verdict {
