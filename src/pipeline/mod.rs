@@ -168,7 +168,7 @@ pub async fn run(
         backpressured: false,
         reconcile,
         ticks: 0,
-        rejoined_at: None,
+        rejoin_at: None,
     };
     pipeline.consume(&cancel).await;
     pipeline.shut_down(batchers).await;
@@ -382,8 +382,8 @@ struct Pipeline {
     reconcile: lifecycle::Requests,
     /// Seconds ticked (the expiry sweep runs every [`lifecycle::SWEEP_EVERY`]).
     ticks: u64,
-    /// When the replica last left and rejoined the group (after a fence).
-    rejoined_at: Option<tokio::time::Instant>,
+    /// When the replica left the group to join it again (after a fence), until it has.
+    rejoin_at: Option<tokio::time::Instant>,
 }
 
 /// A message that waits for a permit, under the claim it was consumed under.
@@ -881,23 +881,35 @@ impl Pipeline {
         self.rejoin();
     }
 
-    /// Leaves the consumer group and joins it again. After a fence the group still counts the
-    /// partition as ours (it never revoked it), so nobody would consume it if the replica that
-    /// claimed it went away (the chaos run saw exactly that: a double assignment, then the other
-    /// replica stopped, and the partition stood still). Rejoining makes the group assign every
-    /// partition afresh; whoever gets it claims it anew. At most once every few seconds.
+    /// Leaves the consumer group, to join it again once every partition is revoked here
+    /// ([`Self::tick`]). After a fence the group still counts the partition as ours (it never
+    /// revoked it), so nobody would consume it if the replica that claimed it went away (the chaos
+    /// run saw exactly that: a double assignment, then the other replica stopped, and the
+    /// partition stood still). Subscribing again at once is no change to librdkafka (the
+    /// cooperative assignor even hands the partition back as still ours): the replica leaves,
+    /// and joins afresh once its assignment is empty; whoever gets the partition claims it anew.
     fn rejoin(&mut self) {
-        let now = tokio::time::Instant::now();
-        if self
-            .rejoined_at
-            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(5))
-        {
+        if self.rejoin_at.is_some() {
             return;
         }
-        self.rejoined_at = Some(now);
-        let topic = &self.shared.config.kafka.topics.events;
-        warn!("rejoining the consumer group, so that it assigns the fenced partition afresh");
+        warn!("leaving the consumer group, to join it again, so that the fenced partition is assigned afresh");
         self.consumer.unsubscribe();
+        self.rejoin_at = Some(tokio::time::Instant::now());
+    }
+
+    /// Joins the group again after [`Self::rejoin`], once every partition is revoked here (or
+    /// after 10 s in any case).
+    fn join_again(&mut self) {
+        let Some(left) = self.rejoin_at else {
+            return;
+        };
+        let empty = self.consumer.assignment().map_or(true, |a| a.count() == 0);
+        if !empty && left.elapsed() < Duration::from_secs(10) {
+            return;
+        }
+        self.rejoin_at = None;
+        let topic = &self.shared.config.kafka.topics.events;
+        info!("joining the consumer group again");
         if let Err(e) = self.consumer.subscribe(&[topic]) {
             error!(error = %e, "cannot subscribe to the events topic again");
         }
@@ -907,6 +919,7 @@ impl Pipeline {
     /// and exemptions that ended.
     fn tick(&mut self) {
         commit(&self.consumer, &self.shared, CommitMode::Async);
+        self.join_again();
         self.ticks += 1;
         if self.ticks % lifecycle::SWEEP_EVERY.as_secs() == 0 {
             lifecycle::sweep(&self.shared, &self.policy);

@@ -539,6 +539,39 @@ mod tests {
     }
 
     #[test]
+    fn a_removal_asks_first_cancels_where_found_and_believes_only_a_listing() {
+        let gateways = gws(&["gw-1", "gw-2"]);
+        let mut p = Progress::removal(&gateways);
+        assert!(p.is_removal());
+        assert_eq!(p.next(), Step::Verify(gateways.clone()), "asked first");
+        p.after_verify(&[
+            ("gw-1".into(), Presence::InPlace),
+            ("gw-2".into(), Presence::Absent),
+        ]);
+        assert!(p.found);
+        assert_eq!(
+            p.next(),
+            Step::Send(gws(&["gw-1"])),
+            "cancelled where found"
+        );
+        // Whatever the cancel's exit status says, the gateway is asked again.
+        p.after_send(&[("gw-1".into(), Sent::Confirmed)]);
+        assert_eq!(p.cancels, 1);
+        assert_eq!(p.next(), Step::Verify(gws(&["gw-1"])));
+        p.after_verify(&[("gw-1".into(), Presence::Unknown("cut".into()))]);
+        assert_eq!(
+            p.next(),
+            Step::Verify(gws(&["gw-1"])),
+            "an unknown listing is asked again"
+        );
+        p.after_verify(&[("gw-1".into(), Presence::Absent)]);
+        assert_eq!(p.next(), Step::Done, "gone from every gateway");
+        // A re-assert sends nowhere before asking the gateways that lost the rule.
+        let p = Progress::missing_from(&gateways, &gws(&["gw-2"]));
+        assert_eq!(p.next(), Step::Verify(gws(&["gw-1"])));
+    }
+
+    #[test]
     fn the_state_machine_never_sends_where_the_rule_may_be() {
         let gateways = gws(&["gw-1", "gw-2"]);
         let mut p = Progress::new(&gateways, false);
