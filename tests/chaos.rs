@@ -938,26 +938,36 @@ async fn chaos(plan: Plan) -> Summary {
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     // A gateway was wiped: reconcile on demand (the periodic one may have run already), as an
-    // operator would, and let its re-asserted rules land.
-    let reconcile = {
-        let config = replicas[0].config.clone();
-        tokio::task::spawn_blocking(move || {
+    // operator would, until a reconcile finds nothing missing (its repairs take a moment).
+    let config = replicas[0].config.clone();
+    for round in 1..=6 {
+        let config = config.clone();
+        let out = tokio::task::spawn_blocking(move || {
             samgate_command()
-                .args(["reconcile", "--config"])
+                .args(["reconcile", "--json", "--config"])
                 .arg(&config)
                 .args(["--timeout", "120s"])
                 .output()
                 .unwrap()
         })
         .await
-        .unwrap()
-    };
-    summary.reconcile_ok = reconcile.status.success();
-    eprintln!(
-        "chaos: samgate reconcile: {}{}",
-        String::from_utf8_lossy(&reconcile.stdout),
-        String::from_utf8_lossy(&reconcile.stderr)
-    );
+        .unwrap();
+        let missing: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|r| r["missing"].as_u64())
+            .sum();
+        eprintln!(
+            "chaos: samgate reconcile (round {round}): exit {}, {missing} missing{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        summary.reconcile_ok = out.status.success() && missing == 0;
+        if summary.reconcile_ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
     // Work that is still retrying somewhere would send late: give it a moment to show.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let mut shutdowns = Vec::new();

@@ -212,6 +212,8 @@ struct Entry {
     expiry_reported: bool,
     /// An unblock is removing the rule: reconcile must not re-assert it.
     removing: bool,
+    /// Reconcile is re-asserting the rule: a later reconcile must not queue it again.
+    reasserting: bool,
     level: u32,
     blocked_ms: i64,
     expires_ms: i64,
@@ -339,6 +341,7 @@ impl BlockState {
             contested: false,
             expiry_reported: false,
             removing: false,
+            reasserting: false,
             level: 0,
             blocked_ms: 0,
             expires_ms: 0,
@@ -565,6 +568,14 @@ impl BlockState {
         }
     }
 
+    /// Reconcile queued (`true`) or ended (`false`) a re-assert of `key`: while one is under
+    /// way, reconcile does not queue another (two would both find the rule absent, and both send).
+    pub fn set_reasserting(&mut self, key: &RuleKey, reasserting: bool) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.reasserting = reasserting;
+        }
+    }
+
     /// The address is exempted at the site until `until`.
     pub fn exempt(&mut self, site: &str, ip: IpAddr, partition: i32, until: DateTime<Utc>) {
         self.exemptions.insert(
@@ -615,7 +626,10 @@ impl BlockState {
         self.entries
             .iter()
             .filter(|(_, e)| {
-                e.active(until) && !e.removing && self.names[e.names as usize].1 == target
+                e.active(until)
+                    && !e.removing
+                    && !e.reasserting
+                    && self.names[e.names as usize].1 == target
             })
             .map(|(key, e)| Ended {
                 key: *key,
@@ -949,6 +963,9 @@ mod tests {
         assert_eq!(keys(&s), vec![key(1)]);
         s.set_removing(&key(2), false);
         assert_eq!(keys(&s), vec![key(1), key(2)]);
+        s.set_reasserting(&key(1), true);
+        assert_eq!(keys(&s), vec![key(2)], "one re-assert at a time");
+        s.set_reasserting(&key(1), false);
         assert!(
             s.active_at("t", now + chrono::Duration::hours(2))
                 .is_empty(),

@@ -261,6 +261,11 @@ impl Batcher {
             }
             if reconciled && !self.still_expected(&work) {
                 // Unblocked, expired or replaced since reconcile listed it: nothing to repair.
+                self.shared
+                    .state
+                    .lock()
+                    .expect("state")
+                    .set_reasserting(&work.enforce.key, false);
                 continue;
             }
             if work.first_sent.is_none()
@@ -692,13 +697,12 @@ async fn blocked(shared: &Arc<Shared>, mut work: Work) {
             }
         }
     }
-    if work.enforce.origin != Origin::Reconcile {
-        shared.state.lock().expect("state").confirm(
-            work.enforce.key,
-            claim.partition,
-            &work.subject(),
-            &block,
-        );
+    {
+        let mut state = shared.state.lock().expect("state");
+        match work.enforce.origin {
+            Origin::Reconcile => state.set_reasserting(&work.enforce.key, false),
+            _ => state.confirm(work.enforce.key, claim.partition, &work.subject(), &block),
+        }
     }
     if let Some(detected) = work.result.detected() {
         let latency = (Utc::now() - detected).to_std().unwrap_or_default();
@@ -825,6 +829,8 @@ fn forget_or_keep(shared: &Shared, work: &Work) {
         return;
     }
     if work.enforce.origin == Origin::Reconcile {
+        let mut state = shared.state.lock().expect("state");
+        state.set_reasserting(&work.enforce.key, false);
         return;
     }
     let mut state = shared.state.lock().expect("state");

@@ -427,6 +427,11 @@ async fn reconcile_target(
         // The block's active record stands (a crash mid-send is repaired by the next
         // reconcile, which lists the gateways again): no write-ahead.
         work.pending_written = true;
+        shared
+            .state
+            .lock()
+            .expect("state")
+            .set_reasserting(&block.key, true);
         metrics
             .reconcile_repairs
             .with_label_values(&[&target.name])
