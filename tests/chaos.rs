@@ -940,7 +940,7 @@ async fn chaos(plan: Plan) -> Summary {
     // A gateway was wiped: reconcile on demand (the periodic one may have run already), as an
     // operator would, until a reconcile finds nothing missing (its repairs take a moment).
     let config = replicas[0].config.clone();
-    for round in 1..=6 {
+    for round in 1..=12 {
         let config = config.clone();
         let out = tokio::task::spawn_blocking(move || {
             samgate_command()

@@ -576,6 +576,11 @@ impl BlockState {
         }
     }
 
+    /// Whether a re-assert of `key` is under way.
+    pub fn reasserting(&self, key: &RuleKey) -> bool {
+        self.entries.get(key).is_some_and(|e| e.reasserting)
+    }
+
     /// The address is exempted at the site until `until`.
     pub fn exempt(&mut self, site: &str, ip: IpAddr, partition: i32, until: DateTime<Utc>) {
         self.exemptions.insert(
@@ -626,10 +631,7 @@ impl BlockState {
         self.entries
             .iter()
             .filter(|(_, e)| {
-                e.active(until)
-                    && !e.removing
-                    && !e.reasserting
-                    && self.names[e.names as usize].1 == target
+                e.active(until) && !e.removing && self.names[e.names as usize].1 == target
             })
             .map(|(key, e)| Ended {
                 key: *key,
@@ -964,7 +966,12 @@ mod tests {
         s.set_removing(&key(2), false);
         assert_eq!(keys(&s), vec![key(1), key(2)]);
         s.set_reasserting(&key(1), true);
-        assert_eq!(keys(&s), vec![key(2)], "one re-assert at a time");
+        assert!(s.reasserting(&key(1)));
+        assert_eq!(
+            keys(&s),
+            vec![key(1), key(2)],
+            "still expected while re-asserted"
+        );
         s.set_reasserting(&key(1), false);
         assert!(
             s.active_at("t", now + chrono::Duration::hours(2))

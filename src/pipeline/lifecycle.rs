@@ -381,6 +381,9 @@ async fn reconcile_target(
         if dry_run {
             continue; // dry run: counted and reported, never sent
         }
+        if shared.state.lock().expect("state").reasserting(&block.key) {
+            continue; // counted as missing; its repair is on its way already
+        }
         // Safety last, for a re-assert too: the address may have become protected since.
         let (site, ip) = (&block.subject.site, block.subject.ip);
         if let Some(net) = to.policy.never_block(site, ip) {
