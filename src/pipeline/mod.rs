@@ -152,7 +152,7 @@ pub async fn run(
     let keepalives = start_keepalives(&clients, &keepalive);
 
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let watch = tail::start(shared.clone(), control_tx.clone());
+    let (watch, watcher) = tail::start(shared.clone(), control_tx.clone());
     let consumer = subscribe(&shared, &ready, control_tx.clone(), watch.clone())?;
     let mut pipeline = Pipeline {
         watch,
@@ -173,6 +173,15 @@ pub async fn run(
     pipeline.consume(&cancel).await;
     pipeline.shut_down(batchers).await;
     let _ = reconciler.await;
+    // The consumer (and the watch's senders) went with the pipeline: the watch thread ends, and
+    // its Kafka reader with it, before `run` returns (a caller may stop the brokers next).
+    let joined = tokio::task::spawn_blocking(move || watcher.join());
+    if tokio::time::timeout(Duration::from_secs(5), joined)
+        .await
+        .is_err()
+    {
+        warn!("the state watch did not end within 5 s; stopping without it");
+    }
     keepalive.cancel(); // after the batches: each client then logs out
     for k in keepalives {
         let _ = k.await;

@@ -33,17 +33,18 @@ pub enum Watch {
     Stop(i32),
 }
 
-/// Starts the watch in a thread of its own; it ends when the returned sender is dropped.
+/// Starts the watch in a thread of its own; it ends when every returned sender is dropped (join
+/// the handle then: its Kafka reader goes with it).
 pub fn start(
     shared: Arc<Shared>,
     control: tokio::sync::mpsc::UnboundedSender<Control>,
-) -> mpsc::Sender<Watch> {
+) -> (mpsc::Sender<Watch>, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("samgate-state-watch".into())
         .spawn(move || watch(&shared, &control, &rx))
         .expect("a thread");
-    tx
+    (tx, thread)
 }
 
 /// The partitions watched: per partition, the next offset to read and our own claim's offset.
