@@ -169,6 +169,7 @@ pub async fn run(
         reconcile,
         ticks: 0,
         rejoin_at: None,
+        assigned_at: tokio::time::Instant::now(),
     };
     pipeline.consume(&cancel).await;
     pipeline.shut_down(batchers).await;
@@ -336,10 +337,7 @@ fn subscribe(
     // default five minutes (docs/kafka-broker.md); this loop polls all the time (even paused),
     // and a revoke waits at most `run.shutdown_timeout`, so a minute (or that wait plus 30 s) is
     // plenty.
-    let poll_interval = (config.run.shutdown_timeout + Duration::from_secs(30))
-        .max(Duration::from_secs(60))
-        .as_millis()
-        .to_string();
+    let poll_interval = poll_interval(config).as_millis().to_string();
     let defaults = [
         ("queued.max.messages.kbytes", "2048"),
         ("max.poll.interval.ms", poll_interval.as_str()),
@@ -393,6 +391,8 @@ struct Pipeline {
     ticks: u64,
     /// When the replica left the group to join it again (after a fence), until it has.
     rejoin_at: Option<tokio::time::Instant>,
+    /// When partitions were last assigned here (or the loop started).
+    assigned_at: tokio::time::Instant,
 }
 
 /// A message that waits for a permit, under the claim it was consumed under.
@@ -828,6 +828,7 @@ impl Pipeline {
     fn on_control(&mut self, control: Control) {
         match control {
             Control::Assigned(claims) => {
+                self.assigned_at = tokio::time::Instant::now();
                 let (shared, tx) = (self.shared.clone(), self.control_tx.clone());
                 tokio::spawn(rebuild::load(shared, claims, tx));
             }
@@ -901,9 +902,28 @@ impl Pipeline {
         if self.rejoin_at.is_some() {
             return;
         }
-        warn!("leaving the consumer group, to join it again, so that the fenced partition is assigned afresh");
+        warn!("leaving the consumer group, to join it again, so that its partitions are assigned afresh");
         self.consumer.unsubscribe();
         self.rejoin_at = Some(tokio::time::Instant::now());
+    }
+
+    /// A replica without a single partition for two rebalance timeouts leaves the group and joins
+    /// it again. The chaos run saw the test broker's group stall for good when a member was
+    /// killed just after a broker restart: the live members stayed subscribed and were never
+    /// assigned anything. A replica that simply has no partition (more replicas than partitions)
+    /// rejoins at that pace too, which costs the group one rebalance without moves.
+    fn unstick(&mut self) {
+        let stalled = 2 * poll_interval(&self.shared.config);
+        let empty = self.consumer.assignment().map_or(true, |a| a.count() == 0);
+        if !empty || self.rejoin_at.is_some() || self.assigned_at.elapsed() < stalled {
+            return;
+        }
+        warn!(
+            waited = ?stalled,
+            "no partition assigned for two rebalance timeouts; leaving the group to join it again"
+        );
+        self.assigned_at = tokio::time::Instant::now();
+        self.rejoin();
     }
 
     /// Joins the group again after [`Self::rejoin`], once every partition is revoked here (or
@@ -929,6 +949,7 @@ impl Pipeline {
     fn tick(&mut self) {
         commit(&self.consumer, &self.shared, CommitMode::Async);
         self.join_again();
+        self.unstick();
         self.ticks += 1;
         if self.ticks % lifecycle::SWEEP_EVERY.as_secs() == 0 {
             lifecycle::sweep(&self.shared, &self.policy);
@@ -974,6 +995,12 @@ impl Pipeline {
             batchers.abort_all();
         }
     }
+}
+
+/// The consumer's `max.poll.interval.ms`, which is also its rebalance timeout: the revoke's wait
+/// (`run.shutdown_timeout`) plus 30 s, at least a minute.
+fn poll_interval(config: &Config) -> Duration {
+    (config.run.shutdown_timeout + Duration::from_secs(30)).max(Duration::from_secs(60))
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
