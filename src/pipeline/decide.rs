@@ -226,24 +226,12 @@ fn decide_target(
             until,
         };
     }
-    let (level, verify_first) = match state.check(&key, now) {
-        Check::Active(block) => {
-            return Decision::Duplicate {
-                target: target.clone(),
-                key,
-                block: Some(block),
-            }
+    let (level, verify_first) = match dedupe(&key, state, now) {
+        Ok(found) => found,
+        Err(block) => {
+            let target = target.clone();
+            return Decision::Duplicate { target, key, block };
         }
-        Check::Pending => {
-            return Decision::Duplicate {
-                target: target.clone(),
-                key,
-                block: None,
-            }
-        }
-        Check::Unconfirmed(block) => (block.level, Some(block)),
-        Check::Repeat { level } => (level, None),
-        Check::New => (0, None),
     };
     let duration = policy.duration(event.flowmon.priority, level);
     guarded(
@@ -261,6 +249,23 @@ fn decide_target(
         policy,
         dry_run,
     )
+}
+
+/// Dedupe, for a detection and an operator's block alike: `Err` with the block in place (`None`
+/// while one is on its way) is a duplicate; otherwise the escalation level, and the block to
+/// verify first if a previous owner may have sent it.
+fn dedupe(
+    key: &RuleKey,
+    state: &impl BlockView,
+    now: DateTime<Utc>,
+) -> Result<(u32, Option<TrackedBlock>), Option<TrackedBlock>> {
+    match state.check(key, now) {
+        Check::Active(block) => Err(Some(block)),
+        Check::Pending => Err(None),
+        Check::Unconfirmed(block) => Ok((block.level, Some(block))),
+        Check::Repeat { level } => Ok((level, None)),
+        Check::New => Ok((0, None)),
+    }
 }
 
 /// The safety checks, last, immediately before a rule goes out: the never-block networks, then
@@ -332,24 +337,12 @@ pub fn decide_command(
             .iter()
             .map(|target| {
                 let key = idempotency_key(target, ip);
-                let (level, verify_first) = match state.check(&key, now) {
-                    Check::Active(block) => {
-                        return Decision::Duplicate {
-                            target: target.clone(),
-                            key,
-                            block: Some(block),
-                        }
+                let (level, verify_first) = match dedupe(&key, state, now) {
+                    Ok(found) => found,
+                    Err(block) => {
+                        let target = target.clone();
+                        return Decision::Duplicate { target, key, block };
                     }
-                    Check::Pending => {
-                        return Decision::Duplicate {
-                            target: target.clone(),
-                            key,
-                            block: None,
-                        }
-                    }
-                    Check::Unconfirmed(block) => (block.level, Some(block)),
-                    Check::Repeat { level } => (level, None),
-                    Check::New => (0, None),
                 };
                 let duration = command
                     .duration_s
