@@ -6,6 +6,7 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
+COPY crates crates
 COPY examples examples
 # The manifest names tests/chaos.rs (a test with a harness of its own); nothing in tests is built.
 COPY tests tests

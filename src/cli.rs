@@ -36,6 +36,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// See samgate work: in-process Kafka, a Check Point simulator and ADS events for two sites.
+    #[cfg(feature = "simulators")]
     Demo(DemoArgs),
     /// Read Flowmon ADS events on stdin and publish them to Kafka (install this in ADS).
     Shim(ShimArgs),
@@ -60,8 +61,9 @@ pub enum Command {
     /// Compare the gateways with samgate's blocks now, and repair what drifted.
     Reconcile(ReconcileArgs),
     /// Run a simulator of a system samgate talks to.
+    #[cfg(feature = "simulators")]
     #[command(subcommand)]
-    Simulate(Simulate),
+    Simulate(crate::simulate::Simulate),
 }
 
 /// What every operator command takes.
@@ -182,61 +184,6 @@ pub struct DemoArgs {
     pub interval: Duration,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum Simulate {
-    /// A Check Point management server with gateways (HTTPS, self-signed; prints its fingerprint).
-    Checkpoint(SimulateCheckpointArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct SimulateCheckpointArgs {
-    /// Address to listen on.
-    #[arg(long, env = "SAMGATE_SIM_LISTEN", default_value = "127.0.0.1:8443")]
-    pub listen: std::net::SocketAddr,
-    /// Serve plain HTTP instead of HTTPS.
-    #[arg(long, env = "SAMGATE_SIM_HTTP")]
-    pub http: bool,
-    /// A gateway name (repeat for several).
-    #[arg(long = "gateway", env = "SAMGATE_SIM_GATEWAYS", value_delimiter = ',', default_values_t = vec!["gw-1".to_string(), "gw-2".to_string()])]
-    pub gateways: Vec<String>,
-    /// Administrator name.
-    #[arg(long, env = "SAMGATE_SIM_USER", default_value = "admin")]
-    pub user: String,
-    /// Administrator password.
-    #[arg(long, env = "SAMGATE_SIM_PASSWORD", default_value = "admin123")]
-    pub password: String,
-    /// API key accepted at login (default: a random one, printed at start).
-    #[arg(long, env = "SAMGATE_SIM_API_KEY")]
-    pub api_key: Option<String>,
-    /// API version announced at login.
-    #[arg(long, env = "SAMGATE_SIM_API_VERSION", default_value = "1.8")]
-    pub api_version: String,
-    /// How long each run-script task stays in progress.
-    #[arg(long, env = "SAMGATE_SIM_TASK_DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
-    pub task_duration: Duration,
-    /// Latency added to every API answer.
-    #[arg(long, env = "SAMGATE_SIM_LATENCY", value_parser = humantime::parse_duration, default_value = "0ms")]
-    pub latency: Duration,
-    /// Logins allowed per minute per administrator and domain.
-    #[arg(long, env = "SAMGATE_SIM_LOGINS_PER_MINUTE", default_value_t = 3)]
-    pub logins_per_minute: u32,
-    /// Most concurrent sessions.
-    #[arg(long, env = "SAMGATE_SIM_MAX_SESSIONS", default_value_t = 100)]
-    pub max_sessions: usize,
-    /// HTTP status of a login refused by the login limit.
-    #[arg(long, env = "SAMGATE_SIM_LOGIN_LIMIT_STATUS", default_value_t = 429)]
-    pub login_limit_status: u16,
-    /// Fault: end every task with this status (`failed`, `partially succeeded`).
-    #[arg(long, env = "SAMGATE_SIM_TASK_STATUS")]
-    pub task_status: Option<String>,
-    /// Fault: answer the first N calls with an HTML 502.
-    #[arg(long, env = "SAMGATE_SIM_HTML_502", default_value_t = 0)]
-    pub html_502: u32,
-    /// Fault: answer the first N calls with HTTP 500.
-    #[arg(long, env = "SAMGATE_SIM_HTTP_500", default_value_t = 0)]
-    pub http_500: u32,
-}
-
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Configuration file (TOML).
@@ -305,10 +252,12 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
     let log = cli.log.as_deref().unwrap_or(match cli.command {
+        #[cfg(feature = "simulators")]
         Command::Demo(_) => "warn",
         _ => "info",
     });
     match cli.command {
+        #[cfg(feature = "simulators")]
         Command::Demo(args) => {
             if let Err(e) = logging::init(cli.log_format, log, None) {
                 return fail(&e.to_string());
@@ -374,11 +323,12 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
         Command::Blocks(args) => blocks(args).await,
         Command::Explain(args) => explain(args).await,
         Command::Reconcile(args) => reconcile(args).await,
-        Command::Simulate(Simulate::Checkpoint(args)) => {
+        #[cfg(feature = "simulators")]
+        Command::Simulate(simulate) => {
             if let Err(e) = logging::init(cli.log_format, log, None) {
                 return fail(&e.to_string());
             }
-            match simulate_checkpoint(args).await {
+            match crate::simulate::run(simulate).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("simulator: {e:#}")),
             }
@@ -401,47 +351,6 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             }
         }
     }
-}
-
-async fn simulate_checkpoint(args: SimulateCheckpointArgs) -> anyhow::Result<()> {
-    use crate::simulator::{self, Faults, SimulatorConfig};
-    let defaults = SimulatorConfig::default();
-    let config = SimulatorConfig {
-        listen: args.listen,
-        tls: !args.http,
-        users: vec![(args.user.clone(), args.password.clone())],
-        api_key: args.api_key.unwrap_or(defaults.api_key),
-        gateways: args.gateways.clone(),
-        api_version: args.api_version,
-        max_sessions: args.max_sessions,
-        logins_per_minute: args.logins_per_minute,
-        login_limit_status: args.login_limit_status,
-        task_duration: args.task_duration,
-        kept_scripts: defaults.kept_scripts,
-        faults: Faults {
-            latency_ms: args.latency.as_millis() as u64,
-            html_502_next: args.html_502,
-            http_500_next: args.http_500,
-            task_status: args.task_status,
-            ..Faults::default()
-        },
-    };
-    let running = simulator::start(config).await?;
-    println!("Check Point management API simulator");
-    println!("  web_api      {}/web_api", running.url);
-    println!("  user         {} / {}", args.user, args.password);
-    println!("  api-key      {}", running.api_key);
-    println!("  gateways     {}", args.gateways.join(", "));
-    if let Some(fp) = &running.fingerprint {
-        println!("  fingerprint  SHA-256 {fp}");
-    }
-    println!(
-        "  state        GET {}/sim/state   faults: POST {}/sim/faults",
-        running.url, running.url
-    );
-    shutdown_signal().await;
-    running.stop().await;
-    Ok(())
 }
 
 /// A token cancelled on the first SIGINT (Ctrl-C) or SIGTERM.

@@ -24,6 +24,8 @@ pub struct Config {
     pub shim: ShimConfig,
     /// Check Point management servers samgate acts through.
     pub checkpoint: CheckpointConfig,
+    /// FortiGate devices samgate acts through.
+    pub fortigate: FortigateConfig,
     /// `samgate run`: the consumer group, batching, retries and the HTTP listener.
     pub run: RunConfig,
     /// What is acted on, and for how long.
@@ -214,27 +216,63 @@ pub struct SiteConfig {
     pub collectors: Vec<std::net::IpAddr>,
 }
 
-/// Where and how a block is enforced.
+/// Where and how a block is enforced: a Check Point management server and its gateways, or a
+/// FortiGate. Fields of the other kind are refused by [`Config::validate`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
-    /// A server under `[checkpoint.servers]`.
-    pub server: String,
-    /// Gateway (or cluster member) names the rule goes to, in one run-script.
-    pub gateways: Vec<String>,
-    /// `fw_sam` (immediate, everywhere) or `fw_samp` (R80.20+, persistent, named).
-    #[serde(default = "default_mode")]
-    pub mode: crate::checkpoint::sam::SamMode,
-    #[serde(default = "default_action")]
-    pub action: crate::checkpoint::sam::SamAction,
-    /// Also close the source's open connections.
-    #[serde(default = "default_true")]
-    pub close_connections: bool,
+    /// `checkpoint` (the default) or `fortigate`.
     #[serde(default)]
-    pub log: crate::checkpoint::sam::LogType,
-    /// `src` blocks what the source initiates; `any` also connections to it (fw_sam only).
-    #[serde(default = "default_match")]
-    pub criteria: CriteriaKind,
+    pub kind: TargetKind,
+    /// Check Point: a server under `[checkpoint.servers]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// Check Point: gateway (or cluster member) names the rule goes to, in one run-script.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    /// FortiGate: a device under `[fortigate.devices]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// How rules are issued. Check Point: `fw_sam` (default; immediate, everywhere) or
+    /// `fw_samp` (R80.20+, persistent, named). FortiGate: `banned_ip` (default; the banned-IP
+    /// list, many addresses per call) or `webhook` (an automation stitch, one call per address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<TargetMode>,
+    /// Check Point: `drop` (default), `reject` or `notify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<crate::checkpoint::sam::SamAction>,
+    /// Check Point: also close the source's open connections (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_connections: Option<bool>,
+    /// Check Point: `none`, `log` (default) or `alert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<crate::checkpoint::sam::LogType>,
+    /// Check Point: `src` (default) blocks what the source initiates; `any` also connections to
+    /// it (fw_sam only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criteria: Option<CriteriaKind>,
+    /// FortiGate `webhook` mode: the automation stitch's name (its Incoming Webhook trigger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stitch: Option<String>,
+}
+
+/// Which firewall a target is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetKind {
+    #[default]
+    Checkpoint,
+    Fortigate,
+}
+
+/// How a target's rules are issued (see [`TargetConfig::mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetMode {
+    FwSam,
+    FwSamp,
+    BannedIp,
+    Webhook,
 }
 
 /// How the event source becomes a rule's criteria.
@@ -243,19 +281,6 @@ pub struct TargetConfig {
 pub enum CriteriaKind {
     Src,
     Any,
-}
-
-fn default_mode() -> crate::checkpoint::sam::SamMode {
-    crate::checkpoint::sam::SamMode::FwSam
-}
-fn default_action() -> crate::checkpoint::sam::SamAction {
-    crate::checkpoint::sam::SamAction::Drop
-}
-fn default_true() -> bool {
-    true
-}
-fn default_match() -> CriteriaKind {
-    CriteriaKind::Src
 }
 
 /// Check Point management servers samgate acts through.
@@ -328,6 +353,38 @@ fn default_request_timeout() -> Duration {
 }
 fn default_task_timeout() -> Duration {
     Duration::from_secs(120)
+}
+
+/// FortiGate devices samgate acts through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct FortigateConfig {
+    /// Devices by name (the name is used in logs, metrics and targets).
+    pub devices: BTreeMap<String, FortigateDeviceConfig>,
+}
+
+/// One FortiGate (or one VDOM of it), reached through its REST API (`docs/fortigate.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FortigateDeviceConfig {
+    /// `https://host[:port]` of the FortiGate's administrative interface.
+    pub url: String,
+    /// The REST API administrator's key. Sent only as `Authorization: Bearer`, never in the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// The VDOM the bans go to (`?vdom=`); omit on a FortiGate without VDOMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vdom: Option<String>,
+    /// Longest wait for one HTTP answer.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How the device's certificate is checked (a FortiGate's own certificate is self-signed:
+    /// pin it, or trust the CA that issued the one you installed).
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Accept an `http://` URL (labs only: the token then crosses the network in clear).
+    #[serde(default)]
+    pub allow_plaintext: bool,
 }
 
 /// Certificate checking. Default: verify against the system's public CAs (plus `ca_file`).
@@ -553,6 +610,9 @@ impl Config {
     /// management servers' credentials, which an operator's copy of the file may leave out.
     pub fn validate_for_operator(self) -> Result<Self, ConfigError> {
         validate_kafka(&self.kafka)?;
+        for (name, device) in &self.fortigate.devices {
+            validate_device(name, device, false)?;
+        }
         self.validate_run()?;
         Ok(self)
     }
@@ -564,16 +624,19 @@ impl Config {
         for (name, server) in &self.checkpoint.servers {
             validate_server(name, server)?;
         }
+        for (name, device) in &self.fortigate.devices {
+            validate_device(name, device, true)?;
+        }
         self.validate_run()?;
         Ok(self)
     }
 }
 
-/// Whether `SAMGATE_<…>__<FIELD>` names a secret (`password`, `api_key`), which is read as the
+/// Whether `SAMGATE_<…>__<FIELD>` names a secret (`password`, `api_key`, `token`), which is read as the
 /// text it is, never as a number.
 fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    key.ends_with("__password") || key.ends_with("__api_key")
+    key.ends_with("__password") || key.ends_with("__api_key") || key.ends_with("__token")
 }
 
 /// Secrets from `SAMGATE_…__PASSWORD` and `SAMGATE_…__API_KEY` variables, as the strings they
@@ -830,33 +893,279 @@ impl Config {
                 }
             }
         }
+        for name in self.fortigate.devices.keys() {
+            if self.checkpoint.servers.contains_key(name) {
+                return Err(invalid(
+                    "fortigate.devices",
+                    format!("{name:?} is also a [checkpoint.servers] name"),
+                    "give each server and device its own name (metrics and limits are by name)",
+                ));
+            }
+        }
         for (name, target) in &self.targets {
-            if !self.checkpoint.servers.contains_key(&target.server) {
-                return Err(invalid(
-                    "targets.server",
-                    format!("target {name:?} names unknown server {:?}", target.server),
-                    "define it under [checkpoint.servers]",
-                ));
+            self.validate_target(name, target)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// A target names what its kind needs, and nothing of the other kind.
+    fn validate_target(&self, name: &str, t: &TargetConfig) -> Result<(), ConfigError> {
+        let named = |problem: &str| format!("target {name:?}: {problem}");
+        let refuse = |field: &'static str, problem: &str, fix: &'static str| {
+            Err(invalid(field, named(problem), fix))
+        };
+        match t.kind {
+            TargetKind::Checkpoint => {
+                let Some(server) = &t.server else {
+                    return refuse(
+                        "targets.server",
+                        "names no server",
+                        "set server = \"<a [checkpoint.servers] name>\" (or kind = \"fortigate\" with a device)",
+                    );
+                };
+                if !self.checkpoint.servers.contains_key(server) {
+                    return refuse(
+                        "targets.server",
+                        &format!("names unknown server {server:?}"),
+                        "define it under [checkpoint.servers]",
+                    );
+                }
+                if t.gateways.is_empty() {
+                    return refuse(
+                        "targets.gateways",
+                        "has no gateways",
+                        "list the gateway object names",
+                    );
+                }
+                for (field, set) in [
+                    ("targets.device", t.device.is_some()),
+                    ("targets.stitch", t.stitch.is_some()),
+                ] {
+                    if set {
+                        return refuse(
+                            field,
+                            "is a Check Point target, which takes no device or stitch",
+                            "remove it, or set kind = \"fortigate\"",
+                        );
+                    }
+                }
+                let mode = t.mode.unwrap_or(TargetMode::FwSam);
+                if !matches!(mode, TargetMode::FwSam | TargetMode::FwSamp) {
+                    return refuse(
+                        "targets.mode",
+                        "is a Check Point target: its mode is fw_sam or fw_samp",
+                        "use mode = \"fw_sam\" or \"fw_samp\" (banned_ip and webhook are FortiGate modes)",
+                    );
+                }
+                if mode == TargetMode::FwSamp && t.criteria == Some(CriteriaKind::Any) {
+                    return refuse(
+                        "targets.criteria",
+                        "fw_samp rules cannot match `any`",
+                        "use criteria = \"src\" or mode = \"fw_sam\"",
+                    );
+                }
             }
-            if target.gateways.is_empty() {
-                return Err(invalid(
-                    "targets.gateways",
-                    format!("target {name:?} has no gateways"),
-                    "list the gateway object names",
-                ));
-            }
-            if target.mode == crate::checkpoint::sam::SamMode::FwSamp
-                && target.criteria == CriteriaKind::Any
-            {
-                return Err(invalid(
-                    "targets.criteria",
-                    format!("target {name:?}: fw_samp rules cannot match `any`"),
-                    "use criteria = \"src\" or mode = \"fw_sam\"",
-                ));
+            TargetKind::Fortigate => {
+                let Some(device) = &t.device else {
+                    return refuse(
+                        "targets.device",
+                        "is a FortiGate target and names no device",
+                        "set device = \"<a [fortigate.devices] name>\"",
+                    );
+                };
+                if !self.fortigate.devices.contains_key(device) {
+                    return refuse(
+                        "targets.device",
+                        &format!("names unknown device {device:?}"),
+                        "define it under [fortigate.devices]",
+                    );
+                }
+                for (field, set) in [
+                    ("targets.server", t.server.is_some()),
+                    ("targets.gateways", !t.gateways.is_empty()),
+                    ("targets.action", t.action.is_some()),
+                    ("targets.close_connections", t.close_connections.is_some()),
+                    ("targets.log", t.log.is_some()),
+                    ("targets.criteria", t.criteria.is_some()),
+                ] {
+                    if set {
+                        return refuse(
+                            field,
+                            "is a FortiGate target, which bans a source address (this is a Check Point setting)",
+                            "remove it (a FortiGate target takes device, mode and, for webhook, stitch)",
+                        );
+                    }
+                }
+                match (t.mode.unwrap_or(TargetMode::BannedIp), &t.stitch) {
+                    (TargetMode::BannedIp, None) => {}
+                    (TargetMode::BannedIp, Some(_)) => {
+                        return refuse(
+                            "targets.stitch",
+                            "names a stitch, which only mode = \"webhook\" calls",
+                            "set mode = \"webhook\", or remove stitch",
+                        )
+                    }
+                    (TargetMode::Webhook, Some(stitch)) if plain_stitch(stitch) => {}
+                    (TargetMode::Webhook, Some(_)) => {
+                        return refuse(
+                            "targets.stitch",
+                            "is not a stitch name",
+                            "use the automation stitch's name: letters, digits, spaces, '.', '_' and '-' (at most 35)",
+                        )
+                    }
+                    (TargetMode::Webhook, None) => {
+                        return refuse(
+                            "targets.stitch",
+                            "is a webhook target and names no stitch",
+                            "set stitch = \"<the automation stitch's name>\", e.g. \"FlowmonADS\"",
+                        )
+                    }
+                    (TargetMode::FwSam | TargetMode::FwSamp, _) => {
+                        return refuse(
+                            "targets.mode",
+                            "is a FortiGate target: its mode is banned_ip or webhook",
+                            "use mode = \"banned_ip\" or \"webhook\" (fw_sam and fw_samp are Check Point modes)",
+                        )
+                    }
+                }
             }
         }
         Ok(())
     }
+}
+
+/// A stitch name as FortiOS takes it (35 characters; spaces are sent as `%20`).
+fn plain_stitch(name: &str) -> bool {
+    !name.trim().is_empty()
+        && name.len() <= 35
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" ._-".contains(&b))
+}
+
+fn validate_device(
+    name: &str,
+    d: &FortigateDeviceConfig,
+    needs_token: bool,
+) -> Result<(), ConfigError> {
+    let named = |problem: String| format!("device {name:?}: {problem}");
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(invalid(
+            "fortigate.devices",
+            named("is not a plain name".into()),
+            "use letters, digits, '.', '_' and '-'",
+        ));
+    }
+    match url::Url::parse(&d.url) {
+        Ok(u) if u.query_pairs().any(|(k, _)| k == "access_token") => {
+            return Err(invalid(
+                "fortigate.devices.url",
+                named("carries access_token in the URL: URLs reach logs and proxies, and FortiOS 7.4.5+ refuses it".into()),
+                "remove it from the URL and set token = \"...\" (sent as Authorization: Bearer)",
+            ))
+        }
+        Ok(u) if u.query().is_some() || u.path() != "/" => {
+            return Err(invalid(
+                "fortigate.devices.url",
+                named(format!("{:?} has a path or query", d.url)),
+                "use https://host[:port] (samgate adds /api/v2/… and ?vdom=)",
+            ))
+        }
+        Ok(u) if u.scheme() == "https" => {}
+        Ok(u) if u.scheme() == "http" && !d.allow_plaintext => {
+            return Err(invalid(
+                "fortigate.devices.url",
+                named(format!(
+                    "{:?} is plain http://: the API token would cross the network unencrypted",
+                    d.url
+                )),
+                "use https:// (in a lab only, set allow_plaintext = true for this device)",
+            ))
+        }
+        Ok(u) if u.scheme() == "http" => {}
+        _ => {
+            return Err(invalid(
+                "fortigate.devices.url",
+                named(format!("{:?} is not an https:// URL", d.url)),
+                "use https://host[:port]",
+            ))
+        }
+    }
+    if needs_token
+        && d.token
+            .as_ref()
+            .is_none_or(|t| t.expose().trim().is_empty())
+    {
+        return Err(invalid(
+            "fortigate.devices.token",
+            named("has no token".into()),
+            "create a REST API administrator on the FortiGate and set its key here (or in SAMGATE_FORTIGATE__DEVICES__<NAME>__TOKEN)",
+        ));
+    }
+    if let Some(vdom) = &d.vdom {
+        if vdom.is_empty()
+            || vdom.len() > 31
+            || !vdom
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+        {
+            return Err(invalid(
+                "fortigate.devices.vdom",
+                named(format!("{vdom:?} is not a VDOM name")),
+                "use the VDOM's name (letters, digits, '_' and '-'), or leave vdom unset",
+            ));
+        }
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&d.request_timeout) {
+        return Err(invalid(
+            "fortigate.devices.request_timeout",
+            named(format!(
+                "{} is out of range",
+                humantime::format_duration(d.request_timeout)
+            )),
+            "use 1s to 5m",
+        ));
+    }
+    validate_tls(
+        [
+            "fortigate.devices.tls.fingerprint_sha256",
+            "fortigate.devices.tls.insecure_skip_verify",
+        ],
+        &named,
+        &d.tls,
+    )
+}
+
+/// Checks a `tls` section; `fields` name its `fingerprint_sha256` and `insecure_skip_verify`,
+/// `named` says whose it is.
+fn validate_tls(
+    fields: [&'static str; 2],
+    named: impl Fn(String) -> String,
+    tls: &TlsConfig,
+) -> Result<(), ConfigError> {
+    if let Some(fp) = tls.normalized_fingerprint() {
+        if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(
+                fields[0],
+                named("is not a SHA-256 fingerprint".into()),
+                "use 64 hex digits (colons allowed), as `samgate simulate` or openssl x509 -fingerprint -sha256 prints it",
+            ));
+        }
+        if tls.insecure_skip_verify {
+            return Err(invalid(
+                fields[1],
+                named("contradicts fingerprint_sha256".into()),
+                "keep the fingerprint and drop insecure_skip_verify",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_server(name: &str, s: &ManagementServerConfig) -> Result<(), ConfigError> {
@@ -931,22 +1240,14 @@ fn validate_server(name: &str, s: &ManagementServerConfig) -> Result<(), ConfigE
             "give each replica an administrator (or API key) of its own, or run at most logins_per_minute replicas per administrator",
         ));
     }
-    if let Some(fp) = s.tls.normalized_fingerprint() {
-        if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(invalid(
-                "checkpoint.servers.tls.fingerprint_sha256",
-                named("is not a SHA-256 fingerprint".into()),
-                "use 64 hex digits (colons allowed), as `samgate simulate` or openssl x509 -fingerprint -sha256 prints it",
-            ));
-        }
-        if s.tls.insecure_skip_verify {
-            return Err(invalid(
-                "checkpoint.servers.tls.insecure_skip_verify",
-                named("contradicts fingerprint_sha256".into()),
-                "keep the fingerprint and drop insecure_skip_verify",
-            ));
-        }
-    }
+    validate_tls(
+        [
+            "checkpoint.servers.tls.fingerprint_sha256",
+            "checkpoint.servers.tls.insecure_skip_verify",
+        ],
+        &named,
+        &s.tls,
+    )?;
     if let Some(v) = &s.api_version {
         if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
             return Err(invalid(

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::pipeline::report::ResultMessage;
 use crate::shim::ShimOptions;
-use crate::simulator::{self, Faults, SimulatorConfig};
+use samgate_sim::checkpoint::{self as simulator, Faults, SimulatorConfig};
 
 /// How the demo runs.
 #[derive(Debug, Clone)]

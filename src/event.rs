@@ -41,6 +41,57 @@ pub struct Event {
     /// Present when the event was cut to fit a message: what was shortened. Never the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cut: Option<Cut>,
+    /// The source's MAC address, as Flowmon's REST API knows it for this ADS event (looked up
+    /// by the shim when `[shim.flowmon_api]` is set): a FortiGate stitch's access-layer
+    /// quarantine acts on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_mac: Option<MacAddr>,
+}
+
+/// A MAC address (EUI-48), typed: it reaches a firewall only as its own canonical text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr([u8; 6]);
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+
+    /// `aa:bb:cc:dd:ee:ff`, `AA-BB-CC-DD-EE-FF` or `aabb.ccdd.eeff`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let hex: String = text
+            .trim()
+            .chars()
+            .filter(|c| !matches!(c, ':' | '-' | '.'))
+            .collect();
+        let bad = || format!("{text:?} is not a MAC address");
+        if hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        let mut bytes = [0u8; 6];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Self(bytes))
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// How an event too large for a message was cut (see [`Event::fit`]).
@@ -74,6 +125,7 @@ impl Event {
             flowmon,
             raw: String::from_utf8_lossy(&line.bytes).into_owned(),
             cut: None,
+            source_mac: None,
         }
     }
 

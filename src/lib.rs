@@ -10,9 +10,11 @@
 //! - [`shim`]: `samgate shim`, stdin → spool → Kafka, run by ADS as a custom script.
 //! - [`spool`]: the shim's durable local spool (segments, lock, settle).
 //! - [`kafka`]: client configuration and topic set-up shared by every subcommand.
+//! - [`enforcer`]: the one interface the pipeline enforces through, whatever the firewall.
 //! - [`checkpoint`]: the Check Point Management API client and the `fw sam` / `fw samp` commands it sends.
-//! - [`simulator`]: a Check Point management server and gateways, for tests, demos and labs.
-//! - [`demo`]: `samgate demo`, everything above on one machine (in-process Kafka, simulator, ADS generator).
+//! - [`fortigate`]: the FortiOS REST API client (banned-IP list, automation-stitch webhook).
+//! - [`simulate`]: `samgate simulate …`, the simulators of the `samgate-sim` crate as lab servers.
+//! - [`demo`]: `samgate demo`, everything above on one machine (in-process Kafka, simulators, ADS generator).
 //! - [`secret`]: the redacted type for passwords, API keys and session ids.
 //! - [`config`]: the typed configuration (TOML + `SAMGATE_*` env) and its validation.
 //! - [`cli`]: subcommands and flags, and ADS's `--name 'value'` parameter style.
@@ -22,9 +24,12 @@ pub mod checkpoint;
 pub mod cli;
 pub mod command;
 pub mod config;
+#[cfg(feature = "simulators")]
 pub mod demo;
+pub mod enforcer;
 pub mod event;
 pub mod flowmon;
+pub mod fortigate;
 pub mod http;
 pub mod kafka;
 pub mod logging;
@@ -33,5 +38,6 @@ pub mod operator;
 pub mod pipeline;
 pub mod secret;
 pub mod shim;
-pub mod simulator;
+#[cfg(feature = "simulators")]
+pub mod simulate;
 pub mod spool;

@@ -600,6 +600,7 @@ fn synthetic_event(
         },
         raw: String::new(),
         cut: None,
+        source_mac: None,
     }
 }
 

@@ -42,7 +42,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use samgate::simulator::{self, FaultsUpdate, RunningSimulator, SimulatorConfig};
+use samgate_sim::checkpoint::{self as simulator, FaultsUpdate, RunningSimulator, SimulatorConfig};
 use serde_json::Value;
 
 /// What a run does; `--full` is `scripts/chaos`'s default, the rest the test suite's.

@@ -15,7 +15,7 @@ use samgate::checkpoint::{
 };
 use samgate::config::ManagementServerConfig;
 use samgate::secret::Secret;
-use samgate::simulator::{self, RunningSimulator, SimulatorConfig};
+use samgate_sim::checkpoint::{self as simulator, RunningSimulator, SimulatorConfig};
 use serde_json::{json, Value};
 
 const PASSWORD: &str = "s3cret-Passw0rd!";

@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::*;
-use samgate::simulator::{self, FaultsUpdate, RunningSimulator, SimulatorConfig};
+use samgate_sim::checkpoint::{self as simulator, FaultsUpdate, RunningSimulator, SimulatorConfig};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 

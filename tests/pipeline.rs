@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use samgate::config::Config;
-use samgate::simulator::{self, RunningSimulator, SimulatorConfig};
+use samgate_sim::checkpoint::{self as simulator, RunningSimulator, SimulatorConfig};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use samgate::simulator::{self, RunningSimulator, SimulatorConfig};
+use samgate_sim::checkpoint::{self as simulator, RunningSimulator, SimulatorConfig};
 use serde_json::Value;
 
 fn write_config(

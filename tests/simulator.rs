@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use samgate::checkpoint::client::Polling;
 use samgate::checkpoint::{ManagementClient, RunScript, TaskStatus};
-use samgate::simulator::{self, RunningSimulator, SimulatorConfig};
+use samgate_sim::checkpoint::{self as simulator, RunningSimulator, SimulatorConfig};
 use serde_json::{json, Value};
 
 async fn start() -> (RunningSimulator, ManagementClient) {

@@ -622,7 +622,7 @@ impl ManagementClient {
             detail.push_str(&inner.to_string());
             source = inner.source();
         }
-        let tls = refused_certificate(&detail);
+        let tls = tls::refused_certificate(&detail);
         ApiError::Transport {
             server: self.name.clone(),
             timeout: error.is_timeout(),
@@ -643,20 +643,6 @@ impl ManagementClient {
 
 /// `message`, plus the texts of `errors` / `blocking-errors` / `warnings` when present (they may
 /// be objects with `message` or plain strings).
-/// Whether a transport error is TLS refusing the server's certificate (a configuration matter),
-/// as opposed to a connection that broke (`peer closed connection without sending TLS
-/// close_notify`, a handshake cut short), which is worth retrying.
-fn refused_certificate(detail: &str) -> bool {
-    let lower = detail.to_ascii_lowercase();
-    [
-        "certificate",
-        "fingerprint",
-        "unknownissuer",
-        "bad signature",
-    ]
-    .iter()
-    .any(|needle| lower.contains(needle))
-}
 
 fn error_message(error: &Map<String, Value>) -> String {
     let mut message = error
@@ -732,7 +718,11 @@ mod tests {
             ("operation timed out", false),
         ];
         for (detail, expected) in cases {
-            assert_eq!(super::refused_certificate(detail), expected, "{detail}");
+            assert_eq!(
+                super::tls::refused_certificate(detail),
+                expected,
+                "{detail}"
+            );
         }
     }
 

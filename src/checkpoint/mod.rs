@@ -3,10 +3,12 @@
 //!
 //! - [`sam`]: typed SAM rules rendered as `fw sam` / `fw samp` scripts, and parsers of their output.
 //! - [`client`]: sessions, the login budget, `run-script` and `show-task` polling.
+//! - [`enforcer`]: the [`Enforcer`](crate::enforcer::Enforcer) of a Check Point target.
 //! - [`error`]: [`ApiError`] and [`classify`], the one retry classification.
 //! - [`tls`]: CA verification, fingerprint pinning, or (labs) none.
 
 pub mod client;
+pub mod enforcer;
 pub mod error;
 pub mod sam;
 pub mod tls;

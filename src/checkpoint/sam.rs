@@ -43,6 +43,14 @@ pub enum Criteria {
 }
 
 impl Criteria {
+    /// The address the rule names (a network's own address for the network forms).
+    pub fn address(&self) -> IpAddr {
+        match self {
+            Self::Src(ip) | Self::Dst(ip) | Self::Any(ip) => *ip,
+            Self::SubSrc(net) | Self::SubDst(net) | Self::SubAny(net) => net.network(),
+        }
+    }
+
     pub fn is_ipv6(&self) -> bool {
         match self {
             Self::Src(ip) | Self::Dst(ip) | Self::Any(ip) => ip.is_ipv6(),

@@ -134,3 +134,18 @@ pub fn http_client(
         .build()
         .map_err(|e| format!("HTTP client for {server}: {e}"))
 }
+
+/// Whether a transport error is TLS refusing the server's certificate (a configuration matter),
+/// as opposed to a connection that broke (`peer closed connection without sending TLS
+/// close_notify`, a handshake cut short), which is worth retrying.
+pub fn refused_certificate(detail: &str) -> bool {
+    let lower = detail.to_ascii_lowercase();
+    [
+        "certificate",
+        "fingerprint",
+        "unknownissuer",
+        "bad signature",
+    ]
+    .iter()
+    .any(|needle| lower.contains(needle))
+}

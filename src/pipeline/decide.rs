@@ -18,7 +18,7 @@ use super::dedupe::{Check, Origin, TrackedBlock};
 use super::policy::{idempotency_key, Policy, Target};
 use crate::checkpoint::sam::{RuleKey, SamRule};
 use crate::command::{Action, Command};
-use crate::event::Event;
+use crate::event::{Event, MacAddr};
 use crate::flowmon::Priority;
 
 /// Why a result has its outcome: a short, stable code (the `code` of `samgate.result.v1`).
@@ -126,6 +126,9 @@ pub struct Enforce {
     /// gateways before sending anything.
     pub verify_first: Option<TrackedBlock>,
     pub origin: Origin,
+    /// The source's MAC address, when the event carried one (a FortiGate stitch passes it on
+    /// for access-layer quarantine); never part of the rule's identity.
+    pub mac: Option<MacAddr>,
 }
 
 /// Rules to remove from a target's gateways (an unblock).
@@ -243,6 +246,7 @@ fn decide_target(
             duration,
             verify_first,
             origin: Origin::Automatic,
+            mac: event.source_mac,
         },
         &event.site,
         source,
@@ -356,6 +360,7 @@ pub fn decide_command(
                     duration,
                     verify_first,
                     origin: Origin::Manual,
+                    mac: None,
                 };
                 guarded(enforce, site, ip, policy, dry_run)
             })
@@ -471,6 +476,7 @@ mod tests {
             },
             raw: String::new(),
             cut: None,
+            source_mac: None,
         }
     }
 

@@ -1,12 +1,13 @@
 //! Batch and enforce, the I/O shell around `pipeline::rule`: per target, rules are gathered
 //! until `run.batch_max_rules` or `run.batch_max_delay`, then each batch takes one of its
-//! management server's slots and goes out as few `run-script`s as its rules' next steps allow
-//! (one per step and gateway set: usually one *send* to every gateway of the target). What the
-//! tasks said moves each rule's [`Progress`]; a rule that is not done comes back after the delay
-//! [`retry_action`] gives, until it is done or fails.
+//! server's slots and goes out as few [`Enforcer`] calls as its rules' next steps allow (one
+//! per step and gateway set: usually one *send* to every gateway of the target: one Check Point
+//! `run-script`, or one FortiGate `add_users`). What the firewall answered moves each rule's
+//! [`Progress`]; a rule that is not done comes back after the delay [`retry_action`] gives,
+//! until it is done or fails.
 //!
-//! Per management server, a semaphore caps concurrent batches and a governor rate limiter paces
-//! calls. Before a rule is first sent, its *pending* state record is written (write-ahead), and
+//! Per server (a Check Point management server, a FortiGate device), a semaphore caps
+//! concurrent batches and a governor rate limiter paces enforcer calls. Before a rule is first sent, its *pending* state record is written (write-ahead), and
 //! the send holds a [`SendGuard`](super::ownership::SendGuard) that a revoke of its partition
 //! waits for; work of a revoked partition is dropped before it reaches the firewall.
 
@@ -29,13 +30,12 @@ use super::policy::Target;
 use super::report::{self, ResultMessage, Settled, WriteError};
 use super::rule::{self, retry_action, Next, Progress, RetryPolicy, Step};
 use super::{Completion, Shared};
-use crate::checkpoint::sam::{self, Operation, SamMode, SamRule, SampUid};
-use crate::checkpoint::{
-    classify, ApiError, ErrorClass, ManagementClient, RunScript, Task, TaskRef,
-};
+use crate::checkpoint::ErrorClass;
+use crate::enforcer::{BackendError, Enforcer, Failed, Handle, Listings, Removal};
 use crate::event::{DeadLetter, DeadLetterStage};
 
-/// Courtesy towards one management server: concurrent batches and calls per second.
+/// Courtesy towards one server (a management server, a FortiGate): concurrent batches and
+/// enforcer calls per second.
 pub struct ServerLimits {
     batches: Arc<Semaphore>,
     calls: DefaultDirectRateLimiter,
@@ -66,8 +66,8 @@ pub struct Work {
     pub first_sent: Option<DateTime<Utc>>,
     /// What went wrong in the last round, if anything (decides the retry delay).
     trouble: Option<ErrorClass>,
-    /// A removal in `fw_samp` mode: the uids each gateway listed for the rule.
-    uids: std::collections::HashMap<String, Vec<SampUid>>,
+    /// A removal: what each gateway's last answer named the rule by (`fw samp` uids).
+    handles: std::collections::HashMap<String, Vec<Handle>>,
 }
 
 impl Work {
@@ -84,7 +84,7 @@ impl Work {
             pending_written: false,
             first_sent: None,
             trouble: None,
-            uids: Default::default(),
+            handles: Default::default(),
         }
     }
 
@@ -152,10 +152,10 @@ impl Work {
     }
 }
 
-/// One target's batcher: its client, its server's limits, the shared pipeline.
+/// One target's batcher: its enforcer, its server's limits, the shared pipeline.
 pub struct Batcher {
     pub target: Arc<Target>,
-    pub client: Arc<ManagementClient>,
+    pub enforcer: Arc<dyn Enforcer>,
     pub limits: Arc<ServerLimits>,
     pub shared: Arc<Shared>,
 }
@@ -221,7 +221,9 @@ impl Batcher {
     async fn fill(&self, batch: &mut Vec<Work>, queue: &mut mpsc::Receiver<Work>) -> bool {
         let run = &self.shared.config.run;
         let flush_at = Instant::now() + run.batch_max_delay;
-        while batch.len() < run.batch_max_rules {
+        let most =
+            (self.enforcer.max_batch()).map_or(run.batch_max_rules, |m| m.min(run.batch_max_rules));
+        while batch.len() < most {
             tokio::select! {
                 biased; // what is queued goes in even when the delay is already over
                 work = queue.recv() => match work {
@@ -315,7 +317,7 @@ impl Batcher {
         }
     }
 
-    /// Sends the rules to `gateways`: write-ahead records, the fence, one run-script.
+    /// Sends the rules to `gateways`: write-ahead records, the fence, one enforcer call.
     async fn send(&self, works: Vec<Work>, gateways: &[String]) -> Vec<Work> {
         let mut works = self.write_ahead(works).await;
         let claims: Vec<_> = works.iter().map(|w| w.completion.claim).collect();
@@ -327,73 +329,54 @@ impl Batcher {
         if works.is_empty() {
             return works;
         }
-        let rules: Vec<SamRule> = works.iter().map(|w| w.enforce.rule).collect();
-        self.shared.metrics.batch_rules.observe(rules.len() as f64);
-        let script = match sam::batch_script(&rules, self.target.mode, Operation::Block) {
-            Ok(script) => script,
-            Err(e) => return unrenderable(works, e),
-        };
+        self.shared.metrics.batch_rules.observe(works.len() as f64);
         let now = Utc::now();
         for work in &mut works {
             work.first_sent.get_or_insert(now);
         }
         let step = Step::Send(gateways.to_vec());
-        let answer = self
-            .run_script("samgate block", &script, gateways, rules.len())
-            .await;
+        self.limits.calls.until_ready().await;
+        let rules: Vec<&Enforce> = works.iter().map(|w| &w.enforce).collect();
+        let answer = self.enforcer.block(&rules, gateways).await;
         drop(guard);
         match answer {
-            Ok((refs, tasks)) => {
-                let verdicts = rule::send_verdicts(&refs, &tasks, gateways, works.len());
-                for (work, verdicts) in works.iter_mut().zip(verdicts) {
+            Ok(answer) => {
+                for (work, verdicts) in works.iter_mut().zip(answer.verdicts) {
                     work.result
                         .task_ids
-                        .extend(refs.iter().map(|r| r.task_id.clone()));
+                        .extend(answer.references.iter().cloned());
                     if verdicts.iter().any(|(_, v)| *v != rule::Sent::Confirmed) {
                         work.trouble = Some(ErrorClass::Retryable);
                     }
                     work.progress.after_send(&verdicts);
                 }
             }
-            Err(Failure::Call(e)) => for_each_error(&mut works, &step, &e),
-            Err(Failure::Tasks(e)) => {
-                // The script was handed to the gateways: whatever happened next, it may have run.
-                for work in &mut works {
-                    work.progress.after_lost_answer(gateways, &e);
-                    work.trouble = Some(classify(&e));
-                }
-            }
+            Err(failed) => for_each_error(&mut works, &step, &failed),
         }
         works
     }
 
     /// Asks `gateways` whether each rule is in place.
     async fn verify(&self, mut works: Vec<Work>, gateways: &[String]) -> Vec<Work> {
-        let rules: Vec<SamRule> = works.iter().map(|w| w.enforce.rule).collect();
-        let script = sam::verify_script(&rules, self.target.mode);
         let step = Step::Verify(gateways.to_vec());
-        match self
-            .run_script("samgate verify", &script, gateways, rules.len())
-            .await
-        {
-            Ok((refs, tasks)) => {
-                let verdicts =
-                    rule::verify_verdicts(&refs, &tasks, gateways, &rules, self.target.mode);
-                let found = verdicts
+        self.limits.calls.until_ready().await;
+        let rules: Vec<&Enforce> = works.iter().map(|w| &w.enforce).collect();
+        let answer = self.enforcer.verify(&rules, gateways).await;
+        match answer {
+            Ok(verified) => {
+                let found = verified
+                    .verdicts
                     .iter()
                     .filter(|v| v.iter().all(|(_, p)| *p == rule::Presence::InPlace))
                     .count();
                 info!(
                     target = self.target.name,
-                    checked = rules.len(),
+                    checked = works.len(),
                     in_place = found,
                     "asked the gateways about rules whose fate was unknown"
                 );
-                let uids = match self.target.mode {
-                    SamMode::FwSamp => rule::listed_uids(&refs, &tasks, &rules),
-                    SamMode::FwSam => vec![Default::default(); rules.len()],
-                };
-                for ((work, verdicts), uids) in works.iter_mut().zip(verdicts).zip(uids) {
+                let mut handles = verified.handles.into_iter();
+                for (work, verdicts) in works.iter_mut().zip(verified.verdicts) {
                     if verdicts
                         .iter()
                         .any(|(_, p)| matches!(p, rule::Presence::Unknown(_)))
@@ -401,8 +384,9 @@ impl Batcher {
                         work.trouble = Some(ErrorClass::Retryable);
                     }
                     work.progress.after_verify(&verdicts);
+                    let found = handles.next().unwrap_or_default();
                     if work.progress.is_removal() {
-                        work.uids.extend(uids);
+                        work.handles.extend(found);
                         let listed = verdicts.iter().any(|(_, p)| *p == rule::Presence::InPlace);
                         if listed && work.progress.cancels > 0 {
                             // Cancelled and still there: back off, and fail at the deadline.
@@ -411,7 +395,7 @@ impl Batcher {
                     }
                 }
             }
-            Err(Failure::Call(e) | Failure::Tasks(e)) => for_each_error(&mut works, &step, &e),
+            Err(failed) => for_each_error(&mut works, &step, &failed),
         }
         works
     }
@@ -431,9 +415,9 @@ impl Batcher {
         state.check(&work.enforce.key, Utc::now()) == super::dedupe::Check::Pending
     }
 
-    /// Removes the rules from `gateways`, where the last listing found them: `fw sam -C` with
-    /// the rule's own flags, or `fw samp del` of the uids listed (one script per gateway), then
-    /// a flush. Whatever the gateway answers, the rule's next step is to list it again.
+    /// Removes the rules from `gateways`, where the last question found them (Check Point:
+    /// `fw sam -C` with the rule's own flags, or `fw samp del` of the uids listed; FortiGate:
+    /// `clear_users`). Whatever the firewall answers, the rule's next step is to ask again.
     async fn remove(&self, mut works: Vec<Work>, gateways: &[String]) -> Vec<Work> {
         let claims: Vec<_> = works.iter().map(|w| w.completion.claim).collect();
         let (guard, current) = self.shared.ownership.begin_send(&claims);
@@ -444,74 +428,40 @@ impl Batcher {
         if works.is_empty() {
             return works;
         }
-        let rules: Vec<SamRule> = works.iter().map(|w| w.enforce.rule).collect();
-        let mut calls: Vec<(Vec<String>, String)> = Vec::new();
-        match self.target.mode {
-            SamMode::FwSam => match sam::batch_script(&rules, SamMode::FwSam, Operation::Unblock) {
-                Ok(script) => calls.push((gateways.to_vec(), script)),
-                Err(e) => return unrenderable(works, e),
-            },
-            SamMode::FwSamp => {
-                for gateway in gateways {
-                    let uids: Vec<(SampUid, bool)> = works
-                        .iter()
-                        .flat_map(|w| {
-                            let ipv6 = w.enforce.rule.criteria.is_ipv6();
-                            w.uids
-                                .get(gateway)
-                                .into_iter()
-                                .flatten()
-                                .map(move |u| (u.clone(), ipv6))
-                        })
-                        .collect();
-                    calls.push((vec![gateway.clone()], sam::samp_delete_script(&uids)));
-                }
-            }
-        }
-        for (gateways, script) in calls {
-            let one_step = Step::Send(gateways.clone());
-            match self
-                .run_script("samgate unblock", &script, &gateways, rules.len())
-                .await
-            {
-                Ok((refs, tasks)) => {
-                    let verdicts = rule::send_verdicts(&refs, &tasks, &gateways, works.len());
-                    for (work, verdicts) in works.iter_mut().zip(verdicts) {
-                        work.result
-                            .task_ids
-                            .extend(refs.iter().map(|r| r.task_id.clone()));
-                        work.progress.after_send(&verdicts);
-                    }
-                }
-                Err(Failure::Call(e)) => for_each_error(&mut works, &one_step, &e),
-                Err(Failure::Tasks(e)) => {
-                    for work in &mut works {
-                        work.progress.after_lost_answer(&gateways, &e);
-                        work.trouble = Some(classify(&e));
-                    }
-                }
-            }
-        }
+        let step = Step::Send(gateways.to_vec());
+        self.limits.calls.until_ready().await;
+        let removals: Vec<Removal<'_>> = works
+            .iter()
+            .map(|w| Removal {
+                enforce: &w.enforce,
+                found: &w.handles,
+            })
+            .collect();
+        let answer = self.enforcer.unblock(&removals, gateways).await;
+        drop(removals);
         drop(guard);
+        match answer {
+            Ok(answer) => {
+                for (work, verdicts) in works.iter_mut().zip(answer.verdicts) {
+                    work.result
+                        .task_ids
+                        .extend(answer.references.iter().cloned());
+                    work.progress.after_send(&verdicts);
+                }
+            }
+            Err(failed) => for_each_error(&mut works, &step, &failed),
+        }
         for work in &mut works {
-            work.uids.clear();
+            work.handles.clear();
         }
         works
     }
 
     /// Lists the rules on every gateway of the target (reconcile), within the server's limits.
-    pub async fn list_gateways(
-        &self,
-    ) -> Result<(BTreeMap<String, super::lifecycle::Listing>, Vec<String>), ApiError> {
-        let script = super::lifecycle::listing_script(&self.target);
+    pub async fn list_gateways(&self) -> Result<Listings, BackendError> {
         let _permit = self.limits.batches.clone().acquire_owned().await;
-        match self
-            .run_script("samgate reconcile", &script, &self.target.gateways, 0)
-            .await
-        {
-            Ok((refs, tasks)) => Ok(super::lifecycle::listings(&self.target, &refs, &tasks)),
-            Err(Failure::Call(e) | Failure::Tasks(e)) => Err(e),
-        }
+        self.limits.calls.until_ready().await;
+        self.enforcer.list(&self.target.gateways).await
     }
 
     /// Writes the pending record of every rule not sent before; a rule whose record cannot be
@@ -563,55 +513,13 @@ impl Batcher {
         }
         ready
     }
-
-    /// `run-script` to `gateways`, then its tasks to the end.
-    async fn run_script(
-        &self,
-        name: &str,
-        script: &str,
-        gateways: &[String],
-        rules: usize,
-    ) -> Result<(Vec<TaskRef>, Vec<Task>), Failure> {
-        self.limits.calls.until_ready().await;
-        let comments = format!("samgate: {rules} rule(s)");
-        let request = RunScript {
-            name,
-            script,
-            targets: gateways,
-            comments: &comments,
-        };
-        let refs = self
-            .client
-            .run_script(&request)
-            .await
-            .map_err(Failure::Call)?;
-        let ids: Vec<String> = refs.iter().map(|r| r.task_id.clone()).collect();
-        let tasks = self.client.wait_tasks(&ids).await.map_err(Failure::Tasks)?;
-        Ok((refs, tasks))
-    }
 }
 
-/// A run-script that did not end with its tasks.
-enum Failure {
-    /// `run-script` itself failed.
-    Call(ApiError),
-    /// `run-script` was accepted; following its tasks failed.
-    Tasks(ApiError),
-}
-
-fn for_each_error(works: &mut [Work], step: &Step, error: &ApiError) {
+fn for_each_error(works: &mut [Work], step: &Step, failed: &Failed) {
     for work in works {
-        work.progress.after_error(step, error);
-        work.trouble = Some(classify(error));
+        work.progress.after_error(step, failed);
+        work.trouble = Some(failed.error.class());
     }
-}
-
-fn unrenderable(mut works: Vec<Work>, e: sam::RenderError) -> Vec<Work> {
-    for work in &mut works {
-        work.progress.last_problem = Some(format!("unrenderable rule: {e}"));
-        work.trouble = Some(ErrorClass::Permanent);
-    }
-    works
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -24,10 +24,11 @@ use super::enforce::{Batcher, Work};
 use super::ownership::Claim;
 use super::policy::{Policy, Target};
 use super::report::{self, Outcome, ResultMessage, WriteError};
-use super::rule::{self, Progress};
+use super::rule::Progress;
 use super::{finish, Completion, Shared};
-use crate::checkpoint::sam::{self, RuleKey, SamMode, SamRule};
+use crate::checkpoint::sam::RuleKey;
 use crate::command::Command;
+use crate::enforcer::Listing;
 
 /// How often the owner looks for blocks that ended.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -407,6 +408,7 @@ async fn reconcile_target(
             duration: remaining,
             verify_first: Some(block.block.clone()),
             origin: Origin::Reconcile,
+            mac: None,
         };
         let mut result = ResultMessage::for_block(
             &block.subject,
@@ -492,6 +494,7 @@ async fn reconcile_target(
                 duration: Duration::ZERO,
                 verify_first: None,
                 origin: Origin::Reconcile,
+                mac: None,
             };
             let mut result = result;
             result.outcome = Outcome::Unblocked;
@@ -563,51 +566,6 @@ async fn write_report(shared: &Shared, report: &ReconcileReport) {
     }
 }
 
-/// What one gateway lists: the samgate keys of its `fw samp` rules with their addresses, or its
-/// `fw sam -M` lines.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Listing {
-    Samp(Vec<(RuleKey, Option<IpAddr>)>),
-    Sam(Vec<sam::SamMonitorEntry>),
-}
-
-impl Listing {
-    /// Reads a listing script's output (its sections: IPv4, then IPv6); `None` when a section
-    /// is missing or its query failed (nothing is concluded from it).
-    pub fn parse(mode: SamMode, output: &str) -> Option<Self> {
-        let sections = sam::split_sections(output, 2);
-        let mut text = String::new();
-        for section in sections {
-            match section {
-                Some((0, printed)) => text.push_str(&printed),
-                _ => return None,
-            }
-        }
-        Some(match mode {
-            SamMode::FwSamp => Listing::Samp(
-                sam::parse_samp_get(&text)
-                    .into_iter()
-                    .filter_map(|e| {
-                        let key = e.samgate_key()?;
-                        let ip = ["src_ip_addr", "dst_ip_addr"]
-                            .iter()
-                            .find_map(|f| e.fields.get(*f)?.parse().ok());
-                        Some((key, ip))
-                    })
-                    .collect(),
-            ),
-            SamMode::FwSam => Listing::Sam(sam::parse_sam_monitor(&text)),
-        })
-    }
-
-    fn holds(&self, rule: &SamRule) -> bool {
-        match self {
-            Listing::Samp(keys) => keys.iter().any(|(k, _)| Some(*k) == rule.key),
-            Listing::Sam(lines) => lines.iter().any(|l| sam::monitor_entry_is(l, rule)),
-        }
-    }
-}
-
 /// A rule with samgate's tag that no block explains.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Orphan {
@@ -671,61 +629,11 @@ pub fn compare<'a>(
     drift
 }
 
-/// The script that lists a target's rules on a gateway: IPv4, then IPv6, each followed by the
-/// outcome marker.
-pub fn listing_script(target: &Target) -> String {
-    let queries = match target.mode {
-        SamMode::FwSamp => [sam::fw_samp_get(false), sam::fw_samp_get(true)],
-        SamMode::FwSam => {
-            let class = match target.action {
-                sam::SamAction::Drop => "-j",
-                sam::SamAction::Reject => "-i",
-                sam::SamAction::Notify => "-n",
-            };
-            [
-                format!("fw sam -M {class} all"),
-                format!("fw6 sam -M {class} all"),
-            ]
-        }
-    };
-    let mut script = String::from("# samgate: reconcile\n");
-    for (i, query) in queries.iter().enumerate() {
-        script.push_str(&format!(
-            "{query}; echo \"{} {i} $?\"\n",
-            sam::OUTCOME_MARKER
-        ));
-    }
-    script
-}
-
-/// Per gateway, its listing, from a listing script's tasks; gateways whose listing could not be
-/// read are named in the errors.
-pub fn listings(
-    target: &Target,
-    refs: &[crate::checkpoint::TaskRef],
-    tasks: &[crate::checkpoint::Task],
-) -> (BTreeMap<String, Listing>, Vec<String>) {
-    let outputs = rule::task_outputs(refs, tasks);
-    let mut found = BTreeMap::new();
-    let mut errors = Vec::new();
-    for gateway in &target.gateways {
-        match outputs.get(gateway) {
-            Some(Ok(output)) => match Listing::parse(target.mode, output) {
-                Some(listing) => {
-                    found.insert(gateway.clone(), listing);
-                }
-                None => errors.push(format!("{gateway}: the listing failed or was cut")),
-            },
-            Some(Err(why)) => errors.push(format!("{gateway}: {why}")),
-            None => errors.push(format!("{gateway}: no task")),
-        }
-    }
-    (found, errors)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::enforcer::parse_listing;
+    use crate::checkpoint::sam::{self, SamMode};
     use crate::config::Config;
     use crate::pipeline::dedupe::{Subject, TrackedBlock};
 
@@ -847,18 +755,18 @@ mod tests {
     #[test]
     fn a_listing_is_only_believed_whole() {
         let ok = "operation=add uid=<5ac3965f,00000000,3403a8c0,0000264a> comment=samgate:00112233445566778899aabbccddeeff src_ip_addr=192.0.2.1 req_tpe=ip\nsamgate-rule 0 0\nsamgate-rule 1 0\n";
-        let Some(Listing::Samp(keys)) = Listing::parse(SamMode::FwSamp, ok) else {
+        let Some(Listing::Samp(keys)) = parse_listing(SamMode::FwSamp, ok) else {
             panic!("a whole listing parses");
         };
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].1, Some("192.0.2.1".parse().unwrap()));
         assert_eq!(
-            Listing::parse(SamMode::FwSamp, "samgate-rule 0 0\n"),
+            parse_listing(SamMode::FwSamp, "samgate-rule 0 0\n"),
             None,
             "cut"
         );
         assert_eq!(
-            Listing::parse(SamMode::FwSamp, "samgate-rule 0 1\nsamgate-rule 1 0\n"),
+            parse_listing(SamMode::FwSamp, "samgate-rule 0 1\nsamgate-rule 1 0\n"),
             None,
             "a failed query"
         );

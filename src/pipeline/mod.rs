@@ -52,10 +52,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::checkpoint::enforcer::CheckPointEnforcer;
 use crate::checkpoint::ManagementClient;
 use crate::command::{Action as CommandAction, Command, COMMAND_SCHEMA};
 use crate::config::Config;
+use crate::enforcer::Enforcer;
 use crate::event::{DeadLetter, DeadLetterStage, Event, EVENT_SCHEMA};
+use crate::fortigate::enforcer::FortiGateEnforcer;
+use crate::fortigate::FortiClient;
 use crate::http::Readiness;
 use crate::metrics::Metrics;
 use decide::{Code, Decision};
@@ -63,7 +67,7 @@ use dedupe::BlockState;
 use enforce::{Batcher, ServerLimits, Work};
 use offsets::OffsetTracker;
 use ownership::{Claim, Ownership};
-use policy::Policy;
+use policy::{Mode, Policy, Target};
 use report::{ResultMessage, Settled, WriteError};
 
 /// What every stage shares.
@@ -111,11 +115,11 @@ pub async fn run(
     on_listen(http_addr);
     info!(%http_addr, "serving /metrics, /healthz, /readyz");
 
-    let (clients, server_addresses) = connect_servers(&config, &metrics).await?;
+    let (firewalls, server_addresses) = connect_firewalls(&config, &metrics).await?;
     let policy = Policy::new(&config, &server_addresses);
     metrics.zero_known_series(
         config.sites.keys().map(String::as_str),
-        config.checkpoint.servers.keys().map(String::as_str),
+        firewalls.names().map(String::as_str),
         config.targets.keys().map(String::as_str),
     );
     let events_partitions = ensure_topics(&config).await?;
@@ -133,7 +137,7 @@ pub async fn run(
         replica: ownership::replica_id(),
         config,
     });
-    let (queues, batchers, targets) = start_batchers(&shared, &policy, &clients);
+    let (queues, batchers, targets) = start_batchers(&shared, &policy, &firewalls);
     let (reconcile, requests) = mpsc::unbounded_channel();
     let weak = queues
         .iter()
@@ -149,7 +153,7 @@ pub async fn run(
         requests,
     ));
     let keepalive = CancellationToken::new();
-    let keepalives = start_keepalives(&clients, &keepalive);
+    let keepalives = start_keepalives(&firewalls.checkpoint, &keepalive);
 
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (watch, watcher) = tail::start(shared.clone(), control_tx.clone());
@@ -192,49 +196,84 @@ pub async fn run(
     Ok(())
 }
 
-/// One client (one session) per management server, and the servers' own addresses, which no
-/// rule may name. A server whose address cannot be found refuses the start: it could be blocked.
-async fn connect_servers(
+/// The firewalls' clients: one (one session) per Check Point management server, one per
+/// FortiGate device.
+struct Firewalls {
+    checkpoint: BTreeMap<String, Arc<ManagementClient>>,
+    fortigate: BTreeMap<String, Arc<FortiClient>>,
+}
+
+impl Firewalls {
+    /// The enforcer of `target`.
+    fn enforcer(&self, target: &Target) -> Arc<dyn Enforcer> {
+        match &target.mode {
+            Mode::Sam(mode) => Arc::new(CheckPointEnforcer {
+                client: self.checkpoint[&target.server].clone(),
+                mode: *mode,
+                action: target.action,
+            }),
+            Mode::Forti(mode) => Arc::new(FortiGateEnforcer {
+                client: self.fortigate[&target.server].clone(),
+                mode: mode.clone(),
+            }),
+        }
+    }
+
+    /// Every server and device by name: what courtesy limits apply to.
+    fn names(&self) -> impl Iterator<Item = &String> {
+        self.checkpoint.keys().chain(self.fortigate.keys())
+    }
+}
+
+/// A client per management server and FortiGate, and their own addresses, which no rule may
+/// name. One whose address cannot be found refuses the start: it could be blocked.
+async fn connect_firewalls(
     config: &Config,
     metrics: &Arc<Metrics>,
-) -> anyhow::Result<(
-    BTreeMap<String, Arc<ManagementClient>>,
-    Vec<(String, IpAddr)>,
-)> {
-    let mut clients = BTreeMap::new();
-    let mut addresses = Vec::new();
+) -> anyhow::Result<(Firewalls, Vec<(String, IpAddr)>)> {
+    let mut firewalls = Firewalls {
+        checkpoint: BTreeMap::new(),
+        fortigate: BTreeMap::new(),
+    };
     for (name, server) in &config.checkpoint.servers {
         let client = ManagementClient::new(name, server)
             .map_err(|e| anyhow::anyhow!(e))?
             .with_metrics(metrics.clone());
-        clients.insert(name.clone(), Arc::new(client));
-        for ip in resolve(name, &server.url).await? {
-            addresses.push((name.clone(), ip));
-        }
+        firewalls.checkpoint.insert(name.clone(), Arc::new(client));
     }
-    Ok((clients, addresses))
+    for (name, device) in &config.fortigate.devices {
+        let client = FortiClient::new(name, device)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .with_metrics(metrics.clone());
+        firewalls.fortigate.insert(name.clone(), Arc::new(client));
+    }
+    Ok((firewalls, server_addresses(config).await?))
 }
 
-/// The management servers' own addresses, by server name (no rule may name them).
+/// The management servers' and FortiGates' own addresses, by name (no rule may name them).
 pub async fn server_addresses(config: &Config) -> anyhow::Result<Vec<(String, IpAddr)>> {
+    let servers =
+        (config.checkpoint.servers.iter()).map(|(n, s)| (n, "checkpoint.servers", &s.url));
+    let devices = (config.fortigate.devices.iter()).map(|(n, d)| (n, "fortigate.devices", &d.url));
     let mut addresses = Vec::new();
-    for (name, server) in &config.checkpoint.servers {
-        for ip in resolve(name, &server.url).await? {
+    for (name, section, url) in servers.chain(devices) {
+        for ip in resolve(&format!("{section}.{name}"), url).await? {
             addresses.push((name.clone(), ip));
         }
     }
     Ok(addresses)
 }
 
-/// The addresses of a management server URL's host, tried for up to 30 seconds.
-async fn resolve(name: &str, url: &str) -> anyhow::Result<Vec<IpAddr>> {
-    let parsed = url::Url::parse(url).with_context(|| format!("server {name}: bad url"))?;
+/// The addresses of a firewall URL's host (`field` names its config), tried for up to 30
+/// seconds.
+async fn resolve(field: &str, url: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let parsed = url::Url::parse(url).with_context(|| format!("{field}.url: bad url"))?;
     let port = parsed.port_or_known_default().unwrap_or(443);
     let host = match parsed.host() {
         Some(url::Host::Ipv4(ip)) => return Ok(vec![IpAddr::V4(ip)]),
         Some(url::Host::Ipv6(ip)) => return Ok(vec![IpAddr::V6(ip)]),
         Some(url::Host::Domain(host)) => host.to_owned(),
-        None => anyhow::bail!("server {name}: the url has no host"),
+        None => anyhow::bail!("{field}.url: the url has no host"),
     };
     let mut delay = Duration::from_millis(500);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -242,11 +281,11 @@ async fn resolve(name: &str, url: &str) -> anyhow::Result<Vec<IpAddr>> {
         match tokio::net::lookup_host((host.as_str(), port)).await {
             Ok(addrs) => return Ok(addrs.map(|a| a.ip().to_canonical()).collect()),
             Err(e) if tokio::time::Instant::now() + delay > deadline => anyhow::bail!(
-                "checkpoint.servers.{name}: cannot resolve {host} ({e}); samgate must know a \
-                 management server's address to never block it: fix DNS or use its IP address"
+                "{field}: cannot resolve {host} ({e}); samgate must know a firewall's own \
+                 address to never block it: fix DNS or use its IP address"
             ),
             Err(e) => {
-                warn!(server = name, host, error = %e, "cannot resolve a management server yet; trying again")
+                warn!(server = field, host, error = %e, "cannot resolve a firewall's address yet; trying again")
             }
         }
         tokio::time::sleep(delay).await;
@@ -275,15 +314,15 @@ async fn ensure_topics(config: &Config) -> anyhow::Result<i32> {
 fn start_batchers(
     shared: &Arc<Shared>,
     policy: &Policy,
-    clients: &BTreeMap<String, Arc<ManagementClient>>,
+    firewalls: &Firewalls,
 ) -> (
     BTreeMap<String, mpsc::Sender<Work>>,
     JoinSet<()>,
     BTreeMap<String, Arc<Batcher>>,
 ) {
     let run = &shared.config.run;
-    let limits: BTreeMap<&String, Arc<ServerLimits>> = clients
-        .keys()
+    let limits: BTreeMap<&String, Arc<ServerLimits>> = firewalls
+        .names()
         .map(|name| {
             let limits = ServerLimits::new(run.server_concurrency, run.server_calls_per_second);
             (name, Arc::new(limits))
@@ -297,7 +336,7 @@ fn start_batchers(
         let (tx, rx) = mpsc::channel(run.max_in_flight);
         queues.insert(name.clone(), tx);
         let batcher = Arc::new(Batcher {
-            client: clients[&target.server].clone(),
+            enforcer: firewalls.enforcer(&target),
             limits: limits[&target.server].clone(),
             shared: shared.clone(),
             target,
@@ -695,6 +734,7 @@ impl Pipeline {
                     duration: Duration::ZERO,
                     verify_first: None,
                     origin: unblock.origin,
+                    mac: None,
                 };
                 shared
                     .state

@@ -11,24 +11,87 @@ use sha2::{Digest, Sha256};
 
 use super::decide::Code;
 use crate::checkpoint::sam::{Criteria, LogType, RuleKey, SamAction, SamMode, SamRule};
-use crate::config::{Config, CriteriaKind};
+use crate::config::{Config, CriteriaKind, TargetConfig, TargetKind, TargetMode};
 use crate::event::Event;
 use crate::flowmon::Priority;
+use crate::fortigate::enforcer::FortiMode;
 
 /// An enforcement target, resolved from config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     pub name: String,
+    /// What its calls are paced and capped by: a Check Point management server, or the
+    /// FortiGate device itself.
     pub server: String,
+    /// Where its rule must be: a Check Point target's gateways, or a FortiGate's one device.
     pub gateways: Vec<String>,
-    pub mode: SamMode,
+    pub mode: Mode,
+    /// The rule's shape (a FortiGate ban is always `drop` of the source, no log flag).
     pub action: SamAction,
     pub close_connections: bool,
     pub log: LogType,
     pub criteria: CriteriaKind,
 }
 
+/// How a target's rules are issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Check Point: `fw sam` or `fw samp` through `run-script`.
+    Sam(SamMode),
+    /// FortiGate: the banned-IP list or an automation stitch.
+    Forti(FortiMode),
+}
+
+impl Mode {
+    /// The name results and docs use (`fw_sam`, `fw_samp`, `banned_ip`, `webhook`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Sam(SamMode::FwSam) => "fw_sam",
+            Mode::Sam(SamMode::FwSamp) => "fw_samp",
+            Mode::Forti(FortiMode::BannedIp) => "banned_ip",
+            Mode::Forti(FortiMode::Webhook { .. }) => "webhook",
+        }
+    }
+}
+
 impl Target {
+    /// Resolves a validated target's config.
+    pub fn from_config(name: &str, t: &TargetConfig) -> Self {
+        match t.kind {
+            TargetKind::Checkpoint => Target {
+                name: name.to_owned(),
+                server: t.server.clone().unwrap_or_default(),
+                gateways: t.gateways.clone(),
+                mode: Mode::Sam(match t.mode {
+                    Some(TargetMode::FwSamp) => SamMode::FwSamp,
+                    _ => SamMode::FwSam,
+                }),
+                action: t.action.unwrap_or(SamAction::Drop),
+                close_connections: t.close_connections.unwrap_or(true),
+                log: t.log.unwrap_or_default(),
+                criteria: t.criteria.unwrap_or(CriteriaKind::Src),
+            },
+            TargetKind::Fortigate => {
+                let device = t.device.clone().unwrap_or_default();
+                Target {
+                    name: name.to_owned(),
+                    server: device.clone(),
+                    gateways: vec![device],
+                    mode: Mode::Forti(match (t.mode, &t.stitch) {
+                        (Some(TargetMode::Webhook), Some(stitch)) => FortiMode::Webhook {
+                            stitch: stitch.clone(),
+                        },
+                        _ => FortiMode::BannedIp,
+                    }),
+                    action: SamAction::Drop,
+                    close_connections: false,
+                    log: LogType::None,
+                    criteria: CriteriaKind::Src,
+                }
+            }
+        }
+    }
+
     /// The rule for `source`, lasting `duration`, tagged with `key`.
     pub fn rule(&self, source: IpAddr, duration: Duration, key: RuleKey) -> SamRule {
         SamRule {
@@ -90,21 +153,7 @@ impl Policy {
         let targets: BTreeMap<String, Arc<Target>> = config
             .targets
             .iter()
-            .map(|(name, t)| {
-                (
-                    name.clone(),
-                    Arc::new(Target {
-                        name: name.clone(),
-                        server: t.server.clone(),
-                        gateways: t.gateways.clone(),
-                        mode: t.mode,
-                        action: t.action,
-                        close_connections: t.close_connections,
-                        log: t.log,
-                        criteria: t.criteria,
-                    }),
-                )
-            })
+            .map(|(name, t)| (name.clone(), Arc::new(Target::from_config(name, t))))
             .collect();
         let mut site_never_block = BTreeMap::new();
         let mut routes = BTreeMap::new();
@@ -369,6 +418,7 @@ mod tests {
             },
             raw: String::new(),
             cut: None,
+            source_mac: None,
         }
     }
 

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::decide::{Code, Decision, Enforce};
 use super::dedupe::{Origin, TrackedBlock};
+use super::policy::Mode;
 use crate::checkpoint::sam::SamMode;
 use crate::command::Command;
 use crate::event::{rfc3339_millis, Event};
@@ -377,11 +378,12 @@ impl ResultMessage {
             Decision::Unblock(unblock) => {
                 let mut r = for_event(Outcome::Unblocked, Code::Removed, String::new());
                 r.target_fields(&unblock.target, unblock.key);
-                r.command = Some(match unblock.target.mode {
-                    SamMode::FwSam => unblock.rule.fw_sam_cancel(),
-                    SamMode::FwSamp => {
+                r.command = Some(match &unblock.target.mode {
+                    Mode::Sam(SamMode::FwSam) => unblock.rule.fw_sam_cancel(),
+                    Mode::Sam(SamMode::FwSamp) => {
                         "fw samp del '<uid>' (uids from fw samp get by samgate's comment)".into()
                     }
+                    Mode::Forti(_) => crate::fortigate::enforcer::describe_unban(&unblock.rule),
                 });
                 r
             }
@@ -413,13 +415,7 @@ impl ResultMessage {
         self.server = Some(target.server.clone());
         self.gateways = target.gateways.clone();
         self.action = Some(target.action_name().into());
-        self.mode = Some(
-            match target.mode {
-                SamMode::FwSam => "fw_sam",
-                SamMode::FwSamp => "fw_samp",
-            }
-            .into(),
-        );
+        self.mode = Some(target.mode.name().into());
     }
 
     pub fn enforce_fields(&mut self, enforce: &Enforce) {
@@ -429,9 +425,10 @@ impl ResultMessage {
         }
         self.level = Some(enforce.level);
         self.duration_s = Some(enforce.duration.as_secs());
-        self.command = Some(match enforce.target.mode {
-            SamMode::FwSam => enforce.rule.fw_sam(),
-            SamMode::FwSamp => enforce.rule.fw_samp_add().unwrap_or_default(),
+        self.command = Some(match &enforce.target.mode {
+            Mode::Sam(SamMode::FwSam) => enforce.rule.fw_sam(),
+            Mode::Sam(SamMode::FwSamp) => enforce.rule.fw_samp_add().unwrap_or_default(),
+            Mode::Forti(mode) => crate::fortigate::enforcer::describe_ban(mode, enforce),
         });
     }
 

@@ -21,6 +21,7 @@ use std::time::Duration;
 use super::decide::Code;
 use crate::checkpoint::sam::{self, SamAction, SamMode, SamRule};
 use crate::checkpoint::{ApiError, ErrorClass, Task, TaskRef};
+use crate::enforcer::Failed;
 
 /// Where a rule stands on one gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +71,7 @@ pub enum Delivery {
     MaybeSent,
 }
 
-/// Whether a failed `run-script` call may have run the script.
+/// Whether a failed Check Point `run-script` call may have run the script.
 pub fn delivery(error: &ApiError) -> Delivery {
     match error {
         ApiError::LoginLimited { .. } => Delivery::NotSent,
@@ -185,16 +186,6 @@ impl Progress {
         self.gateways.iter().any(|(_, s)| *s != OnGateway::Unsent)
     }
 
-    /// The script reached `gateways`, and what it did there is unknown (its tasks could not be
-    /// followed to the end).
-    pub fn after_lost_answer(&mut self, gateways: &[String], error: &ApiError) {
-        self.attempts += 1;
-        self.last_problem = Some(error.to_string());
-        for gateway in gateways {
-            self.set(gateway, OnGateway::Unknown);
-        }
-    }
-
     /// Whether anything was ever found or sent (a verified-only rule was never sent by us).
     pub fn state_of(&self, gateway: &str) -> Option<OnGateway> {
         self.gateways
@@ -261,12 +252,13 @@ impl Progress {
         }
     }
 
-    /// A call for `gateways` failed as a whole. A send that may have been delivered leaves the
-    /// rule unknown there; a verification that failed changes nothing.
-    pub fn after_error(&mut self, step: &Step, error: &ApiError) {
+    /// A call for `gateways` failed as a whole. A send that may have been delivered (its answer
+    /// lost, its tasks not followed to the end) leaves the rule unknown there; a verification
+    /// that failed changes nothing.
+    pub fn after_error(&mut self, step: &Step, failed: &Failed) {
         self.attempts += 1;
-        self.last_problem = Some(error.to_string());
-        if let (Step::Send(gateways), Delivery::MaybeSent) = (step, delivery(error)) {
+        self.last_problem = Some(failed.error.to_string());
+        if let (Step::Send(gateways), Delivery::MaybeSent) = (step, failed.delivery) {
             for gateway in gateways {
                 self.set(gateway, OnGateway::Unknown);
             }
@@ -528,6 +520,14 @@ mod tests {
             .collect()
     }
 
+    /// A failed call, as the Check Point enforcer reports it.
+    fn failed(e: ApiError) -> Failed {
+        Failed {
+            delivery: delivery(&e),
+            error: e.into(),
+        }
+    }
+
     fn transport(maybe_delivered: bool) -> ApiError {
         ApiError::Transport {
             server: "hq".into(),
@@ -597,7 +597,7 @@ mod tests {
         // A lost answer: the send may have happened on both.
         let mut p = Progress::new(&gateways, false);
         let step = p.next();
-        p.after_error(&step, &transport(true));
+        p.after_error(&step, &failed(transport(true)));
         assert_eq!(p.next(), Step::Verify(gateways.clone()));
         p.after_verify(&[
             ("gw-1".into(), Presence::InPlace),
@@ -609,7 +609,7 @@ mod tests {
         // Refused before sending: resend, nothing to ask.
         let mut p = Progress::new(&gateways, false);
         let step = p.next();
-        p.after_error(&step, &transport(false));
+        p.after_error(&step, &failed(transport(false)));
         assert_eq!(p.next(), Step::Send(gateways.clone()));
         assert!(!p.maybe_in_place());
 

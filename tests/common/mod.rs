@@ -359,7 +359,7 @@ fn insecure() -> reqwest::Client {
 /// A management-server configuration for `sim`, logging in as `user` and pinned to the
 /// simulator's certificate.
 pub fn management_server(
-    sim: &samgate::simulator::RunningSimulator,
+    sim: &samgate_sim::checkpoint::RunningSimulator,
     user: &str,
     password: &str,
 ) -> samgate::config::ManagementServerConfig {

@@ -11,7 +11,7 @@
 pub mod gateway;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::clock::Clock;
 use gateway::Gateway;
 
 /// API versions this simulator understands in URLs (the official table, R80 to R82).
@@ -59,6 +60,8 @@ pub struct SimulatorConfig {
     /// Scripts kept for `/sim/state` (the newest).
     pub kept_scripts: usize,
     pub faults: Faults,
+    /// What rule timeouts and script records count in (wall time unless a test moves it).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for SimulatorConfig {
@@ -76,6 +79,7 @@ impl Default for SimulatorConfig {
             task_duration: Duration::from_millis(1000),
             kept_scripts: 1000,
             faults: Faults::default(),
+            clock: crate::clock::system(),
         }
     }
 }
@@ -208,8 +212,7 @@ pub struct RunningSimulator {
     pub fingerprint: Option<String>,
     pub api_key: String,
     state: Shared,
-    handle: axum_server::Handle,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    served: crate::serve::Served,
 }
 
 impl RunningSimulator {
@@ -228,7 +231,7 @@ impl RunningSimulator {
         &self,
     ) -> BTreeMap<String, std::collections::BTreeSet<std::net::IpAddr>> {
         let mut s = self.state.lock().expect("sim state");
-        let now = now_unix_ms();
+        let now = s.config.clock.now_ms();
         s.gateways
             .iter_mut()
             .map(|(name, gw)| {
@@ -251,16 +254,12 @@ impl RunningSimulator {
 
     /// Stops serving and waits for the server to end.
     pub async fn stop(self) {
-        self.handle.shutdown();
-        let _ = self.task.await;
+        self.served.stop().await;
     }
 }
 
 /// Starts a simulator; returns once it listens.
 pub async fn start(config: SimulatorConfig) -> anyhow::Result<RunningSimulator> {
-    let listener = TcpListener::bind(config.listen)?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
     let gateways = config
         .gateways
         .iter()
@@ -296,47 +295,15 @@ pub async fn start(config: SimulatorConfig) -> anyhow::Result<RunningSimulator> 
         .route("/sim/history", get(sim_history))
         .route("/{*path}", post(api))
         .with_state(state.clone());
-    let handle = axum_server::Handle::new();
-    let (url, fingerprint, task) = if config.tls {
-        let certified =
-            rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
-        let der = certified.cert.der().clone();
-        let fingerprint = crate::checkpoint::tls::fingerprint(der.as_ref());
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-            rustls::pki_types::PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()),
-        );
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut server = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(vec![der], key)?;
-        server.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(server));
-        let server = axum_server::from_tcp_rustls(listener, tls).handle(handle.clone());
-        let task = tokio::spawn(server.serve(app.into_make_service()));
-        (format!("https://{addr}"), Some(fingerprint), task)
-    } else {
-        let server = axum_server::from_tcp(listener).handle(handle.clone());
-        let task = tokio::spawn(server.serve(app.into_make_service()));
-        (format!("http://{addr}"), None, task)
-    };
+    let served = crate::serve::serve(config.listen, config.tls, app)?;
     Ok(RunningSimulator {
-        addr,
-        url,
-        fingerprint,
+        addr: served.addr,
+        url: served.url.clone(),
+        fingerprint: served.fingerprint.clone(),
         api_key: config.api_key,
         state,
-        handle,
-        task,
+        served,
     })
-}
-
-/// Unix time in milliseconds: what gateway rule timeouts count in.
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64
 }
 
 fn posix(t: SystemTime) -> Value {
@@ -398,7 +365,7 @@ async fn sim_state(State(state): State<Shared>) -> Json<Value> {
 
 /// Everything the firewall was asked and what it holds (rules past their expiry dropped).
 fn snapshot(s: &mut SimState) -> Value {
-    let now = now_unix_ms();
+    let now = s.config.clock.now_ms();
     for gw in s.gateways.values_mut() {
         gw.tables.expire(now);
     }
@@ -823,8 +790,8 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
     let name = request["script-name"].as_str().unwrap_or("").to_owned();
     s.scripts_total += 1;
     s.scripts.push_back(ScriptRecord {
-        at: now_unix_ms().div_euclid(1000),
-        at_ms: now_unix_ms(),
+        at: s.config.clock.now_secs(),
+        at_ms: s.config.clock.now_ms(),
         name: name.clone(),
         targets: targets.clone(),
         script: script.clone(),
@@ -836,7 +803,7 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
         s.faults.no_tasks_next -= 1;
         return Json(json!({"tasks": []})).into_response();
     }
-    let now = now_unix_ms();
+    let now = s.config.clock.now_ms();
     let stuck = s.faults.stuck_tasks_next > 0;
     s.faults.stuck_tasks_next = s.faults.stuck_tasks_next.saturating_sub(1);
     let duration = s

@@ -1,0 +1,264 @@
+//! Check Point behind the [`Enforcer`] interface: every call is one `run-script` to a set of
+//! gateways (through the management server's one session), followed to the end with
+//! `show-task`. Block scripts print `samgate-rule <i> <status>` per rule, questions are
+//! `fw samp get` by samgate's comment or `fw sam -M` by the rule's criteria, removals are
+//! `fw sam -C` or `fw samp del` of the uids a question read back, and listings are `fw samp get`
+//! or `fw sam -M … all`, IPv4 then IPv6.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::sam::{self, Operation, SamAction, SamMode, SamRule};
+use super::{ManagementClient, RunScript, Task, TaskRef};
+use crate::enforcer::{
+    Answer, BackendError, Enforcer, Failed, Handle, Listing, Listings, Removal, Verified,
+};
+use crate::pipeline::decide::Enforce;
+use crate::pipeline::rule;
+
+/// One Check Point target: its server's client, and how its rules are issued.
+pub struct CheckPointEnforcer {
+    pub client: Arc<ManagementClient>,
+    pub mode: SamMode,
+    pub action: SamAction,
+}
+
+#[async_trait]
+impl Enforcer for CheckPointEnforcer {
+    async fn block(&self, rules: &[&Enforce], gateways: &[String]) -> Result<Answer, Failed> {
+        let rules: Vec<SamRule> = rules.iter().map(|e| e.rule).collect();
+        let script = sam::batch_script(&rules, self.mode, Operation::Block)
+            .map_err(|e| Failed::not_sent(BackendError::Unrenderable(e.to_string())))?;
+        let (refs, tasks) = self
+            .run_script("samgate block", &script, gateways, rules.len())
+            .await?;
+        Ok(answer(&refs, &tasks, gateways, rules.len()))
+    }
+
+    async fn verify(&self, rules: &[&Enforce], gateways: &[String]) -> Result<Verified, Failed> {
+        let rules: Vec<SamRule> = rules.iter().map(|e| e.rule).collect();
+        let script = sam::verify_script(&rules, self.mode);
+        let (refs, tasks) = self
+            .run_script("samgate verify", &script, gateways, rules.len())
+            .await
+            // A question changes nothing on the gateways: whatever became of it, ask again.
+            .map_err(|f| Failed::not_sent(f.error))?;
+        let verdicts = rule::verify_verdicts(&refs, &tasks, gateways, &rules, self.mode);
+        let handles = match self.mode {
+            SamMode::FwSamp => rule::listed_uids(&refs, &tasks, &rules)
+                .into_iter()
+                .map(|by_gateway| {
+                    by_gateway
+                        .into_iter()
+                        .map(|(g, uids)| (g, uids.into_iter().map(Handle::SampUid).collect()))
+                        .collect()
+                })
+                .collect(),
+            SamMode::FwSam => vec![Default::default(); rules.len()],
+        };
+        Ok(Verified { verdicts, handles })
+    }
+
+    async fn unblock(
+        &self,
+        removals: &[Removal<'_>],
+        gateways: &[String],
+    ) -> Result<Answer, Failed> {
+        let rules: Vec<SamRule> = removals.iter().map(|r| r.enforce.rule).collect();
+        match self.mode {
+            SamMode::FwSam => {
+                let script = sam::batch_script(&rules, SamMode::FwSam, Operation::Unblock)
+                    .map_err(|e| Failed::not_sent(BackendError::Unrenderable(e.to_string())))?;
+                let (refs, tasks) = self
+                    .run_script("samgate unblock", &script, gateways, rules.len())
+                    .await?;
+                Ok(answer(&refs, &tasks, gateways, rules.len()))
+            }
+            // `fw samp del` names uids, which differ per gateway: one script per gateway. A
+            // gateway whose call failed is left unknown; the others' answers stand.
+            SamMode::FwSamp => {
+                let mut all = Answer {
+                    verdicts: vec![Vec::new(); rules.len()],
+                    references: Vec::new(),
+                };
+                let mut failure = None;
+                for gateway in gateways {
+                    let uids: Vec<(sam::SampUid, bool)> = removals
+                        .iter()
+                        .flat_map(|r| {
+                            let ipv6 = r.enforce.rule.criteria.is_ipv6();
+                            r.found.get(gateway).into_iter().flatten().map(move |h| {
+                                let Handle::SampUid(uid) = h;
+                                (uid.clone(), ipv6)
+                            })
+                        })
+                        .collect();
+                    let script = sam::samp_delete_script(&uids);
+                    let one = std::slice::from_ref(gateway);
+                    match self
+                        .run_script("samgate unblock", &script, one, rules.len())
+                        .await
+                    {
+                        Ok((refs, tasks)) => {
+                            let answer = answer(&refs, &tasks, one, rules.len());
+                            all.references.extend(answer.references);
+                            for (into, from) in all.verdicts.iter_mut().zip(answer.verdicts) {
+                                into.extend(from);
+                            }
+                        }
+                        Err(failed) => {
+                            for verdicts in &mut all.verdicts {
+                                verdicts.push((
+                                    gateway.clone(),
+                                    rule::Sent::Unknown(failed.error.to_string()),
+                                ));
+                            }
+                            failure.get_or_insert(failed);
+                        }
+                    }
+                }
+                match failure {
+                    // No gateway answered: the call failed as a whole.
+                    Some(failed) if all.references.is_empty() => Err(failed),
+                    _ => Ok(all),
+                }
+            }
+        }
+    }
+
+    async fn list(&self, gateways: &[String]) -> Result<Listings, BackendError> {
+        let script = listing_script(self.mode, self.action);
+        let (refs, tasks) = self
+            .run_script("samgate reconcile", &script, gateways, 0)
+            .await
+            .map_err(|f| f.error)?;
+        Ok(listings(self.mode, gateways, &refs, &tasks))
+    }
+
+    fn finds_orphans(&self) -> bool {
+        // `fw sam -M` lines carry no tag: samgate cannot tell its rules from others there.
+        self.mode == SamMode::FwSamp
+    }
+}
+
+impl CheckPointEnforcer {
+    /// `run-script` to `gateways`, then its tasks to the end. A `run-script` refused before
+    /// anything ran leaves the rules as they were; once it was accepted, its script may have run
+    /// whatever became of its tasks.
+    async fn run_script(
+        &self,
+        name: &str,
+        script: &str,
+        gateways: &[String],
+        rules: usize,
+    ) -> Result<(Vec<TaskRef>, Vec<Task>), Failed> {
+        let comments = format!("samgate: {rules} rule(s)");
+        let request = RunScript {
+            name,
+            script,
+            targets: gateways,
+            comments: &comments,
+        };
+        let refs = self.client.run_script(&request).await.map_err(|e| Failed {
+            delivery: rule::delivery(&e),
+            error: e.into(),
+        })?;
+        let ids: Vec<String> = refs.iter().map(|r| r.task_id.clone()).collect();
+        let tasks = self
+            .client
+            .wait_tasks(&ids)
+            .await
+            .map_err(Failed::maybe_sent)?;
+        Ok((refs, tasks))
+    }
+}
+
+fn answer(refs: &[TaskRef], tasks: &[Task], gateways: &[String], rules: usize) -> Answer {
+    Answer {
+        verdicts: rule::send_verdicts(refs, tasks, gateways, rules),
+        references: refs.iter().map(|r| r.task_id.clone()).collect(),
+    }
+}
+
+/// Reads a listing script's output (its sections: IPv4, then IPv6); `None` when a section is
+/// missing or its query failed (nothing is concluded from it).
+pub fn parse_listing(mode: SamMode, output: &str) -> Option<Listing> {
+    let sections = sam::split_sections(output, 2);
+    let mut text = String::new();
+    for section in sections {
+        match section {
+            Some((0, printed)) => text.push_str(&printed),
+            _ => return None,
+        }
+    }
+    Some(match mode {
+        SamMode::FwSamp => Listing::Samp(
+            sam::parse_samp_get(&text)
+                .into_iter()
+                .filter_map(|e| {
+                    let key = e.samgate_key()?;
+                    let ip = ["src_ip_addr", "dst_ip_addr"]
+                        .iter()
+                        .find_map(|f| e.fields.get(*f)?.parse().ok());
+                    Some((key, ip))
+                })
+                .collect(),
+        ),
+        SamMode::FwSam => Listing::Sam(sam::parse_sam_monitor(&text)),
+    })
+}
+
+/// The script that lists a target's rules on a gateway: IPv4, then IPv6, each followed by the
+/// outcome marker.
+pub fn listing_script(mode: SamMode, action: SamAction) -> String {
+    let queries = match mode {
+        SamMode::FwSamp => [sam::fw_samp_get(false), sam::fw_samp_get(true)],
+        SamMode::FwSam => {
+            let class = match action {
+                SamAction::Drop => "-j",
+                SamAction::Reject => "-i",
+                SamAction::Notify => "-n",
+            };
+            [
+                format!("fw sam -M {class} all"),
+                format!("fw6 sam -M {class} all"),
+            ]
+        }
+    };
+    let mut script = String::from("# samgate: reconcile\n");
+    for (i, query) in queries.iter().enumerate() {
+        script.push_str(&format!(
+            "{query}; echo \"{} {i} $?\"\n",
+            sam::OUTCOME_MARKER
+        ));
+    }
+    script
+}
+
+/// Per gateway, its listing, from a listing script's tasks; gateways whose listing could not be
+/// read are named in the errors.
+pub fn listings(
+    mode: SamMode,
+    gateways: &[String],
+    refs: &[TaskRef],
+    tasks: &[Task],
+) -> (BTreeMap<String, Listing>, Vec<String>) {
+    let outputs = rule::task_outputs(refs, tasks);
+    let mut found = BTreeMap::new();
+    let mut errors = Vec::new();
+    for gateway in gateways {
+        match outputs.get(gateway) {
+            Some(Ok(output)) => match parse_listing(mode, output) {
+                Some(listing) => {
+                    found.insert(gateway.clone(), listing);
+                }
+                None => errors.push(format!("{gateway}: the listing failed or was cut")),
+            },
+            Some(Err(why)) => errors.push(format!("{gateway}: {why}")),
+            None => errors.push(format!("{gateway}: no task")),
+        }
+    }
+    (found, errors)
+}
