@@ -737,6 +737,7 @@ fn shim_options(
         spool_dirs,
         delivery_timeout: shim.delivery_timeout,
         max_line_bytes: shim.max_line_bytes,
+        flowmon_api: shim.flowmon_api.clone(),
         kafka,
     };
     Ok((options, shim.log_file))

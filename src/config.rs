@@ -502,6 +502,43 @@ pub struct ShimConfig {
     pub max_line_bytes: usize,
     /// Also write logs to this file (appended), e.g. `/data/components/apps/log/samgate.log`.
     pub log_file: Option<PathBuf>,
+    /// Look up each ADS event's source MAC address in Flowmon's REST API before publishing
+    /// (for a FortiGate stitch's access-layer quarantine). Off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flowmon_api: Option<FlowmonApiConfig>,
+}
+
+/// Flowmon's REST API on the appliance the shim runs on (`GET /rest/ads/event/{id}` →
+/// `macAddress`). A lookup that fails or runs out of time leaves the event without a MAC: no
+/// event is ever held back or lost for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowmonApiConfig {
+    /// The appliance's own web interface.
+    #[serde(default = "default_flowmon_url")]
+    pub url: String,
+    /// A file (readable by the ADS user only) holding the REST user's name on its first line and
+    /// its password on the second. Never an ADS parameter: those show in the process list.
+    pub credentials_file: PathBuf,
+    /// Longest time one run spends on lookups (within `delivery_timeout`).
+    #[serde(default = "default_flowmon_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Lookups in flight at once.
+    #[serde(default = "default_flowmon_concurrency")]
+    pub concurrency: usize,
+    /// How the appliance's certificate is checked (its own is self-signed: pin it).
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+fn default_flowmon_url() -> String {
+    "https://localhost".into()
+}
+fn default_flowmon_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_flowmon_concurrency() -> usize {
+    4
 }
 
 impl Default for ShimConfig {
@@ -513,6 +550,7 @@ impl Default for ShimConfig {
             delivery_timeout: Duration::from_secs(10),
             max_line_bytes: 64 * 1024,
             log_file: None,
+            flowmon_api: None,
         }
     }
 }
@@ -779,7 +817,56 @@ fn validate_shim(s: &ShimConfig) -> Result<(), ConfigError> {
             "use 1024 to 262144 (an event must fit a Kafka message)",
         ));
     }
+    if let Some(api) = &s.flowmon_api {
+        validate_flowmon_api(api, s.delivery_timeout)?;
+    }
     Ok(())
+}
+
+fn validate_flowmon_api(api: &FlowmonApiConfig, delivery: Duration) -> Result<(), ConfigError> {
+    match url::Url::parse(&api.url) {
+        Ok(u) if u.scheme() == "https" && u.query().is_none() => {}
+        _ => {
+            return Err(invalid(
+                "shim.flowmon_api.url",
+                format!("{:?} is not an https:// URL", api.url),
+                "use https://localhost (the appliance's own REST API)",
+            ))
+        }
+    }
+    if api.credentials_file.as_os_str().is_empty() {
+        return Err(invalid(
+            "shim.flowmon_api.credentials_file",
+            "is empty",
+            "name a file with the REST user on its first line and the password on its second",
+        ));
+    }
+    if api.timeout.is_zero() || api.timeout >= delivery {
+        return Err(invalid(
+            "shim.flowmon_api.timeout",
+            format!(
+                "{} does not leave time to deliver (shim.delivery_timeout is {})",
+                humantime::format_duration(api.timeout),
+                humantime::format_duration(delivery)
+            ),
+            "keep it above 0 and well under shim.delivery_timeout, e.g. \"2s\"",
+        ));
+    }
+    if !(1..=64).contains(&api.concurrency) {
+        return Err(invalid(
+            "shim.flowmon_api.concurrency",
+            format!("{} is out of range", api.concurrency),
+            "use 1 to 64",
+        ));
+    }
+    validate_tls(
+        [
+            "shim.flowmon_api.tls.fingerprint_sha256",
+            "shim.flowmon_api.tls.insecure_skip_verify",
+        ],
+        &|problem| format!("Flowmon REST API: {problem}"),
+        &api.tls,
+    )
 }
 
 impl Config {
@@ -1146,7 +1233,7 @@ fn validate_device(
 /// `named` says whose it is.
 fn validate_tls(
     fields: [&'static str; 2],
-    named: impl Fn(String) -> String,
+    named: &dyn Fn(String) -> String,
     tls: &TlsConfig,
 ) -> Result<(), ConfigError> {
     if let Some(fp) = tls.normalized_fingerprint() {

@@ -346,6 +346,7 @@ async fn generate(
                 spool_dirs: vec![spool.join(site)],
                 delivery_timeout: Duration::from_secs(5),
                 max_line_bytes: config.shim.max_line_bytes,
+                flowmon_api: None,
             };
             let report = crate::shim::run(&options, std::io::Cursor::new(lines.into_bytes()))
                 .await

@@ -8,6 +8,7 @@
 //! - [`pipeline`]: `samgate run`: consume → decode → decide → batch → enforce (send, verify) → report.
 //! - [`metrics`]: the one catalogue of Prometheus metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`shim`]: `samgate shim`, stdin → spool → Kafka, run by ADS as a custom script.
+//! - [`flowmon_api`]: the shim's look-up of source MAC addresses in Flowmon's REST API.
 //! - [`spool`]: the shim's durable local spool (segments, lock, settle).
 //! - [`kafka`]: client configuration and topic set-up shared by every subcommand.
 //! - [`enforcer`]: the one interface the pipeline enforces through, whatever the firewall.
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod enforcer;
 pub mod event;
 pub mod flowmon;
+pub mod flowmon_api;
 pub mod fortigate;
 pub mod http;
 pub mod kafka;

@@ -5,7 +5,7 @@
 //! A broken configuration, a dead broker or a full disk therefore never costs an ADS run: what
 //! Kafka did not acknowledge stays spooled for the next run.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::collections::VecDeque;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -17,8 +17,9 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::config::KafkaConfig;
-use crate::event::{DeadLetter, DeadLetterStage, Event};
-use crate::flowmon::LineReader;
+use crate::config::FlowmonApiConfig;
+use crate::event::{DeadLetter, DeadLetterStage, Event, MacAddr};
+use crate::flowmon::{InputFormat, LineReader};
 use crate::kafka;
 use crate::spool::{self, segment_records, RawHeader, Spool, SpoolLock, SpoolRecord};
 
@@ -44,6 +45,8 @@ pub struct ShimOptions {
     pub delivery_timeout: Duration,
     /// The largest event message: longer ones are cut to fit.
     pub max_line_bytes: usize,
+    /// Look up source MACs in Flowmon's REST API (`shim.flowmon_api`).
+    pub flowmon_api: Option<FlowmonApiConfig>,
 }
 
 /// What a run did. `spooled` is what still waits in the spool when the run ends.
@@ -99,7 +102,7 @@ pub async fn deliver(
     while Instant::now() < deadline {
         let mut segments = Vec::new();
         for (spool, lock) in &held {
-            convert_raw(options, spool, lock, &mut report)?;
+            convert_raw(options, spool, lock, &mut report, deadline).await?;
             let listed = spool.segments(lock).map_err(spool_err(spool.dir()))?;
             segments.extend(listed.into_iter().filter(|s| !attempted.contains(s)));
         }
@@ -170,15 +173,27 @@ async fn lock_spools(options: &ShimOptions, deadline: Instant) -> Vec<(Spool, Sp
 }
 
 /// Converts every raw segment of `spool` into a message segment.
-fn convert_raw(
+async fn convert_raw(
     options: &ShimOptions,
     spool: &Spool,
     lock: &SpoolLock,
     report: &mut ShimReport,
+    deadline: Instant,
 ) -> Result<(), ShimError> {
     for raw in spool.raw_segments(lock).map_err(spool_err(spool.dir()))? {
+        // The input is safe in the spool already: a lookup that fails or is slow costs only
+        // the MAC addresses, within its share of the deadline.
+        let macs = match &options.flowmon_api {
+            Some(api) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let ids = ads_event_ids(&raw);
+                crate::flowmon_api::source_macs(api, &ids, crate::flowmon_api::budget(api, left))
+                    .await
+            }
+            None => HashMap::new(),
+        };
         let converted = spool.convert(lock, &raw, |header, input, writer| {
-            for record in messages(options, header, input, report) {
+            for record in messages(options, header, input, report, &macs) {
                 writer.push(&record?)?;
             }
             Ok(())
@@ -190,12 +205,48 @@ fn convert_raw(
     Ok(())
 }
 
-/// The messages of one run's input: an event per line, a dead letter per bad line.
+/// The ADS event ids of a raw segment's lines (what Flowmon's REST API knows MACs by), at most
+/// [`MAX_LOOKUPS`]; IDS events have ids of another kind and are left out.
+fn ads_event_ids(raw: &Path) -> Vec<String> {
+    let Ok(file) = std::fs::File::open(raw) else {
+        return Vec::new();
+    };
+    let mut input = std::io::BufReader::new(file);
+    let mut header = String::new();
+    if input.read_line(&mut header).is_err() {
+        return Vec::new();
+    }
+    let mut reader = LineReader::new(&mut input, READ_LINE_LIMIT);
+    let mut ids = Vec::new();
+    let mut seen = HashSet::new();
+    while let Ok(Some(line)) = reader.next_line() {
+        let Ok(Some(event)) = line.parse(READ_LINE_LIMIT) else {
+            continue;
+        };
+        let ads = !matches!(event.format, InputFormat::Ids | InputFormat::IdsJson);
+        if let Some(id) = event.event_id.filter(|_| ads) {
+            if seen.insert(id.clone()) {
+                ids.push(id);
+            }
+        }
+        if ids.len() >= MAX_LOOKUPS {
+            break;
+        }
+    }
+    ids
+}
+
+/// The most MAC lookups one raw segment gets (a storm of distinct events gets its first ones).
+const MAX_LOOKUPS: usize = 1000;
+
+/// The messages of one run's input: an event per line (with its source's MAC when `macs` knows
+/// its ADS event id), a dead letter per bad line.
 fn messages<'a>(
     options: &'a ShimOptions,
     header: &'a RawHeader,
     input: &'a mut dyn BufRead,
     report: &'a mut ShimReport,
+    macs: &'a HashMap<String, MacAddr>,
 ) -> impl Iterator<Item = std::io::Result<SpoolRecord>> + 'a {
     let site = header.site.clone().unwrap_or_else(|| options.site.clone());
     let events_topic = header
@@ -218,7 +269,8 @@ fn messages<'a>(
             let Some(parsed) = parsed else {
                 return Ok(None);
             };
-            let event = Event::new(&site, &header.collector, header.received_at, &line, parsed);
+            let mut event = Event::new(&site, &header.collector, header.received_at, &line, parsed);
+            event.source_mac = (event.flowmon.event_id.as_ref()).and_then(|id| macs.get(id).copied());
             event.fit(options.max_line_bytes).map(Some)
         });
         let record = match parsed {
@@ -359,7 +411,9 @@ impl<'a> Delivery<'a> {
         report: &mut ShimReport,
     ) -> Result<(), ShimError> {
         let mut input: &[u8] = bytes;
-        let records: Vec<SpoolRecord> = messages(self.options, header, &mut input, report)
+        // Input only memory holds gets no MAC lookups: its time goes to delivering it.
+        let none = HashMap::new();
+        let records: Vec<SpoolRecord> = messages(self.options, header, &mut input, report, &none)
             .collect::<std::io::Result<_>>()
             .expect("reading memory cannot fail");
         let lost = if self.ready(report).await? {
@@ -573,6 +627,7 @@ mod tests {
             spool_dirs: vec![spool.to_owned()],
             delivery_timeout: Duration::from_secs(2),
             max_line_bytes: 4096,
+            flowmon_api: None,
         }
     }
 

@@ -643,7 +643,6 @@ impl ManagementClient {
 
 /// `message`, plus the texts of `errors` / `blocking-errors` / `warnings` when present (they may
 /// be objects with `message` or plain strings).
-
 fn error_message(error: &Map<String, Value>) -> String {
     let mut message = error
         .get("message")

@@ -71,8 +71,7 @@ impl Enforcer for FortiGateEnforcer {
                     by_expiry.entry(expiry(rule)).or_default().push(i);
                 }
                 let mut verdicts = vec![Vec::new(); rules.len()];
-                let mut calls = 0;
-                for (expiry, members) in by_expiry {
+                for (calls, (expiry, members)) in by_expiry.into_iter().enumerate() {
                     let ips: Vec<IpAddr> = members.iter().map(|&i| address(rules[i])).collect();
                     let verdict = match self.client.ban(&ips, expiry).await {
                         Ok(()) => Sent::Confirmed,
@@ -81,7 +80,6 @@ impl Enforcer for FortiGateEnforcer {
                         Err(e) if calls == 0 => return Err(failed(e)),
                         Err(e) => verdict_of_failure(&e),
                     };
-                    calls += 1;
                     for i in members {
                         verdicts[i] = per_gateway(gateways, &verdict);
                     }
@@ -115,7 +113,7 @@ impl Enforcer for FortiGateEnforcer {
             .banned()
             .await
             // A question changes nothing: whatever became of it, it is asked again.
-            .map_err(|e| Failed::not_sent(e))?;
+            .map_err(Failed::not_sent)?;
         let verdicts = rules
             .iter()
             .map(|rule| {
