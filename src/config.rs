@@ -1523,6 +1523,69 @@ mod tests {
     }
 
     #[test]
+    fn fortigate_targets_and_devices_name_each_wrong_field() {
+        let cp = "[checkpoint.servers.hq]\nurl = \"https://192.0.2.1\"\napi_key = \"k\"\n";
+        let fg = "[fortigate.devices.fg]\nurl = \"https://192.0.2.2\"\ntoken = \"t\"\n";
+        let ok = format!("{cp}{fg}[targets.b]\nkind = \"fortigate\"\ndevice = \"fg\"\n[targets.w]\nkind = \"fortigate\"\ndevice = \"fg\"\nmode = \"webhook\"\nstitch = \"Flowmon ADS\"\n[targets.c]\nserver = \"hq\"\ngateways = [\"gw\"]\n[sites.s]\ntargets = [\"b\", \"c\", \"w\"]\n");
+        Config::from_toml(&ok).unwrap().validate().unwrap();
+        let target = |body: &str| format!("{cp}{fg}[targets.t]\n{body}\n");
+        let cases: Vec<(String, &str)> = vec![
+            (target("kind = \"fortigate\""), "targets.device"),
+            (target("kind = \"fortigate\"\ndevice = \"nope\""), "targets.device"),
+            (target("kind = \"fortigate\"\ndevice = \"fg\"\nserver = \"hq\""), "targets.server"),
+            (target("kind = \"fortigate\"\ndevice = \"fg\"\ngateways = [\"gw\"]"), "targets.gateways"),
+            (target("kind = \"fortigate\"\ndevice = \"fg\"\naction = \"reject\""), "targets.action"),
+            (target("kind = \"fortigate\"\ndevice = \"fg\"\nlog = \"alert\""), "targets.log"),
+            (target("kind = \"fortigate\"\ndevice = \"fg\"\ncriteria = \"any\""), "targets.criteria"),
+            (target("kind = \"fortigate\"\ndevice = \"fg\"\nclose_connections = true"), "targets.close_connections"),
+            (target("kind = \"fortigate\"\ndevice = \"fg\"\nmode = \"fw_samp\""), "targets.mode"),
+            (target("kind = \"fortigate\"\ndevice = \"fg\"\nmode = \"webhook\""), "targets.stitch"),
+            (target("kind = \"fortigate\"\ndevice = \"fg\"\nmode = \"webhook\"\nstitch = \"a;b\""), "targets.stitch"),
+            (target("kind = \"fortigate\"\ndevice = \"fg\"\nstitch = \"s\""), "targets.stitch"),
+            (target("gateways = [\"gw\"]"), "targets.server"),
+            (target("server = \"hq\"\ngateways = [\"gw\"]\ndevice = \"fg\""), "targets.device"),
+            (target("server = \"hq\"\ngateways = [\"gw\"]\nmode = \"banned_ip\""), "targets.mode"),
+            (target("server = \"hq\""), "targets.gateways"),
+            (format!("{fg}[fortigate.devices.b]\nurl = \"https://x/?access_token=abc\"\ntoken = \"t\""), "fortigate.devices.url"),
+            (format!("[fortigate.devices.b]\nurl = \"http://x\"\ntoken = \"t\""), "fortigate.devices.url"),
+            (format!("[fortigate.devices.b]\nurl = \"https://x/api/v2\"\ntoken = \"t\""), "fortigate.devices.url"),
+            (format!("[fortigate.devices.b]\nurl = \"https://x\""), "fortigate.devices.token"),
+            (format!("[fortigate.devices.b]\nurl = \"https://x\"\ntoken = \"t\"\nvdom = \"a b\""), "fortigate.devices.vdom"),
+            (format!("[fortigate.devices.b]\nurl = \"https://x\"\ntoken = \"t\"\nrequest_timeout = \"0s\""), "fortigate.devices.request_timeout"),
+            (format!("[fortigate.devices.b]\nurl = \"https://x\"\ntoken = \"t\"\n[fortigate.devices.b.tls]\nfingerprint_sha256 = \"AB\""), "fortigate.devices.tls.fingerprint_sha256"),
+            (format!("{cp}[fortigate.devices.hq]\nurl = \"https://x\"\ntoken = \"t\""), "fortigate.devices"),
+            ("[shim.flowmon_api]\nurl = \"http://localhost\"\ncredentials_file = \"/c\"".into(), "shim.flowmon_api.url"),
+            ("[shim.flowmon_api]\ncredentials_file = \"\"".into(), "shim.flowmon_api.credentials_file"),
+            ("[shim.flowmon_api]\ncredentials_file = \"/c\"\ntimeout = \"20s\"".into(), "shim.flowmon_api.timeout"),
+            ("[shim.flowmon_api]\ncredentials_file = \"/c\"\nconcurrency = 0".into(), "shim.flowmon_api.concurrency"),
+        ];
+        for (toml, field) in cases {
+            let err = Config::from_toml(&toml).unwrap().validate().unwrap_err();
+            let text = err.to_string();
+            assert_eq!(field_of(err), field, "{toml}\n{text}");
+            assert!(text.contains(field), "{text}");
+        }
+        // An operator's copy of the file may leave the token out.
+        let no_token = format!("{cp}[fortigate.devices.fg]\nurl = \"https://192.0.2.2\"\n");
+        let config = Config::from_toml(&no_token).unwrap();
+        config.clone().validate_for_operator().unwrap();
+        assert_eq!(
+            field_of(config.validate().unwrap_err()),
+            "fortigate.devices.token"
+        );
+    }
+
+    #[test]
+    fn a_fortigate_token_is_read_from_the_environment_as_text_and_never_printed() {
+        assert!(is_secret_key("FORTIGATE__DEVICES__FG__TOKEN"));
+        let config = Config::from_toml(
+            "[fortigate.devices.fg]\nurl = \"https://192.0.2.2\"\ntoken = \"Sup3rSecretToken\"\n",
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("Sup3rSecretToken"));
+    }
+
+    #[test]
     fn a_management_server_validates_and_its_secrets_never_print() {
         let c = Config::from_toml(
             "[checkpoint.servers.hq]\nurl = \"https://mgmt.example.net\"\nuser = \"samgate\"\npassword = \"hunter2\"\n[checkpoint.servers.hq.tls]\nfingerprint_sha256 = \"ab:CD:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89:ab:cd:ef:01:23:45:67:89\"\n",

@@ -111,7 +111,11 @@ async fn lookups(
     Ok(found)
 }
 
-async fn token(http: &reqwest::Client, base: &str, credentials: &Credentials) -> Result<Secret, String> {
+async fn token(
+    http: &reqwest::Client,
+    base: &str,
+    credentials: &Credentials,
+) -> Result<Secret, String> {
     let form = [
         ("grant_type", "password"),
         ("client_id", "invea-tech"),

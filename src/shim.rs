@@ -5,8 +5,8 @@
 //! A broken configuration, a dead broker or a full disk therefore never costs an ADS run: what
 //! Kafka did not acknowledge stays spooled for the next run.
 
-use std::collections::{HashMap, HashSet};
 use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,8 +16,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::config::KafkaConfig;
 use crate::config::FlowmonApiConfig;
+use crate::config::KafkaConfig;
 use crate::event::{DeadLetter, DeadLetterStage, Event, MacAddr};
 use crate::flowmon::{InputFormat, LineReader};
 use crate::kafka;
@@ -270,7 +270,8 @@ fn messages<'a>(
                 return Ok(None);
             };
             let mut event = Event::new(&site, &header.collector, header.received_at, &line, parsed);
-            event.source_mac = (event.flowmon.event_id.as_ref()).and_then(|id| macs.get(id).copied());
+            event.source_mac =
+                (event.flowmon.event_id.as_ref()).and_then(|id| macs.get(id).copied());
             event.fit(options.max_line_bytes).map(Some)
         });
         let record = match parsed {
