@@ -1,9 +1,11 @@
 //! `scripts/bench pipeline`: a detection storm through the real broker, the real shim and the
-//! pipeline into the Check Point simulator with realistic API latency. Prints figures; asserts
-//! nothing about time.
+//! pipeline into the Check Point simulator with realistic API latency (or, with
+//! `BENCH_FIREWALL=fortigate`, into the FortiGate simulator's banned-IP list: `scripts/bench
+//! pipeline --fortigate`). Prints figures; asserts nothing about time.
 //!
 //! Usage: bench_pipeline BROKERS SAMGATE_BINARY [EVENTS] [SOURCES] [SITES] [LATENCY_MS] [TASK_MS]
 //!        [BATCH_MAX_RULES] [SERVER_CONCURRENCY]
+//! (TASK_MS applies to Check Point only: a FortiGate call has no task.)
 //! `BENCH_TIMELINE=1` prints each result's arrival time and outcome to stderr.
 
 use std::collections::BTreeSet;
@@ -109,6 +111,15 @@ async fn main() -> anyhow::Result<()> {
     let sites: usize = arg(&args, 5, 3);
     let latency_ms: u64 = arg(&args, 6, 20);
     let task_ms: u64 = arg(&args, 7, 1000);
+    let fortigate = std::env::var("BENCH_FIREWALL").is_ok_and(|f| f == "fortigate");
+    let fg = samgate_sim::fortigate::start(samgate_sim::fortigate::FortiGateConfig {
+        faults: samgate_sim::fortigate::Faults {
+            latency_ms,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await?;
 
     let sim = simulator::start(SimulatorConfig {
         task_duration: Duration::from_millis(task_ms),
@@ -186,15 +197,22 @@ async fn main() -> anyhow::Result<()> {
         run_extra.push_str(&format!("server_concurrency = {concurrency}\n"));
     }
     let mut toml = format!(
-        "[kafka]\nbrokers = \"{brokers}\"\n[kafka.topics]\nevents = \"{events_topic}\"\nresults = \"{results_topic}\"\ndlq = \"{}\"\nstate = \"{}\"\n[run]\ngroup_id = \"bench-{tag}\"\nhttp_listen = \"127.0.0.1:0\"\n{run_extra}[checkpoint.servers.hq]\nurl = \"{}\"\nuser = \"admin\"\npassword = \"admin123\"\n[checkpoint.servers.hq.tls]\nfingerprint_sha256 = \"{}\"\n",
+        "[kafka]\nbrokers = \"{brokers}\"\n[kafka.topics]\nevents = \"{events_topic}\"\nresults = \"{results_topic}\"\ndlq = \"{}\"\nstate = \"{}\"\n[run]\ngroup_id = \"bench-{tag}\"\nhttp_listen = \"127.0.0.1:0\"\n{run_extra}[checkpoint.servers.hq]\nurl = \"{}\"\nuser = \"admin\"\npassword = \"admin123\"\n[checkpoint.servers.hq.tls]\nfingerprint_sha256 = \"{}\"\n[fortigate.devices.fg]\nurl = \"{}\"\ntoken = \"{}\"\n[fortigate.devices.fg.tls]\nfingerprint_sha256 = \"{}\"\n",
         topic("dlq"),
         topic("state"),
         sim.url,
-        sim.fingerprint.as_deref().unwrap()
+        sim.fingerprint.as_deref().unwrap(),
+        fg.url,
+        fg.token,
+        fg.fingerprint.as_deref().unwrap(),
     );
+    let target = match fortigate {
+        true => "kind = \"fortigate\"\ndevice = \"fg\"",
+        false => "server = \"hq\"\ngateways = [\"gw-1\"]",
+    };
     for s in 0..sites {
         toml.push_str(&format!(
-            "[targets.t{s}]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.site{s}]\ntargets = [\"t{s}\"]\n"
+            "[targets.t{s}]\n{target}\n[sites.site{s}]\ntargets = [\"t{s}\"]\n"
         ));
     }
     Config::from_toml(&toml)?.validate()?; // fail here, not in the child, on a bad setting
@@ -250,10 +268,14 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(pipeline.wait()?.success(), "samgate run failed");
 
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let state_url = match fortigate {
+        true => &fg.url,
+        false => &sim.url,
+    };
     let state: serde_json::Value = reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
         .build()?
-        .get(format!("{}/sim/state", sim.url))
+        .get(format!("{state_url}/sim/state"))
         .send()
         .await?
         .json()
@@ -265,20 +287,26 @@ async fn main() -> anyhow::Result<()> {
         .map(|v| v.as_u64().unwrap_or(0))
         .sum();
     let blocks_per_s = blocked as f64 / decided_seconds;
+    let firewall = match fortigate {
+        true => "FortiGate banned-IP list".to_owned(),
+        false => format!("Check Point, task {task_ms} ms"),
+    };
     println!(
-        "pipeline: {events} events ({sources} sources x {sites} sites) fed in {feed_seconds:.1} s; results for {} events in {decided_seconds:.1} s (first after {first_result_s:.1} s; samgate run used {cpu_s:.1} s of CPU); {blocked} blocked; API latency {latency_ms} ms, task {task_ms} ms",
+        "pipeline: {events} events ({sources} sources x {sites} sites) fed in {feed_seconds:.1} s; results for {} events in {decided_seconds:.1} s (first after {first_result_s:.1} s; samgate run used {cpu_s:.1} s of CPU); {blocked} blocked; {firewall}, API latency {latency_ms} ms",
         answered.len()
     );
     println!("api calls: {:?}", state["calls"]);
     println!(
-        "events_per_s={:.0} raw_consume_per_s={raw_consume_per_s:.0} blocks_per_s={blocks_per_s:.0} api_calls_per_blocked_ip={:.4} logins={} p50_ms={:.0} p99_ms={:.0} rss_mib={:.1}",
+        "firewall={} events_per_s={:.0} raw_consume_per_s={raw_consume_per_s:.0} blocks_per_s={blocks_per_s:.0} api_calls_per_blocked_ip={:.4} logins={} p50_ms={:.0} p99_ms={:.0} rss_mib={:.1}",
+        if fortigate { "fortigate" } else { "checkpoint" },
         events as f64 / decided_seconds,
         api_calls as f64 / blocked.max(1) as f64,
-        state["logins"],
+        state["logins"].as_u64().unwrap_or(0),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
         rss_mib
     );
     sim.stop().await;
+    fg.stop().await;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! `samgate demo`: the whole of samgate on one machine with nothing installed. librdkafka's
-//! in-process mock cluster stands in for Kafka, the [simulator](crate::simulator) for Check Point,
-//! and a generator writes realistic ADS lines for two sites (scanners and brute-forcers that come
+//! in-process mock cluster stands in for Kafka, the `samgate-sim` simulators for Check Point and
+//! a FortiGate, and a generator writes realistic ADS lines for three sites (scanners and brute-forcers that come
 //! back, a DOS victim, a low-priority event, a protected server, an IPv6 source). The lines go
 //! through the real shim ([`crate::shim::run`]) into the real pipeline ([`crate::pipeline::run`]);
 //! the demo prints every result as it arrives and a summary at the end. After the second round an
@@ -36,8 +36,9 @@ pub struct DemoOptions {
     pub interval: Duration,
 }
 
-/// The demo's configuration: two sites, each routed to its own gateways on one management server.
-/// `{brokers}`, `{listen}`, `{url}` and `{fingerprint}` are filled in at start.
+/// The demo's configuration: two sites routed to their own gateways on one Check Point management
+/// server, and a branch office behind a FortiGate. `{brokers}`, `{listen}`, `{url}`,
+/// `{fingerprint}`, `{fg_url}`, `{fg_token}` and `{fg_fingerprint}` are filled in at start.
 const CONFIG: &str = r#"
 [kafka]
 brokers = "{brokers}"
@@ -54,6 +55,12 @@ user = "admin"
 password = "admin123"
 [checkpoint.servers.hq.tls]
 fingerprint_sha256 = "{fingerprint}"
+
+[fortigate.devices.ostrava]
+url = "{fg_url}"
+token = "{fg_token}"
+[fortigate.devices.ostrava.tls]
+fingerprint_sha256 = "{fg_fingerprint}"
 
 [sites.prague]
 targets = ["prague-edge"]
@@ -72,6 +79,14 @@ mode = "fw_samp"
 server = "hq"
 gateways = ["brno-gw-1", "brno-gw-2"]
 mode = "fw_sam"
+
+[sites.ostrava]
+targets = ["ostrava-fg"]
+
+[targets.ostrava-fg]
+kind = "fortigate"
+device = "ostrava"
+mode = "banned_ip"
 "#;
 
 /// One ADS detection the generator repeats.
@@ -135,6 +150,14 @@ const ACTORS: &[Actor] = &[
         every: 2,
     },
     Actor {
+        site: "ostrava",
+        source: "203.0.113.77",
+        method: "BPATTERNS",
+        priority: "High",
+        detail: "botnet beacon every 60 s",
+        every: 1,
+    },
+    Actor {
         site: "brno",
         source: "10.0.5.9",
         method: "SCANS",
@@ -196,6 +219,13 @@ fn round_lines(round: u64, next_id: &mut u64) -> BTreeMap<&'static str, String> 
         "UDP scan",
         &format!("198.18.0.{n}"),
     );
+    push(
+        "ostrava",
+        "SSHDICT",
+        "High",
+        "SSH password guessing",
+        &format!("100.64.7.{n}"),
+    );
     lines
 }
 
@@ -213,9 +243,23 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
         ..SimulatorConfig::default()
     })
     .await?;
+    let fortigate = samgate_sim::fortigate::start(samgate_sim::fortigate::FortiGateConfig {
+        faults: samgate_sim::fortigate::Faults {
+            latency_ms: 20,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await?;
     let config = Config::from_toml(
         &CONFIG
             .replace("{brokers}", &brokers)
+            .replace("{fg_url}", &fortigate.url)
+            .replace("{fg_token}", &fortigate.token)
+            .replace(
+                "{fg_fingerprint}",
+                fortigate.fingerprint.as_deref().unwrap_or_default(),
+            )
             .replace("{listen}", &options.listen.to_string())
             .replace("{url}", &sim.url)
             .replace(
@@ -246,11 +290,14 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
         .await
         .context("the pipeline stopped before it listened")?;
 
-    println!("samgate demo: Flowmon ADS at two sites → Kafka (in-process) → samgate run → Check Point (simulated)");
-    println!("  sites        prague → prague-gw (fw samp) · brno → brno-gw-1, brno-gw-2 (fw sam)");
-    println!("  never block  10.10.0.0/24 at prague, the collectors, the management server");
+    println!("samgate demo: Flowmon ADS at three sites → Kafka (in-process) → samgate run → Check Point and FortiGate (simulated)");
+    println!("  sites        prague → prague-gw (fw samp) · brno → brno-gw-1, brno-gw-2 (fw sam) · ostrava → FortiGate ostrava (banned IP list)");
+    println!("  never block  10.10.0.0/24 at prague, the collectors, the management server, the FortiGate");
     println!("  metrics      http://{metrics_addr}/metrics");
-    println!("  simulator    {} (admin / admin123)", sim.url);
+    println!(
+        "  simulators   Check Point {} (admin / admin123) · FortiGate {}",
+        sim.url, fortigate.url
+    );
     println!(
         "  stop         {}",
         match options.duration {
@@ -311,8 +358,9 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
     }
     pipeline_cancel.cancel();
     pipeline.await.context("the pipeline panicked")??;
-    print_summary(sent, &table, &sim.state());
+    print_summary(sent, &table, &sim.state(), &fortigate.state());
     sim.stop().await;
+    fortigate.stop().await;
     drop(viewer); // every Kafka client goes before the in-process cluster does
     drop(cluster);
     Ok(())
@@ -336,21 +384,28 @@ async fn generate(
             _ = tick.tick() => {}
         }
         round += 1;
-        for (site, lines) in round_lines(round, &mut next_id) {
-            let options = ShimOptions {
-                kafka: config.kafka.clone(),
-                site: site.to_owned(),
-                collector: format!("ads-{site}"),
-                events_topic: config.kafka.topics.events.clone(),
-                dlq_topic: config.kafka.topics.dlq.clone(),
-                spool_dirs: vec![spool.join(site)],
-                delivery_timeout: Duration::from_secs(5),
-                max_line_bytes: config.shim.max_line_bytes,
-                flowmon_api: None,
-            };
-            let report = crate::shim::run(&options, std::io::Cursor::new(lines.into_bytes()))
-                .await
-                .with_context(|| format!("shim for {site}"))?;
+        // Each site's ADS runs its own shim, at the same time as the others.
+        let runs = round_lines(round, &mut next_id)
+            .into_iter()
+            .map(|(site, lines)| {
+                let options = ShimOptions {
+                    kafka: config.kafka.clone(),
+                    site: site.to_owned(),
+                    collector: format!("ads-{site}"),
+                    events_topic: config.kafka.topics.events.clone(),
+                    dlq_topic: config.kafka.topics.dlq.clone(),
+                    spool_dirs: vec![spool.join(site)],
+                    delivery_timeout: Duration::from_secs(5),
+                    max_line_bytes: config.shim.max_line_bytes,
+                    flowmon_api: None,
+                };
+                async move {
+                    crate::shim::run(&options, std::io::Cursor::new(lines.into_bytes()))
+                        .await
+                        .with_context(|| format!("shim for {site}"))
+                }
+            });
+        for report in futures_util::future::try_join_all(runs).await? {
             sent += report.events;
         }
         if round == 2 {
@@ -438,7 +493,7 @@ impl Table {
     }
 }
 
-fn print_summary(sent: u64, table: &Table, state: &Value) {
+fn print_summary(sent: u64, table: &Table, state: &Value, fortigate: &Value) {
     println!();
     println!(
         "summary: {sent} ADS events sent, {} decisions",
@@ -494,6 +549,24 @@ fn print_summary(sent: u64, table: &Table, state: &Value) {
             "    {name:<10} {} rule(s): {}",
             sources.len(),
             sources.join(", ")
+        );
+    }
+    let calls = fortigate["calls"].as_object().cloned().unwrap_or_default();
+    let detail: Vec<String> = calls.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("  FortiGate    API calls: {}", detail.join(", "));
+    for (vdom, bans) in fortigate["banned"].as_object().into_iter().flatten() {
+        let ips: Vec<String> = bans
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["ip_address"].as_str())
+            .map(|ip| format!("ban {ip}"))
+            .collect();
+        println!(
+            "    {:<10} {} rule(s): {}",
+            format!("fg/{vdom}"),
+            ips.len(),
+            ips.join(", ")
         );
     }
 }

@@ -1,11 +1,12 @@
 //! The chaos run: samgate's promises under faults, counted from the firewall's side.
 //!
 //! ADS runs go through the real `samgate shim` (tens of lines per run) into a broker of the run's
-//! own, two or three `samgate run` replicas share one consumer group, and the Check Point
-//! simulator serves HTTPS. While events flow, the run injects at seeded random moments: SIGKILLs
+//! own, two or three `samgate run` replicas share one consumer group, and the Check Point and
+//! FortiGate simulators serve HTTPS (Brno routes to a Check Point gateway and a FortiGate). While events flow, the run injects at seeded random moments: SIGKILLs
 //! of replicas (each restarted a moment later), SIGTERMs, one broker restart, and firewall faults
 //! (HTTP 500, HTML 502, expired sessions, slow tasks, a task that never ends, and lost answers:
-//! a `run-script` carried out whose answer never arrives). Then it drains and counts:
+//! a `run-script` carried out whose answer never arrives; on the FortiGate: 429, 500, lost
+//! answers and a reboot that empties its banned list). Then it drains and counts:
 //!
 //! - `results_missing`: valid ADS events without a result;
 //! - `duplicate_rule_sends`: rule adds a gateway received for a source it already blocked;
@@ -43,6 +44,7 @@ use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use samgate_sim::checkpoint::{self as simulator, FaultsUpdate, RunningSimulator, SimulatorConfig};
+use samgate_sim::fortigate::{self, FortiGateConfig, RunningFortiGate};
 use serde_json::Value;
 
 /// What a run does; `--full` is `scripts/chaos`'s default, the rest the test suite's.
@@ -335,14 +337,22 @@ enum Fault {
     ShowTaskErrors,
     /// A gateway loses every rule (a reinstall): reconcile must bring them back.
     WipeGateway,
+    /// The FortiGate answers 429 (rate limited) to its next calls.
+    FortiRateLimit,
+    /// The FortiGate answers 500 to its next calls.
+    Forti500,
+    /// The FortiGate carries out its next call and loses the answer.
+    FortiLostAnswer,
+    /// The FortiGate reboots: its banned list is gone (banned-ip-persistency disabled).
+    FortiReboot,
     /// The i-th operator command goes onto the events topic.
     Operator(usize),
 }
 
 /// The operator commands of the run: manual blocks of addresses no ADS event names (some
 /// unblocked later, some with an exemption), exemptions of ADS sources (some ended later), and
-/// blocks of protected addresses (which must be refused). Each site routes to one target, so
-/// each command has one result.
+/// blocks of protected addresses (which must be refused). Prague routes to one target, Brno to
+/// two (a Check Point gateway and a FortiGate): a command has a result per target.
 fn operator_commands(plan: &Plan, rng: &mut StdRng) -> Vec<samgate::command::Command> {
     use samgate::command::{Action, Command};
     let mut commands = Vec::new();
@@ -403,8 +413,24 @@ fn operator_commands(plan: &Plan, rng: &mut StdRng) -> Vec<samgate::command::Com
 
 /// Each command's results: one per target (unblock with an exemption: one more).
 fn command_results_expected(c: &samgate::command::Command) -> usize {
-    1 + usize::from(c.exempt_for_s.is_some() && c.action == samgate::command::Action::Unblock)
+    use samgate::command::Action;
+    let targets = match c.action {
+        Action::Block | Action::Unblock => site_targets(&c.site),
+        _ => 1,
+    };
+    targets + usize::from(c.exempt_for_s.is_some() && c.action == Action::Unblock)
 }
+
+/// How many targets a site routes to (as `replica_config` says).
+fn site_targets(site: &str) -> usize {
+    match site {
+        "brno" => 2,
+        _ => 1,
+    }
+}
+
+/// The FortiGate's name, which results give as its "gateway".
+const FORTIGATE: &str = "fg-brno";
 
 fn schedule(plan: &Plan, rng: &mut StdRng) -> Vec<(Duration, Fault)> {
     let span = plan.feed.as_secs_f64();
@@ -413,6 +439,7 @@ fn schedule(plan: &Plan, rng: &mut StdRng) -> Vec<(Duration, Fault)> {
     };
     let mut plan_faults = Vec::new();
     plan_faults.push((at(rng, 0.4, 0.6), Fault::WipeGateway));
+    plan_faults.push((at(rng, 0.3, 0.7), Fault::FortiReboot));
     // Commands in their own order (an unblock after its block), spread over the feed.
     let mut times: Vec<Duration> = (0..plan.commands).map(|_| at(rng, 0.02, 0.95)).collect();
     times.sort();
@@ -440,8 +467,11 @@ fn schedule(plan: &Plan, rng: &mut StdRng) -> Vec<(Duration, Fault)> {
         Fault::SlowTasks,
         Fault::StuckTask,
         Fault::LostAnswer,
+        Fault::FortiRateLimit,
         Fault::LostAnswer,
+        Fault::Forti500,
         Fault::ShowTaskErrors,
+        Fault::FortiLostAnswer,
     ];
     for round in 0..plan.fault_rounds {
         let fault = firewall[round % firewall.len()];
@@ -532,6 +562,7 @@ fn replica_config(
     topics: &Topics,
     group: &str,
     sim: &RunningSimulator,
+    fg: &RunningFortiGate,
     user: &str,
     password: &str,
 ) -> PathBuf {
@@ -566,6 +597,15 @@ request_timeout = "5s"
 task_timeout = "5s"
 [checkpoint.servers.hq.tls]
 fingerprint_sha256 = "{fp}"
+[fortigate.devices.{FORTIGATE}]
+url = "{fg_url}"
+token = "{fg_token}"
+request_timeout = "5s"
+[fortigate.devices.{FORTIGATE}.tls]
+fingerprint_sha256 = "{fg_fp}"
+[targets.brno-fg]
+kind = "fortigate"
+device = "{FORTIGATE}"
 [targets.edge]
 server = "hq"
 gateways = ["gw-1", "gw-2"]
@@ -578,7 +618,7 @@ mode = "fw_samp"
 targets = ["edge"]
 never_block = ["{PRAGUE_NEVER}"]
 [sites.brno]
-targets = ["branch"]
+targets = ["branch", "brno-fg"]
 collectors = ["{BRNO_COLLECTOR}"]
 "#,
         events = topics.events,
@@ -587,6 +627,9 @@ collectors = ["{BRNO_COLLECTOR}"]
         state = topics.state,
         url = sim.url,
         fp = sim.fingerprint.as_deref().unwrap(),
+        fg_url = fg.url,
+        fg_token = fg.token,
+        fg_fp = fg.fingerprint.as_deref().unwrap(),
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
@@ -713,6 +756,12 @@ async fn chaos(plan: Plan) -> Summary {
     })
     .await
     .unwrap();
+    let fg = fortigate::start(FortiGateConfig {
+        token: format!("fg-{}-{}", plan.seed, common::unique("token")),
+        ..FortiGateConfig::default()
+    })
+    .await
+    .unwrap();
     let topics = Topics {
         events: "chaos.events".into(),
         results: "chaos.results".into(),
@@ -732,6 +781,7 @@ async fn chaos(plan: Plan) -> Summary {
                 &topics,
                 group,
                 &sim,
+                &fg,
                 user,
                 password,
             ),
@@ -846,6 +896,25 @@ async fn chaos(plan: Plan) -> Summary {
                 wipe_gateway: Some("gw-2".into()),
                 ..Default::default()
             }),
+            Fault::FortiRateLimit => {
+                fg.set_faults(fortigate::FaultsUpdate {
+                    http_429_next: Some(1),
+                    ..Default::default()
+                });
+            }
+            Fault::Forti500 => {
+                fg.set_faults(fortigate::FaultsUpdate {
+                    http_500_next: Some(2),
+                    ..Default::default()
+                });
+            }
+            Fault::FortiLostAnswer => {
+                fg.set_faults(fortigate::FaultsUpdate {
+                    lost_answers_next: Some(1),
+                    ..Default::default()
+                });
+            }
+            Fault::FortiReboot => fg.reboot(),
             Fault::Operator(i) => {
                 use rdkafka::producer::{BaseRecord, Producer};
                 let c = &commands[i];
@@ -875,6 +944,10 @@ async fn chaos(plan: Plan) -> Summary {
         r.start();
     }
     sim.set_faults(FaultsUpdate {
+        clear: true,
+        ..Default::default()
+    });
+    fg.set_faults(fortigate::FaultsUpdate {
         clear: true,
         ..Default::default()
     });
@@ -1019,7 +1092,7 @@ async fn chaos(plan: Plan) -> Summary {
             GLOBAL_NEVER.parse().unwrap(),
             "127.0.0.0/8".parse().unwrap(),
         ];
-        if gateway == "gw-3" {
+        if gateway == "gw-3" || gateway == FORTIGATE {
             nets.push(format!("{BRNO_COLLECTOR}/32").parse().unwrap());
         } else {
             nets.push(PRAGUE_NEVER.parse().unwrap());
@@ -1053,9 +1126,33 @@ async fn chaos(plan: Plan) -> Summary {
         }
     }
 
+    // The FortiGate's bans, as its "gateway" received them.
+    for add in fg.history() {
+        if add.while_banned {
+            summary.duplicate_rule_sends += 1;
+            if shown < 5 {
+                shown += 1;
+                eprintln!(
+                    "EVIDENCE duplicate_rule_sends: {FORTIGATE} got {} for {} at {} while it was banned",
+                    add.via, add.ip, add.at_ms
+                );
+                logs.about(add.ip);
+            }
+        }
+        if protected(FORTIGATE).iter().any(|n| n.contains(&add.ip)) {
+            summary.never_block_rules += 1;
+            eprintln!(
+                "EVIDENCE never_block_rules: {FORTIGATE} banned protected {}",
+                add.ip
+            );
+            logs.about(add.ip);
+        }
+    }
+
     // lost_blocks: every source whose latest result at a gateway is `blocked` (not a later
     // `unblocked`) is blocked there
-    let blocked_now = sim.blocked_sources();
+    let mut blocked_now = sim.blocked_sources();
+    blocked_now.insert(FORTIGATE.to_owned(), fg.banned("root"));
     let mut latest: BTreeMap<(String, IpAddr), (String, bool)> = BTreeMap::new();
     for r in results
         .iter()
@@ -1087,6 +1184,7 @@ async fn chaos(plan: Plan) -> Summary {
     // secrets_in_logs
     let mut secrets: Vec<String> = passwords.iter().map(|(_, p)| p.clone()).collect();
     secrets.push(sim.api_key.clone());
+    secrets.push(fg.token.clone());
     secrets.extend(sim.issued_session_ids());
     let dead_letters: Vec<Value> = std::mem::take(&mut *dead_letters.lock().unwrap());
     let messages = [("results", &results), ("dead letters", &dead_letters)].map(|(name, topic)| {
@@ -1113,6 +1211,7 @@ async fn chaos(plan: Plan) -> Summary {
     }
     drop(broker);
     sim.stop().await;
+    fg.stop().await;
     summary
 }
 
