@@ -415,7 +415,7 @@ fn operator_commands(plan: &Plan, rng: &mut StdRng) -> Vec<samgate::command::Com
 fn command_results_expected(c: &samgate::command::Command) -> usize {
     use samgate::command::Action;
     let targets = match c.action {
-        Action::Block | Action::Unblock => site_targets(&c.site),
+        Action::Block | Action::Unblock => site_targets(c.site.as_deref().unwrap_or("")),
         _ => 1,
     };
     targets + usize::from(c.exempt_for_s.is_some() && c.action == Action::Unblock)

@@ -750,3 +750,67 @@ fn the_images_build_stage_has_what_the_binary_needs() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn the_chart_renders_fortigate_targets_with_their_tokens_from_the_secret() {
+    // helm/samgate/ci/fortigate-values.yaml over the defaults: a site on Check Point and a
+    // FortiGate's banned list, another on a FortiGate stitch.
+    let overlay: Value =
+        serde_json::to_value(yaml("helm/samgate/ci/fortigate-values.yaml")).unwrap();
+    let objects = render_chart(overlay, &[]).unwrap();
+    let configmap = object(&objects, "ConfigMap", "samgate");
+    let text = configmap["data"]["samgate.json"].as_str().unwrap();
+    let config: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(config["targets"]["brno-stitch"]["mode"], "webhook");
+    assert_eq!(
+        config["sites"]["prague"]["targets"],
+        serde_json::json!(["prague-edge", "prague-fg"])
+    );
+    // The tokens are in the Secret, never in the ConfigMap; samgate accepts the pair.
+    let secret = object(&objects, "Secret", "samgate");
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (name, value) in secret["stringData"].as_mapping().unwrap() {
+        let (name, value) = (name.as_str().unwrap(), value.as_str().unwrap());
+        if name.starts_with("SAMGATE_FORTIGATE__DEVICES__") {
+            assert!(!text.contains(value), "{name}'s value is in the ConfigMap");
+        }
+        env.push((name.to_owned(), value.to_owned()));
+    }
+    assert!(env
+        .iter()
+        .any(|(n, _)| n == "SAMGATE_FORTIGATE__DEVICES__FG_BRNO__TOKEN"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("samgate.json");
+    std::fs::write(&file, text).unwrap();
+    check_config(&file, &env);
+
+    // The schema refuses what samgate would refuse, before anything is deployed.
+    let device = serde_json::json!({"url": "https://fgt.example.net"});
+    for (values, field) in [
+        (
+            serde_json::json!({"config": {"fortigate": {"devices": {"fg": {"url": "https://fgt.example.net", "token": "t"}}}}}),
+            "token",
+        ),
+        (
+            serde_json::json!({"config": {"fortigate": {"devices": {"fg": {"url": "https://fgt.example.net/?access_token=t"}}}}}),
+            "url",
+        ),
+        (
+            serde_json::json!({"config": {"fortigate": {"devices": {"fg-1": device}}}}),
+            "fg-1",
+        ),
+        (
+            serde_json::json!({"config": {"fortigate": {"devices": {"fg": device}},
+            "targets": {"w": {"kind": "fortigate", "device": "fg", "mode": "webhook"}}}}),
+            "stitch",
+        ),
+        (
+            serde_json::json!({"config": {"fortigate": {"devices": {"fg": device}},
+            "targets": {"w": {"kind": "fortigate", "device": "fg", "mode": "fw_samp"}}}}),
+            "mode",
+        ),
+    ] {
+        let refused = render_chart(values.clone(), &[]).unwrap_err();
+        assert!(refused.contains(field), "{values}: {refused}");
+    }
+}
