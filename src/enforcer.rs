@@ -149,9 +149,6 @@ pub trait Enforcer: Send + Sync {
     /// whole is named in the second part, and nothing is concluded about it.
     async fn list(&self, gateways: &[String]) -> Result<Listings, BackendError>;
 
-    /// Whether rules it lists carry samgate's tag (so rules no block explains are orphans).
-    fn finds_orphans(&self) -> bool;
-
     /// The most rules one call can carry, when the firewall bounds it (the batcher fills batches
     /// up to the smaller of this and `run.batch_max_rules`).
     fn max_batch(&self) -> Option<usize> {

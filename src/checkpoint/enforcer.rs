@@ -136,11 +136,6 @@ impl Enforcer for CheckPointEnforcer {
             .map_err(|f| f.error)?;
         Ok(listings(self.mode, gateways, &refs, &tasks))
     }
-
-    fn finds_orphans(&self) -> bool {
-        // `fw sam -M` lines carry no tag: samgate cannot tell its rules from others there.
-        self.mode == SamMode::FwSamp
-    }
 }
 
 impl CheckPointEnforcer {

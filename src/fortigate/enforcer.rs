@@ -155,11 +155,6 @@ impl Enforcer for FortiGateEnforcer {
         ))
     }
 
-    fn finds_orphans(&self) -> bool {
-        // Bans carry no tag: samgate's cannot be told from an administrator's or the IPS's.
-        false
-    }
-
     fn max_batch(&self) -> Option<usize> {
         match self.mode {
             // A stitch takes one address per call: each is its own batch, paced and capped like

@@ -753,6 +753,43 @@ mod tests {
     }
 
     #[test]
+    fn a_fortigate_that_lost_its_bans_has_them_missing_and_no_orphans() {
+        let config = Config::from_toml(
+            r#"
+            [fortigate.devices.fg]
+            url = "https://192.0.2.251"
+            token = "t"
+            [targets.branch]
+            kind = "fortigate"
+            device = "fg"
+            [sites.s]
+            targets = ["branch"]
+            "#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let t = Policy::new(&config, &[]).target("branch").unwrap().clone();
+        assert_eq!(t.gateways, vec!["fg".to_string()]);
+        let kept = ended(&t, "198.51.100.1");
+        let lost = ended(&t, "2001:db8::2");
+        let expected = vec![kept.clone(), lost.clone()];
+        // After a reboot, the list holds one of them and a ban someone else made.
+        let listings = BTreeMap::from([(
+            "fg".to_string(),
+            Listing::Banned(vec![
+                "198.51.100.1".parse().unwrap(),
+                "203.0.113.9".parse().unwrap(),
+            ]),
+        )]);
+        let drift = compare(&t, &expected, &listings, |_, _| true);
+        assert_eq!(drift.missing.len(), 1);
+        assert_eq!(drift.missing[0].0.key, lost.key);
+        assert_eq!(drift.missing[0].1, vec!["fg".to_string()]);
+        assert!(drift.orphans.is_empty(), "bans carry no tag");
+    }
+
+    #[test]
     fn a_listing_is_only_believed_whole() {
         let ok = "operation=add uid=<5ac3965f,00000000,3403a8c0,0000264a> comment=samgate:00112233445566778899aabbccddeeff src_ip_addr=192.0.2.1 req_tpe=ip\nsamgate-rule 0 0\nsamgate-rule 1 0\n";
         let Some(Listing::Samp(keys)) = parse_listing(SamMode::FwSamp, ok) else {

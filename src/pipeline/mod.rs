@@ -119,7 +119,7 @@ pub async fn run(
     let policy = Policy::new(&config, &server_addresses);
     metrics.zero_known_series(
         config.sites.keys().map(String::as_str),
-        firewalls.names().map(String::as_str),
+        firewalls.checkpoint.keys().map(String::as_str),
         config.targets.keys().map(String::as_str),
     );
     let events_partitions = ensure_topics(&config).await?;
