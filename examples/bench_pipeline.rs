@@ -121,8 +121,10 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
 
+    let model = simulator::FirewallModel::honest();
     let sim = simulator::start(SimulatorConfig {
         task_duration: Duration::from_millis(task_ms),
+        model,
         faults: Faults {
             latency_ms,
             ..Faults::default()
@@ -289,7 +291,10 @@ async fn main() -> anyhow::Result<()> {
     let blocks_per_s = blocked as f64 / decided_seconds;
     let firewall = match fortigate {
         true => "FortiGate banned-IP list".to_owned(),
-        false => format!("Check Point, task {task_ms} ms"),
+        false => format!(
+            "Check Point, firewall model: task {task_ms} ms + {:?} per fw process + {:?} per fw samp batch line",
+            model.per_process, model.per_batch_line
+        ),
     };
     println!(
         "pipeline: {events} events ({sources} sources x {sites} sites) fed in {feed_seconds:.1} s; results for {} events in {decided_seconds:.1} s (first after {first_result_s:.1} s; samgate run used {cpu_s:.1} s of CPU); {blocked} blocked; {firewall}, API latency {latency_ms} ms",

@@ -40,9 +40,17 @@ pub struct SimulateCheckpointArgs {
     /// API version announced at login.
     #[arg(long, env = "SAMGATE_SIM_API_VERSION", default_value = "1.8")]
     pub api_version: String,
-    /// How long each run-script task stays in progress.
+    /// How long each run-script task stays in progress at the least (the API and agent
+    /// overhead: the firewall model's base).
     #[arg(long, env = "SAMGATE_SIM_TASK_DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
     pub task_duration: Duration,
+    /// The firewall model: what each `fw` / `fw6` process a script starts adds to its task
+    /// (one per `fw sam` rule; one per `fw samp batch`). An assumption (docs/checkpoint.md).
+    #[arg(long, env = "SAMGATE_SIM_PROCESS_COST", value_parser = humantime::parse_duration, default_value = "40ms")]
+    pub process_cost: Duration,
+    /// The firewall model: what each line a `fw samp batch` reads adds to its task.
+    #[arg(long, env = "SAMGATE_SIM_BATCH_LINE_COST", value_parser = humantime::parse_duration, default_value = "500us")]
+    pub batch_line_cost: Duration,
     /// Latency added to every API answer.
     #[arg(long, env = "SAMGATE_SIM_LATENCY", value_parser = humantime::parse_duration, default_value = "0ms")]
     pub latency: Duration,
@@ -177,6 +185,10 @@ async fn checkpoint(args: SimulateCheckpointArgs) -> anyhow::Result<()> {
         logins_per_minute: args.logins_per_minute,
         login_limit_status: args.login_limit_status,
         task_duration: args.task_duration,
+        model: simulator::FirewallModel {
+            per_process: args.process_cost,
+            per_batch_line: args.batch_line_cost,
+        },
         kept_scripts: defaults.kept_scripts,
         faults: Faults {
             latency_ms: args.latency.as_millis() as u64,
@@ -193,6 +205,12 @@ async fn checkpoint(args: SimulateCheckpointArgs) -> anyhow::Result<()> {
     println!("  user         {} / {}", args.user, args.password);
     println!("  api-key      {}", running.api_key);
     println!("  gateways     {}", args.gateways.join(", "));
+    println!(
+        "  model        task = {} + {} per fw process + {} per fw samp batch line",
+        humantime::format_duration(args.task_duration),
+        humantime::format_duration(args.process_cost),
+        humantime::format_duration(args.batch_line_cost)
+    );
     if let Some(fp) = &running.fingerprint {
         println!("  fingerprint  SHA-256 {fp}");
     }

@@ -1,6 +1,8 @@
 //! Check Point behind the [`Enforcer`] interface: every call is one `run-script` to a set of
 //! gateways (through the management server's one session), followed to the end with
-//! `show-task`. Block scripts print `samgate-rule <i> <status>` per rule, questions are
+//! `show-task`. Block scripts are one `fw sam` per rule, each printing `samgate-rule <i>
+//! <status>`, or (`fw_samp`) one `fw samp batch` per address family followed by a listing of
+//! exactly the batch's rules, from which each rule's outcome is read; questions are
 //! `fw samp get` by samgate's comment or `fw sam -M` by the rule's criteria, removals are
 //! `fw sam -C` or `fw samp del` of the uids a question read back, and listings are `fw samp get`
 //! or `fw sam -M … all`, IPv4 then IPv6.
@@ -29,12 +31,30 @@ pub struct CheckPointEnforcer {
 impl Enforcer for CheckPointEnforcer {
     async fn block(&self, rules: &[&Enforce], gateways: &[String]) -> Result<Answer, Failed> {
         let rules: Vec<SamRule> = rules.iter().map(|e| e.rule).collect();
-        let script = sam::batch_script(&rules, self.mode, Operation::Block)
-            .map_err(|e| Failed::not_sent(BackendError::Unrenderable(e.to_string())))?;
-        let (refs, tasks) = self
-            .run_script("samgate block", &script, gateways, rules.len())
-            .await?;
-        Ok(answer(&refs, &tasks, gateways, rules.len()))
+        let unrenderable =
+            |e: sam::RenderError| Failed::not_sent(BackendError::Unrenderable(e.to_string()));
+        match self.mode {
+            // One process per rule: each line reports its own exit status.
+            SamMode::FwSam => {
+                let script =
+                    sam::batch_script(&rules, self.mode, Operation::Block).map_err(unrenderable)?;
+                let (refs, tasks) = self
+                    .run_script("samgate block", &script, gateways, rules.len())
+                    .await?;
+                Ok(answer(&refs, &tasks, gateways, rules.len()))
+            }
+            // One `fw samp batch` per family, then a listing of exactly these rules.
+            SamMode::FwSamp => {
+                let script = sam::samp_batch_script(&rules).map_err(unrenderable)?;
+                let (refs, tasks) = self
+                    .run_script("samgate block", &script, gateways, rules.len())
+                    .await?;
+                Ok(Answer {
+                    verdicts: rule::samp_batch_verdicts(&refs, &tasks, gateways, &rules),
+                    references: refs.iter().map(|r| r.task_id.clone()).collect(),
+                })
+            }
+        }
     }
 
     async fn verify(&self, rules: &[&Enforce], gateways: &[String]) -> Result<Verified, Failed> {

@@ -313,14 +313,78 @@ pub fn fw_samp_get(ipv6: bool) -> String {
 /// The flush-only rule that makes `fw samp` changes take effect at once (mandatory after `del`).
 pub const FW_SAMP_FLUSH: &str = "fw samp add -t 2 quota flush true";
 
-/// `fw samp batch` with `add` lines, in one heredoc.
-pub fn fw_samp_batch(rules: &[SamRule]) -> Result<String, RenderError> {
-    let mut script = String::from("fw samp batch <<'SAMGATE_BATCH'\n");
+/// `fw samp batch` (`fw6` for IPv6) with `add` lines, in one heredoc.
+pub fn fw_samp_batch(rules: &[SamRule], ipv6: bool) -> Result<String, RenderError> {
+    let fw = if ipv6 { "fw6" } else { "fw" };
+    let mut script = format!("{fw} samp batch <<'SAMGATE_BATCH'\n");
     for rule in rules {
         script.push_str(&format!("add {}\n", rule.samp_add_args()?));
     }
     script.push_str("SAMGATE_BATCH\n");
     Ok(script)
+}
+
+/// A block script for `fw_samp` targets that starts a handful of processes however many rules
+/// it carries: one `fw samp batch` per address family, the flush rule, then one `fw samp get`
+/// per family asking for exactly the batch's rules by samgate's comment (several `-v` values).
+/// `fw samp batch` prints nothing documented per line, so each rule's outcome is read from that
+/// listing ([`samp_batch_listed`]): sections 0 and 1 are the batches' exit statuses, 2 and 3
+/// the listings. Four sections whatever the families, so the reader never guesses.
+pub fn samp_batch_script(rules: &[SamRule]) -> Result<String, RenderError> {
+    let mut script = format!("# samgate: {} rule(s) in fw samp batch\n", rules.len());
+    let family = |ipv6: bool| -> Vec<SamRule> {
+        rules
+            .iter()
+            .filter(|r| r.criteria.is_ipv6() == ipv6)
+            .copied()
+            .collect()
+    };
+    for (section, ipv6) in [(0, false), (1, true)] {
+        let these = family(ipv6);
+        if these.is_empty() {
+            script.push_str(&format!("echo \"{OUTCOME_MARKER} {section} 0\"\n"));
+            continue;
+        }
+        script.push_str(&fw_samp_batch(&these, ipv6)?);
+        script.push_str(&format!("echo \"{OUTCOME_MARKER} {section} $?\"\n"));
+    }
+    script.push_str(FW_SAMP_FLUSH);
+    script.push_str(" >/dev/null\n");
+    for (section, ipv6) in [(2, false), (3, true)] {
+        let keys: Vec<String> = family(ipv6)
+            .iter()
+            .filter_map(|r| r.key)
+            .map(|k| format!(" -v samgate:{k}"))
+            .collect();
+        if keys.is_empty() {
+            script.push_str(&format!("echo \"{OUTCOME_MARKER} {section} 0\"\n"));
+            continue;
+        }
+        let fw = if ipv6 { "fw6" } else { "fw" };
+        script.push_str(&format!(
+            "{fw} samp get -k comment -t in{}; echo \"{OUTCOME_MARKER} {section} $?\"\n",
+            keys.concat()
+        ));
+    }
+    Ok(script)
+}
+
+/// The samgate keys a [`samp_batch_script`]'s output lists; `None` when a listing is missing,
+/// failed or was cut (nothing is concluded then).
+pub fn samp_batch_listed(output: &str) -> Option<std::collections::HashSet<RuleKey>> {
+    let sections = split_sections(output, 4);
+    let mut listed = std::collections::HashSet::new();
+    for section in &sections[2..] {
+        let Some((0, printed)) = section else {
+            return None;
+        };
+        listed.extend(
+            parse_samp_get(printed)
+                .iter()
+                .filter_map(SampEntry::samgate_key),
+        );
+    }
+    Some(listed)
 }
 
 /// A `fw samp` rule uid: `<5ac3965f,00000000,3403a8c0,0000264a>` (four 8-digit hex words).
@@ -726,7 +790,7 @@ mod tests {
             rule(SamAction::Drop, false, Criteria::Src(ip("192.0.2.2"))),
         ];
         assert_eq!(
-            fw_samp_batch(&rules).unwrap(),
+            fw_samp_batch(&rules, false).unwrap(),
             "fw samp batch <<'SAMGATE_BATCH'\nadd -a d -l r -t 3600 ip -s 192.0.2.1\nadd -a d -l r -t 3600 ip -s 192.0.2.2\nSAMGATE_BATCH\n"
         );
         let uid = SampUid::parse("<5ac3965f,00000000,3403a8c0,0000264a>").unwrap();
@@ -758,6 +822,70 @@ mod tests {
         assert!(samp.ends_with("fw samp add -t 2 quota flush true >/dev/null\n"));
         let output = "samgate-rule 0 0\nsome stderr\nsamgate-rule 2 1\nsamgate-rule 9 0\n";
         assert_eq!(parse_outcomes(output, 3), vec![Some(0), None, Some(1)]);
+    }
+
+    #[test]
+    fn a_samp_batch_script_starts_five_processes_and_its_listing_says_what_landed() {
+        let mut rules: Vec<SamRule> = (1..=3)
+            .map(|i| {
+                rule(
+                    SamAction::Drop,
+                    true,
+                    Criteria::Src(ip(&format!("192.0.2.{i}"))),
+                )
+            })
+            .collect();
+        rules.push(rule(
+            SamAction::Drop,
+            true,
+            Criteria::Src(ip("2001:db8::7")),
+        ));
+        for (i, r) in rules.iter_mut().enumerate() {
+            r.key = RuleKey::parse(&format!("{i:032x}"));
+        }
+        let script = samp_batch_script(&rules).unwrap();
+        let processes = script
+            .lines()
+            .filter(|l| l.starts_with("fw ") || l.starts_with("fw6 "))
+            .count();
+        assert_eq!(processes, 5, "{script}");
+        assert_eq!(
+            script.matches("\nadd ").count(),
+            4,
+            "one batch line per rule"
+        );
+        assert!(
+            script.contains("fw6 samp batch <<'SAMGATE_BATCH'\nadd "),
+            "{script}"
+        );
+        assert!(script.contains(&format!(
+            "fw samp get -k comment -t in -v samgate:{:032x} -v samgate:{:032x} -v samgate:{:032x}; echo \"samgate-rule 2 $?\"",
+            0, 1, 2
+        )));
+        // Only IPv4 rules: the IPv6 sections are there, and empty.
+        let v4 = samp_batch_script(&rules[..1]).unwrap();
+        assert!(
+            v4.contains("echo \"samgate-rule 1 0\"\n")
+                && v4.contains("echo \"samgate-rule 3 0\"\n")
+        );
+
+        let listed = |key: usize| {
+            format!("operation=add uid=<5ac3965f,00000000,3403a8c0,0000264a> comment=samgate:{key:032x} src_ip_addr=192.0.2.1 req_tpe=ip\n")
+        };
+        let output = format!(
+            "samgate-rule 0 0\nsamgate-rule 1 0\n{}{}samgate-rule 2 0\nsamgate-rule 3 0\n",
+            listed(0),
+            listed(2)
+        );
+        let found = samp_batch_listed(&output).unwrap();
+        assert_eq!(found.len(), 2);
+        assert!(found.contains(&RuleKey::parse(&format!("{:032x}", 2)).unwrap()));
+        // A listing that failed, or output cut before it, concludes nothing.
+        assert!(samp_batch_listed(
+            "samgate-rule 0 0\nsamgate-rule 1 0\nsamgate-rule 2 1\nsamgate-rule 3 0\n"
+        )
+        .is_none());
+        assert!(samp_batch_listed("samgate-rule 0 0\nsamgate-rule 1 0\n").is_none());
     }
 
     #[test]

@@ -377,6 +377,53 @@ pub fn send_verdicts(
         .collect()
 }
 
+/// Per rule, per gateway (in `gateways` order): what a `fw samp batch` script's tasks say, read
+/// from the listing that ends it ([`sam::samp_batch_script`]): listed is confirmed; not listed in
+/// a whole listing is refused (known absent, so it may be sent again); no task, an unfinished
+/// task or a listing that failed or was cut is unknown.
+pub fn samp_batch_verdicts(
+    refs: &[TaskRef],
+    tasks: &[Task],
+    gateways: &[String],
+    rules: &[SamRule],
+) -> Vec<Vec<(String, Sent)>> {
+    let by_gateway = task_by_gateway(refs, tasks);
+    let listed: HashMap<&str, Option<std::collections::HashSet<sam::RuleKey>>> = by_gateway
+        .iter()
+        .map(|(g, t)| (g.as_str(), sam::samp_batch_listed(output_of(t))))
+        .collect();
+    rules
+        .iter()
+        .map(|rule| {
+            gateways
+                .iter()
+                .map(|gateway| {
+                    let verdict = match (by_gateway.get(gateway), listed.get(gateway.as_str())) {
+                        (None, _) => Sent::Unknown("no task for this gateway".into()),
+                        (Some(task), _) if !task.status.is_terminal() => {
+                            Sent::Unknown("task still in progress".into())
+                        }
+                        (Some(_), Some(Some(keys)))
+                            if rule.key.is_some_and(|k| keys.contains(&k)) =>
+                        {
+                            Sent::Confirmed
+                        }
+                        (Some(task), Some(Some(_))) => Sent::Refused(format!(
+                            "not listed after fw samp batch ({})",
+                            error_line(task)
+                        )),
+                        (Some(task), _) => Sent::Unknown(format!(
+                            "the listing after fw samp batch failed or was cut ({})",
+                            error_line(task)
+                        )),
+                    };
+                    (gateway.clone(), verdict)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Per rule, per gateway: what a verify script's tasks say. A failed query is `Unknown`, never
 /// "absent".
 pub fn verify_verdicts(

@@ -17,6 +17,11 @@ pub struct ScriptOutcome {
     pub stdout: String,
     pub stderr: String,
     pub exit: i32,
+    /// `fw` / `fw6` processes the script started (each `fw sam`, `fw samp add`, `fw samp get`,
+    /// `fw samp batch` is one), for the firewall model's task time.
+    pub processes: u32,
+    /// Lines `fw samp batch` processes read from their input.
+    pub batch_lines: u32,
 }
 
 /// One `fw sam` rule on a gateway.
@@ -254,7 +259,14 @@ impl Gateway {
                         out.exit = words.get(1).and_then(|c| c.parse().ok()).unwrap_or(last);
                         return out;
                     }
-                    "fw" | "fw6" => self.fw(&words, stdin.as_deref(), now_ms),
+                    "fw" | "fw6" => {
+                        out.processes += 1;
+                        if let Some(input) = &stdin {
+                            out.batch_lines +=
+                                input.lines().filter(|l| !l.trim().is_empty()).count() as u32;
+                        }
+                        self.fw(&words, stdin.as_deref(), now_ms)
+                    }
                     other => {
                         // Not something a SAM script needs: refuse the whole script.
                         out.stderr
@@ -1140,10 +1152,38 @@ mod tests {
     }
 
     #[test]
+    fn scripts_count_their_processes_and_batch_lines_for_the_firewall_model() {
+        let mut gw = Gateway::default();
+        let per_rule = "fw sam -t 60 -J src 192.0.2.1; echo \"samgate-rule 0 $?\"\nfw sam -t 60 -J src 192.0.2.2; echo \"samgate-rule 1 $?\"\n";
+        let out = run(&mut gw, per_rule);
+        assert_eq!((out.processes, out.batch_lines), (2, 0));
+        let batch = "fw samp batch <<'SAMGATE_BATCH'\nadd -a d -l r -t 60 ip -s 192.0.2.3\nadd -a d -l r -t 60 ip -s 192.0.2.4\nadd -a d -l r -t 60 ip -s 192.0.2.5\nSAMGATE_BATCH\necho \"samgate-rule 0 $?\"\nfw samp add -t 2 quota flush true >/dev/null\n";
+        let out = run(&mut gw, batch);
+        assert_eq!((out.processes, out.batch_lines), (2, 3), "{out:?}");
+        let model = crate::checkpoint::FirewallModel::honest();
+        let base = std::time::Duration::from_millis(1000);
+        assert_eq!(
+            model.task_time(base, &out),
+            base + model.per_process * 2 + model.per_batch_line * 3
+        );
+        assert_eq!(
+            crate::checkpoint::FirewallModel::flat().task_time(base, &out),
+            base
+        );
+    }
+
+    #[test]
     fn fw_sam_adds_silently_and_expires() {
         let mut gw = Gateway::default();
         let out = run(&mut gw, "fw sam -t 60 -l long_noalert -J src 192.0.2.1");
-        assert_eq!(out, ScriptOutcome::default(), "silent on success");
+        assert_eq!(
+            out,
+            ScriptOutcome {
+                processes: 1,
+                ..ScriptOutcome::default()
+            },
+            "silent on success"
+        );
         assert_eq!(gw.sam.len(), 1);
         assert_eq!(gw.sam[0].criteria, ["src", "192.0.2.1"]);
         assert_eq!(gw.sam[0].expires, Some(NOW + 60));

@@ -55,8 +55,12 @@ pub struct SimulatorConfig {
     pub logins_per_minute: u32,
     /// HTTP status of an `err_too_many_requests` answer (unconfirmed on real servers).
     pub login_limit_status: u16,
-    /// How long a run-script task stays `in progress`.
+    /// How long a run-script task stays `in progress`: the model's base. With
+    /// [`FirewallModel::flat`] (the default for tests) that is all; `samgate simulate` and the
+    /// benchmarks add a cost per process (`FirewallModel::honest`).
     pub task_duration: Duration,
+    /// What a gateway's work costs on top of `task_duration`.
+    pub model: FirewallModel,
     /// Scripts kept for `/sim/state` (the newest).
     pub kept_scripts: usize,
     pub faults: Faults,
@@ -77,10 +81,47 @@ impl Default for SimulatorConfig {
             logins_per_minute: 3,
             login_limit_status: 429,
             task_duration: Duration::from_millis(1000),
+            model: FirewallModel::flat(),
             kept_scripts: 1000,
             faults: Faults::default(),
             clock: crate::clock::system(),
         }
+    }
+}
+
+/// How long a gateway takes for a script, beyond the task's base (`task_duration`: the API and
+/// the agent that hands the script over). On a real gateway each `fw sam` / `fw samp` in a
+/// script is a process of its own, which is why Check Point's bulk-block script (sk103154)
+/// feeds `fw samp batch` instead. The figures of [`honest`](Self::honest) are assumptions
+/// (docs/checkpoint.md): no public source measures them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirewallModel {
+    /// Per `fw` / `fw6` process the script starts.
+    pub per_process: Duration,
+    /// Per line a `fw samp batch` process reads.
+    pub per_batch_line: Duration,
+}
+
+impl FirewallModel {
+    /// Every script takes just the base: what the tests use, where time is not the point.
+    pub const fn flat() -> Self {
+        Self {
+            per_process: Duration::ZERO,
+            per_batch_line: Duration::ZERO,
+        }
+    }
+
+    /// The documented assumption: 40 ms per process, 0.5 ms per batch line.
+    pub const fn honest() -> Self {
+        Self {
+            per_process: Duration::from_millis(40),
+            per_batch_line: Duration::from_micros(500),
+        }
+    }
+
+    /// The time one gateway's task takes for `outcome`, on top of `base`.
+    pub fn task_time(&self, base: Duration, outcome: &gateway::ScriptOutcome) -> Duration {
+        base + self.per_process * outcome.processes + self.per_batch_line * outcome.batch_lines
     }
 }
 
@@ -385,6 +426,8 @@ fn snapshot(s: &mut SimState) -> Value {
         "tasks_total": s.tasks.len(),
         "faults": s.faults,
         "logins_per_minute": s.config.logins_per_minute,
+        "task_base_ms": s.config.task_duration.as_millis() as u64,
+        "model": s.config.model,
     })
 }
 
@@ -819,6 +862,7 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
                 stdout: String::new(),
                 stderr: format!("Gateway {target} is not reachable\n"),
                 exit: 1,
+                ..Default::default()
             }
         } else {
             gw.tables.run_script(&script, now)
@@ -832,7 +876,7 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
                 target: target.clone(),
                 gateway_uid,
                 created: Instant::now(),
-                duration,
+                duration: s.config.model.task_time(duration, &outcome),
                 outcome,
                 status_override: s.faults.task_status.clone(),
                 stuck,
