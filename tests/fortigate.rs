@@ -14,7 +14,6 @@ use samgate_sim::checkpoint::{self as cpsim, RunningSimulator, SimulatorConfig};
 use samgate_sim::flowmon::{self as flowmonsim, FlowmonConfig, RunningFlowmon};
 use samgate_sim::fortigate::{self as fgsim, FortiGateConfig, RunningFortiGate, Stitch};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 struct Lab {
     cp: RunningSimulator,
@@ -23,9 +22,7 @@ struct Lab {
     events: String,
     results: String,
     dlq: String,
-    http: String,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    pipeline: Pipeline,
 }
 
 /// Site `prague` routes to `edge` (Check Point, gw-1) and `branch` (FortiGate `fg`, in
@@ -104,24 +101,7 @@ targets = ["edge", "branch"]
     );
     let mut config_file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     std::io::Write::write_all(&mut config_file, text.as_bytes()).unwrap();
-    let config = samgate::config::Config::load(Some(config_file.path()))
-        .unwrap()
-        .validate()
-        .unwrap();
-    let cancel = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn({
-        let cancel = cancel.clone();
-        async move {
-            samgate::pipeline::run(config, cancel, move |addr| {
-                let _ = tx.send(addr);
-            })
-            .await
-            .expect("pipeline runs");
-        }
-    });
-    let http = format!("http://{}", rx.await.unwrap());
-    wait_ready(&http).await;
+    let pipeline = Pipeline::start(config_file.path()).await;
     Lab {
         cp,
         fg,
@@ -129,21 +109,7 @@ targets = ["edge", "branch"]
         events,
         results,
         dlq,
-        http,
-        cancel,
-        task,
-    }
-}
-
-async fn wait_ready(http: &str) {
-    let started = Instant::now();
-    loop {
-        let ready = reqwest::get(format!("{http}/readyz")).await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "never ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        pipeline,
     }
 }
 
@@ -191,19 +157,6 @@ impl Lab {
         assert!(out.status.success(), "{}", stderr(&out));
     }
 
-    async fn metric(&self, series: &str) -> Option<f64> {
-        let text = reqwest::get(format!("{}/metrics", self.http))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| l.starts_with(series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    }
-
     fn banned(&self) -> BTreeSet<IpAddr> {
         self.fg.banned("root")
     }
@@ -217,8 +170,7 @@ impl Lab {
     }
 
     async fn stop(self) {
-        self.cancel.cancel();
-        self.task.await.unwrap();
+        self.pipeline.stop().await;
         self.cp.stop().await;
         self.fg.stop().await;
     }
@@ -407,7 +359,7 @@ async fn unblock_exempt_and_a_reboot_repaired_by_reconcile_on_fortigate() {
     let missing: u64 = reports.iter().map(|r| r["missing"].as_u64().unwrap()).sum();
     assert_eq!(missing, 2, "{reports:#?}");
     let drift = "samgate_drift_rules{kind=\"missing\",target=\"branch\"}";
-    assert_eq!(lab.metric(drift).await, Some(2.0));
+    assert_eq!(lab.pipeline.metric(drift).await, Some(2.0));
     until(Duration::from_secs(30), "the re-asserted bans", || {
         ips(&sources).is_subset(&lab.banned())
     })

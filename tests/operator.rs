@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use samgate_sim::checkpoint::{self as simulator, FaultsUpdate, RunningSimulator, SimulatorConfig};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 struct Lab {
     sim: RunningSimulator,
@@ -20,9 +19,7 @@ struct Lab {
     events: String,
     results: String,
     dlq: String,
-    http: String,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    pipeline: Pipeline,
 }
 
 /// Two sites: prague routes to `edge` (fw_samp, gw-1 and gw-2) and `branch` (fw_sam, gw-3);
@@ -87,45 +84,14 @@ targets = ["branch"]
     );
     let mut config_file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     std::io::Write::write_all(&mut config_file, text.as_bytes()).unwrap();
-    let config = samgate::config::Config::load(Some(config_file.path()))
-        .unwrap()
-        .validate()
-        .unwrap();
-    let cancel = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn({
-        let cancel = cancel.clone();
-        async move {
-            samgate::pipeline::run(config, cancel, move |addr| {
-                let _ = tx.send(addr);
-            })
-            .await
-            .expect("pipeline runs");
-        }
-    });
-    let http = format!("http://{}", rx.await.unwrap());
-    wait_ready(&http).await;
+    let pipeline = Pipeline::start(config_file.path()).await;
     Lab {
         sim,
         config_file,
         events,
         results,
         dlq,
-        http,
-        cancel,
-        task,
-    }
-}
-
-async fn wait_ready(http: &str) {
-    let started = Instant::now();
-    loop {
-        let ready = reqwest::get(format!("{http}/readyz")).await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "never ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        pipeline,
     }
 }
 
@@ -156,22 +122,8 @@ impl Lab {
         self.held()[gateway].contains(&ip.parse::<IpAddr>().unwrap())
     }
 
-    async fn metric(&self, series: &str) -> Option<f64> {
-        let text = reqwest::get(format!("{}/metrics", self.http))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| l.starts_with(series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    }
-
     async fn stop(self) {
-        self.cancel.cancel();
-        self.task.await.unwrap();
+        self.pipeline.stop().await;
         self.sim.stop().await;
     }
 }
@@ -523,7 +475,8 @@ async fn reconcile_brings_back_what_a_wiped_gateway_lost() {
         assert_schema("samgate.reconcile.v1.json", r);
     }
     assert_eq!(
-        lab.metric("samgate_drift_rules{kind=\"missing\",target=\"edge\"}")
+        lab.pipeline
+            .metric("samgate_drift_rules{kind=\"missing\",target=\"edge\"}")
             .await,
         Some(2.0)
     );
@@ -567,7 +520,8 @@ async fn reconcile_brings_back_what_a_wiped_gateway_lost() {
     let out = lab.cli(&["reconcile", "--target", "edge"]).await;
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert_eq!(
-        lab.metric("samgate_drift_rules{kind=\"missing\",target=\"edge\"}")
+        lab.pipeline
+            .metric("samgate_drift_rules{kind=\"missing\",target=\"edge\"}")
             .await,
         Some(0.0)
     );

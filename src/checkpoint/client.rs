@@ -615,13 +615,7 @@ impl ManagementClient {
     }
 
     fn transport(&self, error: reqwest::Error) -> ApiError {
-        let mut detail = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(inner) = source {
-            detail.push_str(": ");
-            detail.push_str(&inner.to_string());
-            source = inner.source();
-        }
+        let detail = tls::error_chain(&error);
         let tls = tls::refused_certificate(&detail);
         ApiError::Transport {
             server: self.name.clone(),

@@ -149,3 +149,16 @@ pub fn refused_certificate(detail: &str) -> bool {
     .iter()
     .any(|needle| lower.contains(needle))
 }
+
+/// An HTTP client error with every cause it wraps (`…: connection refused`), which is where
+/// reqwest says what actually happened.
+pub fn error_chain(error: &reqwest::Error) -> String {
+    let mut detail = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        detail.push_str(": ");
+        detail.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    detail
+}

@@ -320,12 +320,7 @@ impl Batcher {
     /// Sends the rules to `gateways`: write-ahead records, the fence, one enforcer call.
     async fn send(&self, works: Vec<Work>, gateways: &[String]) -> Vec<Work> {
         let mut works = self.write_ahead(works).await;
-        let claims: Vec<_> = works.iter().map(|w| w.completion.claim).collect();
-        let (guard, current) = self.shared.ownership.begin_send(&claims);
-        let stale = current.iter().filter(|c| !**c).count();
-        self.shared.metrics.fenced.inc_by(stale as u64);
-        let mut keep = current.into_iter();
-        works.retain(|_| keep.next().unwrap_or(false));
+        let guard = self.fence(&mut works);
         if works.is_empty() {
             return works;
         }
@@ -354,6 +349,18 @@ impl Batcher {
             Err(failed) => for_each_error(&mut works, &step, &failed),
         }
         works
+    }
+
+    /// The send guard a revoke waits for; the works of claims revoked meanwhile are dropped
+    /// (their partition's next owner answers their events).
+    fn fence(&self, works: &mut Vec<Work>) -> super::ownership::SendGuard<'_> {
+        let claims: Vec<_> = works.iter().map(|w| w.completion.claim).collect();
+        let (guard, current) = self.shared.ownership.begin_send(&claims);
+        let stale = current.iter().filter(|c| !**c).count();
+        self.shared.metrics.fenced.inc_by(stale as u64);
+        let mut keep = current.into_iter();
+        works.retain(|_| keep.next().unwrap_or(false));
+        guard
     }
 
     /// Asks `gateways` whether each rule is in place.
@@ -419,12 +426,7 @@ impl Batcher {
     /// `fw sam -C` with the rule's own flags, or `fw samp del` of the uids listed; FortiGate:
     /// `clear_users`). Whatever the firewall answers, the rule's next step is to ask again.
     async fn remove(&self, mut works: Vec<Work>, gateways: &[String]) -> Vec<Work> {
-        let claims: Vec<_> = works.iter().map(|w| w.completion.claim).collect();
-        let (guard, current) = self.shared.ownership.begin_send(&claims);
-        let stale = current.iter().filter(|c| !**c).count();
-        self.shared.metrics.fenced.inc_by(stale as u64);
-        let mut keep = current.into_iter();
-        works.retain(|_| keep.next().unwrap_or(false));
+        let guard = self.fence(&mut works);
         if works.is_empty() {
             return works;
         }

@@ -456,3 +456,64 @@ impl Drop for OwnBroker {
             .output();
     }
 }
+
+/// A pipeline (`pipeline::run()`) in this process, on a configuration file, once ready.
+pub struct Pipeline {
+    /// `http://…` of its `/metrics`, `/healthz`, `/readyz` listener.
+    pub http: String,
+    pub cancel: tokio_util::sync::CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Pipeline {
+    /// Loads and validates `file`, runs the pipeline on it and waits for `/readyz`.
+    pub async fn start(file: &Path) -> Self {
+        let config = samgate::config::Config::load(Some(file))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move {
+                samgate::pipeline::run(config, cancel, move |addr| {
+                    let _ = tx.send(addr);
+                })
+                .await
+                .expect("pipeline runs");
+            }
+        });
+        let http = format!("http://{}", rx.await.unwrap());
+        let started = Instant::now();
+        loop {
+            let ready = reqwest::get(format!("{http}/readyz")).await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "never ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Self { http, cancel, task }
+    }
+
+    /// The value of one `/metrics` series (its name with labels, as exported).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Stops it and waits for its drain.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap();
+    }
+}

@@ -21,22 +21,20 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
+use crate::serve::{bearer, random_token};
 
 /// The OAuth client every Flowmon script names (INVEA-TECH was Flowmon's first name).
 pub const CLIENT_ID: &str = "invea-tech";
@@ -184,34 +182,6 @@ pub async fn start(config: FlowmonConfig) -> anyhow::Result<RunningFlowmon> {
         state,
         served,
     })
-}
-
-/// Random-looking text (URL-safe base64 of a hash of time, process and a counter).
-fn random_token(bytes: usize) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut out = Vec::new();
-    while out.len() < bytes {
-        let seed = format!(
-            "{:?}/{}/{}/{}",
-            SystemTime::now(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            out.len()
-        );
-        out.extend_from_slice(&Sha256::digest(seed.as_bytes()));
-    }
-    out.truncate(bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
-}
-
-/// The token of an `Authorization: bearer <token>` header (the scheme in any case).
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
 }
 
 fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {

@@ -48,9 +48,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, State};
@@ -58,13 +57,12 @@ use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
+use crate::serve::{bearer, html, random_token};
 
 /// What of the banned-IP list survives a reboot (`config firewall global / set
 /// banned-ip-persistency`).
@@ -375,34 +373,6 @@ pub async fn start(config: FortiGateConfig) -> anyhow::Result<RunningFortiGate> 
         state,
         served,
     })
-}
-
-/// Random-looking text (URL-safe base64 of a hash of time, process and a counter).
-fn random_token(bytes: usize) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut out = Vec::new();
-    while out.len() < bytes {
-        let seed = format!(
-            "{:?}/{}/{}/{}",
-            SystemTime::now(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            out.len()
-        );
-        out.extend_from_slice(&Sha256::digest(seed.as_bytes()));
-    }
-    out.truncate(bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
-}
-
-/// The token of an `Authorization: Bearer <token>` header (the scheme in any case).
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
 }
 
 /// The endpoints this simulator knows, below `/api/v2/`.
@@ -762,11 +732,6 @@ fn addresses(request: &Value, max: usize) -> Result<Vec<IpAddr>, Refusal> {
                 .ok_or_else(|| Refusal::invalid(format!("Invalid IP address: {item}")))
         })
         .collect()
-}
-
-fn html(status: StatusCode, title: &str) -> Response {
-    let body = format!("<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n");
-    (status, [(header::CONTENT_TYPE, "text/html")], body).into_response()
 }
 
 /// A 200 whose body never arrives: the connection is cut after the headers.

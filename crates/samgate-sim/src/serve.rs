@@ -1,10 +1,17 @@
-//! The listener every simulator serves on: HTTPS with a fresh self-signed certificate (its
-//! SHA-256 fingerprint returned for pinning), or plain HTTP.
+//! The listener every simulator serves on (HTTPS with a fresh self-signed certificate, its
+//! SHA-256 fingerprint returned for pinning, or plain HTTP), and the few HTTP helpers they
+//! share: random tokens, the bearer token of a request, an nginx-style HTML error page.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
+use base64::Engine;
 use sha2::{Digest, Sha256};
 
 /// A simulator's HTTP server, running.
@@ -77,4 +84,37 @@ pub fn serve(listen: SocketAddr, tls: bool, app: Router) -> anyhow::Result<Serve
         handle,
         task,
     })
+}
+
+/// Random-looking text (URL-safe base64 of a hash of time, process and a counter).
+pub fn random_token(bytes: usize) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = Vec::new();
+    while out.len() < bytes {
+        let seed = format!(
+            "{:?}/{}/{}/{}",
+            SystemTime::now(),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            out.len()
+        );
+        out.extend_from_slice(&Sha256::digest(seed.as_bytes()));
+    }
+    out.truncate(bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme in any case).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+pub fn html(status: StatusCode, title: &str) -> Response {
+    let body = format!("<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n");
+    (status, [(header::CONTENT_TYPE, "text/html")], body).into_response()
 }

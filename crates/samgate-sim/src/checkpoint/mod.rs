@@ -12,7 +12,6 @@ pub mod gateway;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +27,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
+use crate::serve::{html, random_token};
 use gateway::Gateway;
 
 /// API versions this simulator understands in URLs (the official table, R80 to R82).
@@ -355,24 +355,6 @@ fn posix(t: SystemTime) -> Value {
     json!({"posix": ms, "iso-8601": iso})
 }
 
-/// Random-looking text (URL-safe base64 of a hash of time, process and a counter).
-fn random_token(bytes: usize) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut out = Vec::new();
-    while out.len() < bytes {
-        let seed = format!(
-            "{:?}/{}/{}/{}",
-            SystemTime::now(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            out.len()
-        );
-        out.extend_from_slice(&Sha256::digest(seed.as_bytes()));
-    }
-    out.truncate(bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out)
-}
-
 fn uuid_like(seed: &str) -> String {
     let h = Sha256::digest(format!("{seed}/{}", random_token(8)).as_bytes());
     let hex: String = h.iter().take(16).map(|b| format!("{b:02x}")).collect();
@@ -393,11 +375,6 @@ fn error(status: u16, code: &str, message: impl Into<String>) -> Response {
         Json(json!({"code": code, "message": message.into()})),
     )
         .into_response()
-}
-
-fn html(status: StatusCode, title: &str) -> Response {
-    let body = format!("<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n");
-    (status, [("content-type", "text/html")], body).into_response()
 }
 
 async fn sim_state(State(state): State<Shared>) -> Json<Value> {
