@@ -2,7 +2,8 @@
 //! pipeline into the Check Point simulator with realistic API latency (or, with
 //! `BENCH_FIREWALL=fortigate`, into the FortiGate simulator's banned-IP list: `scripts/bench
 //! pipeline --fortigate`). `BENCH_MODEL=honest` runs the Check Point simulator with the honest
-//! firewall model (a cost per gateway process), the flat one otherwise; the summary says which.
+//! firewall model (a cost per gateway process), the flat one otherwise; `BENCH_MODE=fw_samp`
+//! gives the Check Point targets that mode; the summary says which.
 //! Prints figures; asserts nothing about time.
 //!
 //! Usage: bench_pipeline BROKERS SAMGATE_BINARY [EVENTS] [SOURCES] [SITES] [LATENCY_MS] [TASK_MS]
@@ -215,9 +216,11 @@ async fn main() -> anyhow::Result<()> {
         fg.token,
         fg.fingerprint.as_deref().unwrap(),
     );
+    // `BENCH_MODE=fw_samp` gives the Check Point targets that mode (default: the config's, fw_sam).
+    let sam_mode = std::env::var("BENCH_MODE").unwrap_or_else(|_| "fw_sam".into());
     let target = match fortigate {
-        true => "kind = \"fortigate\"\ndevice = \"fg\"",
-        false => "server = \"hq\"\ngateways = [\"gw-1\"]",
+        true => "kind = \"fortigate\"\ndevice = \"fg\"".to_owned(),
+        false => format!("server = \"hq\"\ngateways = [\"gw-1\"]\nmode = \"{sam_mode}\""),
     };
     for s in 0..sites {
         toml.push_str(&format!(
@@ -299,7 +302,7 @@ async fn main() -> anyhow::Result<()> {
     let firewall = match fortigate {
         true => "FortiGate banned-IP list".to_owned(),
         false => format!(
-            "Check Point, firewall model: task {task_ms} ms + {:?} per fw process + {:?} per fw samp batch line",
+            "Check Point ({sam_mode}), firewall model: task {task_ms} ms + {:?} per fw process + {:?} per fw samp batch line",
             model.per_process, model.per_batch_line
         ),
     };
