@@ -52,15 +52,7 @@ async fn lab(fortigate_mode: &str, extra: &str) -> Lab {
     );
     let text = format!(
         r#"
-[kafka]
-brokers = "{brokers}"
-partitions = 3
-[kafka.topics]
-events = "{events}"
-results = "{results}"
-dlq = "{dlq}"
-state = "{state}"
-[run]
+{kafka}[run]
 group_id = "{group}"
 http_listen = "127.0.0.1:0"
 batch_max_delay = "1s"
@@ -91,7 +83,7 @@ device = "fg"
 targets = ["edge", "branch"]
 {extra}
 "#,
-        brokers = brokers(),
+        kafka = kafka_toml(&events, &results, &dlq, &state),
         group = unique("group"),
         cp_url = cp.url,
         cp_fp = cp.fingerprint.as_deref().unwrap(),

@@ -40,15 +40,7 @@ async fn lab(policy: &str) -> Lab {
     );
     let text = format!(
         r#"
-[kafka]
-brokers = "{brokers}"
-partitions = 3
-[kafka.topics]
-events = "{events}"
-results = "{results}"
-dlq = "{dlq}"
-state = "{state}"
-[run]
+{kafka}[run]
 group_id = "{group}"
 http_listen = "127.0.0.1:0"
 batch_max_delay = "50ms"
@@ -77,7 +69,7 @@ targets = ["edge", "branch"]
 [sites.brno]
 targets = ["branch"]
 "#,
-        brokers = brokers(),
+        kafka = kafka_toml(&events, &results, &dlq, &state),
         group = unique("group"),
         url = sim.url,
         fingerprint = sim.fingerprint.as_deref().unwrap(),

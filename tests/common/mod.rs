@@ -517,3 +517,12 @@ impl Pipeline {
         self.task.await.unwrap();
     }
 }
+
+/// The `[kafka]` and `[kafka.topics]` sections of a test's configuration: the test broker,
+/// three partitions, these topics.
+pub fn kafka_toml(events: &str, results: &str, dlq: &str, state: &str) -> String {
+    format!(
+        "[kafka]\nbrokers = \"{}\"\npartitions = 3\n[kafka.topics]\nevents = \"{events}\"\nresults = \"{results}\"\ndlq = \"{dlq}\"\nstate = \"{state}\"\n",
+        brokers()
+    )
+}
