@@ -31,8 +31,6 @@ pub struct CheckPointEnforcer {
 impl Enforcer for CheckPointEnforcer {
     async fn block(&self, rules: &[&Enforce], gateways: &[String]) -> Result<Answer, Failed> {
         let rules: Vec<SamRule> = rules.iter().map(|e| e.rule).collect();
-        let unrenderable =
-            |e: sam::RenderError| Failed::not_sent(BackendError::Unrenderable(e.to_string()));
         match self.mode {
             // One process per rule: each line reports its own exit status.
             SamMode::FwSam => {
@@ -62,9 +60,7 @@ impl Enforcer for CheckPointEnforcer {
         let script = sam::verify_script(&rules, self.mode);
         let (refs, tasks) = self
             .run_script("samgate verify", &script, gateways, rules.len())
-            .await
-            // A question changes nothing on the gateways: whatever became of it, ask again.
-            .map_err(|f| Failed::not_sent(f.error))?;
+            .await?;
         let verdicts = rule::verify_verdicts(&refs, &tasks, gateways, &rules, self.mode);
         let handles = match self.mode {
             SamMode::FwSamp => rule::listed_uids(&refs, &tasks, &rules)
@@ -90,7 +86,7 @@ impl Enforcer for CheckPointEnforcer {
         match self.mode {
             SamMode::FwSam => {
                 let script = sam::batch_script(&rules, SamMode::FwSam, Operation::Unblock)
-                    .map_err(|e| Failed::not_sent(BackendError::Unrenderable(e.to_string())))?;
+                    .map_err(unrenderable)?;
                 let (refs, tasks) = self
                     .run_script("samgate unblock", &script, gateways, rules.len())
                     .await?;
@@ -188,6 +184,11 @@ impl CheckPointEnforcer {
             .map_err(Failed::maybe_sent)?;
         Ok((refs, tasks))
     }
+}
+
+/// A rule the target's command form cannot express: refused before anything ran.
+fn unrenderable(e: sam::RenderError) -> Failed {
+    Failed::not_sent(BackendError::Unrenderable(e.to_string()))
 }
 
 fn answer(refs: &[TaskRef], tasks: &[Task], gateways: &[String], rules: usize) -> Answer {

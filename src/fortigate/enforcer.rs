@@ -108,12 +108,7 @@ impl Enforcer for FortiGateEnforcer {
     }
 
     async fn verify(&self, rules: &[&Enforce], gateways: &[String]) -> Result<Verified, Failed> {
-        let banned = self
-            .client
-            .banned()
-            .await
-            // A question changes nothing: whatever became of it, it is asked again.
-            .map_err(Failed::not_sent)?;
+        let banned = self.client.banned().await.map_err(failed)?;
         let verdicts = rules
             .iter()
             .map(|rule| {

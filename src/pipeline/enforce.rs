@@ -7,9 +7,10 @@
 //! until it is done or fails.
 //!
 //! Per server (a Check Point management server, a FortiGate device), a semaphore caps
-//! concurrent batches and a governor rate limiter paces enforcer calls. Before a rule is first sent, its *pending* state record is written (write-ahead), and
-//! the send holds a [`SendGuard`](super::ownership::SendGuard) that a revoke of its partition
-//! waits for; work of a revoked partition is dropped before it reaches the firewall.
+//! concurrent batches and a governor rate limiter paces enforcer calls. Before a rule is first
+//! sent, its *pending* state record is written (write-ahead), and the send holds a
+//! [`SendGuard`](super::ownership::SendGuard) that a revoke of its partition waits for; work of
+//! a revoked partition is dropped before it reaches the firewall.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;

@@ -370,13 +370,6 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
 
-    fn client() -> reqwest::Client {
-        reqwest::Client::builder()
-            .danger_accept_invalid_certs(true)
-            .build()
-            .expect("a client")
-    }
-
     struct Lab {
         flowmon: RunningFlowmon,
         http: reqwest::Client,
@@ -386,7 +379,7 @@ mod tests {
         async fn start(config: FlowmonConfig) -> Self {
             Self {
                 flowmon: start(config).await.expect("simulator starts"),
-                http: client(),
+                http: crate::serve::test_client(),
             }
         }
 

@@ -925,13 +925,6 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
 
-    fn client() -> reqwest::Client {
-        reqwest::Client::builder()
-            .danger_accept_invalid_certs(true)
-            .build()
-            .expect("a client")
-    }
-
     /// A simulator and a client for it.
     struct Lab {
         fg: RunningFortiGate,
@@ -942,7 +935,7 @@ mod tests {
         async fn start(config: FortiGateConfig) -> Self {
             Self {
                 fg: start(config).await.expect("simulator starts"),
-                http: client(),
+                http: crate::serve::test_client(),
             }
         }
 

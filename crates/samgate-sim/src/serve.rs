@@ -118,3 +118,12 @@ pub fn html(status: StatusCode, title: &str) -> Response {
     let body = format!("<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n");
     (status, [(header::CONTENT_TYPE, "text/html")], body).into_response()
 }
+
+/// A client that accepts the simulators' self-signed certificates (their unit tests).
+#[cfg(test)]
+pub(crate) fn test_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .expect("a client")
+}
