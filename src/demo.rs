@@ -307,7 +307,7 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
     );
     println!();
     println!(
-        "{:<8}  {:<6}  {:<18}  {:<10}  {:<10}  {:<19}  {:<14}  reason",
+        "{:<8}  {:<7}  {:<18}  {:<10}  {:<10}  {:<19}  {:<14}  reason",
         "time", "site", "source", "method", "outcome", "gateways", "expires"
     );
 
@@ -472,7 +472,7 @@ impl Table {
             reason = reason.chars().take(59).collect::<String>() + "…";
         }
         println!(
-            "{:<8}  {:<6}  {:<18}  {:<10}  {:<10}  {:<19}  {:<14}  {}",
+            "{:<8}  {:<7}  {:<18}  {:<10}  {:<10}  {:<19}  {:<14}  {}",
             clock(&crate::pipeline::report::timestamp(result.decided_at)),
             result.site,
             result.ip.to_string(),
