@@ -206,8 +206,11 @@ async fn main() -> anyhow::Result<()> {
     if let Some(concurrency) = args.get(9) {
         run_extra.push_str(&format!("server_concurrency = {concurrency}\n"));
     }
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut toml = format!(
-        "[kafka]\nbrokers = \"{brokers}\"\n[kafka.topics]\nevents = \"{events_topic}\"\nresults = \"{results_topic}\"\ndlq = \"{}\"\nstate = \"{}\"\n[run]\ngroup_id = \"bench-{tag}\"\nhttp_listen = \"127.0.0.1:0\"\n{run_extra}[checkpoint.servers.hq]\nurl = \"{}\"\nuser = \"admin\"\npassword = \"admin123\"\n[checkpoint.servers.hq.tls]\nfingerprint_sha256 = \"{}\"\n[fortigate.devices.fg]\nurl = \"{}\"\ntoken = \"{}\"\n[fortigate.devices.fg.tls]\nfingerprint_sha256 = \"{}\"\n",
+        "[kafka]\nbrokers = \"{brokers}\"\n[kafka.topics]\nevents = \"{events_topic}\"\nresults = \"{results_topic}\"\ndlq = \"{}\"\nstate = \"{}\"\n[run]\ngroup_id = \"bench-{tag}\"\nhttp_listen = \"127.0.0.1:{metrics_port}\"\n{run_extra}[checkpoint.servers.hq]\nurl = \"{}\"\nuser = \"admin\"\npassword = \"admin123\"\n[checkpoint.servers.hq.tls]\nfingerprint_sha256 = \"{}\"\n[fortigate.devices.fg]\nurl = \"{}\"\ntoken = \"{}\"\n[fortigate.devices.fg.tls]\nfingerprint_sha256 = \"{}\"\n",
         topic("dlq"),
         topic("state"),
         sim.url,
@@ -242,6 +245,34 @@ async fn main() -> anyhow::Result<()> {
             "warn",
         ])
         .spawn()?;
+    if std::env::var_os("BENCH_TIMELINE").is_some() {
+        // Every 5 s: what is in flight and how far behind the consumer is.
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let Ok(text) =
+                    reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await
+                else {
+                    continue;
+                };
+                let text = text.text().await.unwrap_or_default();
+                let pick = |name: &str| {
+                    text.lines()
+                        .find(|l| l.starts_with(name))
+                        .and_then(|l| l.rsplit(' ').next())
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                eprintln!(
+                    "M {:.0} in_flight={} lag={} tracked={}",
+                    started.elapsed().as_secs_f64(),
+                    pick("samgate_enforcement_queue_depth"),
+                    pick("samgate_consumer_lag_messages"),
+                    pick("samgate_tracked_blocks")
+                );
+            }
+        });
+    }
     let mut blocked = 0usize;
     let mut latencies = Vec::new();
     let mut answered = BTreeSet::new();
@@ -272,6 +303,7 @@ async fn main() -> anyhow::Result<()> {
         )
     });
     let decided_seconds = started.elapsed().as_secs_f64();
+    let stages = batch_stages(metrics_port).await.unwrap_or_default();
     let rss_mib = peak_rss_mib(pipeline.id());
     let cpu_s = cpu_seconds(pipeline.id());
     std::process::Command::new("kill")
@@ -311,6 +343,7 @@ async fn main() -> anyhow::Result<()> {
         answered.len()
     );
     println!("api calls: {:?}", state["calls"]);
+    println!("batch stages (samgate_batch_stage_seconds, sum over batches): {stages}");
     println!(
         "firewall={} events_per_s={:.0} raw_consume_per_s={raw_consume_per_s:.0} blocks_per_s={blocks_per_s:.0} api_calls_per_blocked_ip={:.4} logins={} p50_ms={:.0} p99_ms={:.0} rss_mib={:.1}",
         if fortigate { "fortigate" } else { "checkpoint" },
@@ -324,4 +357,39 @@ async fn main() -> anyhow::Result<()> {
     sim.stop().await;
     fg.stop().await;
     Ok(())
+}
+
+/// Where the batches' time went: each stage's total seconds and count, from `/metrics`.
+async fn batch_stages(port: u16) -> anyhow::Result<String> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let mut parts = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("samgate_batch_stage_seconds_sum{") else {
+            continue;
+        };
+        let stage = rest
+            .split("stage=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next());
+        let seconds: f64 = rest
+            .rsplit(' ')
+            .next()
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0.0);
+        let count = text
+            .lines()
+            .find(|l| {
+                l.starts_with("samgate_batch_stage_seconds_count{")
+                    && l.contains(&format!("stage=\"{}\"", stage.unwrap_or("")))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("0")
+            .to_owned();
+        parts.push(format!("{}={seconds:.1}s/{count}", stage.unwrap_or("?")));
+    }
+    Ok(parts.join(" "))
 }

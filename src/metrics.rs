@@ -29,6 +29,10 @@ pub struct Metrics {
     pub logins: IntCounterVec,
     /// Rules per run-script batch.
     pub batch_rules: Histogram,
+    /// Where a batch's time goes, by server and stage (`slot`: waiting for a server slot;
+    /// `fill`: gathering rules; `write_ahead`: pending state records; `firewall`: the enforcer
+    /// calls; `report`: state records and results).
+    pub batch_stage: HistogramVec,
     /// From detection (ADS time, else shim receipt) to the rule being confirmed on the gateways.
     pub detection_to_enforcement: Histogram,
     /// Blocks active now (in this replica's partitions).
@@ -136,6 +140,18 @@ impl Metrics {
         registry
             .register(Box::new(batch_rules.clone()))
             .expect("unique metric");
+        let batch_stage = HistogramVec::new(
+            HistogramOpts::new(
+                "samgate_batch_stage_seconds",
+                "Where a batch's time goes, by server and stage (slot, fill, write_ahead, firewall, report).",
+            )
+            .buckets(seconds.clone()),
+            &["server", "stage"],
+        )
+        .expect("metric");
+        registry
+            .register(Box::new(batch_stage.clone()))
+            .expect("unique metric");
         let detection_to_enforcement = Histogram::with_opts(
             HistogramOpts::new(
                 "samgate_detection_to_enforcement_seconds",
@@ -170,6 +186,7 @@ impl Metrics {
             api_latency,
             logins,
             batch_rules,
+            batch_stage,
             detection_to_enforcement,
             active_blocks: gauge(
                 "samgate_active_blocks",
@@ -253,7 +270,7 @@ impl Metrics {
     /// Every metric's name with its label names: what a dashboard or an alert may select on.
     pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 23] = [
+        let collectors: [&dyn Collector; 24] = [
             &self.build_info,
             &self.events_consumed,
             &self.decisions,
@@ -262,6 +279,7 @@ impl Metrics {
             &self.api_latency,
             &self.logins,
             &self.batch_rules,
+            &self.batch_stage,
             &self.detection_to_enforcement,
             &self.active_blocks,
             &self.in_flight,

@@ -205,6 +205,7 @@ impl Batcher {
             }
             // Take a server slot first, then fill the batch: while the server is busy, rules
             // queue up, so batches grow with the load.
+            let waited = Instant::now();
             let permit = self
                 .limits
                 .batches
@@ -212,9 +213,21 @@ impl Batcher {
                 .acquire_owned()
                 .await
                 .expect("semaphore open");
+            self.stage("slot", waited);
+            let filling = Instant::now();
             open &= self.fill(&mut batch, &mut queue).await;
+            self.stage("fill", filling);
             running.spawn(self.clone().run_batch(batch, permit, retry_tx.clone()));
         }
+    }
+
+    /// Records how long a stage of a batch took (`samgate_batch_stage_seconds`).
+    fn stage(&self, stage: &str, since: Instant) {
+        self.shared
+            .metrics
+            .batch_stage
+            .with_label_values(&[&self.target.server, stage])
+            .observe(since.elapsed().as_secs_f64());
     }
 
     /// Adds queued rules until the batch is full or its first rule waited `batch_max_delay`.
@@ -306,6 +319,7 @@ impl Batcher {
         }
         // The firewall's part is done: let the next batch use the server while Kafka answers.
         drop(permit);
+        let reporting = Instant::now();
         let mut reports = JoinSet::new();
         for work in settled {
             let (shared, retry) = (self.shared.clone(), retry.clone());
@@ -316,11 +330,14 @@ impl Batcher {
                 error!(error = %e, "a reporting task failed; its event will be redelivered");
             }
         }
+        self.stage("report", reporting);
     }
 
     /// Sends the rules to `gateways`: write-ahead records, the fence, one enforcer call.
     async fn send(&self, works: Vec<Work>, gateways: &[String]) -> Vec<Work> {
+        let writing = Instant::now();
         let mut works = self.write_ahead(works).await;
+        self.stage("write_ahead", writing);
         let guard = self.fence(&mut works);
         if works.is_empty() {
             return works;
@@ -333,7 +350,9 @@ impl Batcher {
         let step = Step::Send(gateways.to_vec());
         self.limits.calls.until_ready().await;
         let rules: Vec<&Enforce> = works.iter().map(|w| &w.enforce).collect();
+        let calling = Instant::now();
         let answer = self.enforcer.block(&rules, gateways).await;
+        self.stage("firewall", calling);
         drop(guard);
         match answer {
             Ok(answer) => {
@@ -369,7 +388,9 @@ impl Batcher {
         let step = Step::Verify(gateways.to_vec());
         self.limits.calls.until_ready().await;
         let rules: Vec<&Enforce> = works.iter().map(|w| &w.enforce).collect();
+        let calling = Instant::now();
         let answer = self.enforcer.verify(&rules, gateways).await;
+        self.stage("firewall", calling);
         match answer {
             Ok(verified) => {
                 let found = verified
