@@ -80,8 +80,8 @@ impl Lab {
     fn model(&self) -> String {
         let m = FirewallModel::honest();
         format!(
-            "firewall model: task {TASK_BASE:?} + {:?} per fw process + {:?} per fw samp batch line, API latency 20 ms; samgate target mode {}",
-            m.per_process, m.per_batch_line, mode()
+            "firewall model: task {TASK_BASE:?} + {:?} per fw process + {:?} per fw samp batch line, {} scripts at once per gateway, API latency 20 ms; samgate target mode {}",
+            m.per_process, m.per_batch_line, m.gateway_cores, mode()
         )
     }
 

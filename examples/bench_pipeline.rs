@@ -230,6 +230,8 @@ async fn main() -> anyhow::Result<()> {
             "[targets.t{s}]\n{target}\n[sites.site{s}]\ntargets = [\"t{s}\"]\n"
         ));
     }
+    // BENCH_TOML: more configuration, appended (for experiments: `[kafka.properties]`, ...).
+    toml.push_str(&std::env::var("BENCH_TOML").unwrap_or_default());
     Config::from_toml(&toml)?.validate()?; // fail here, not in the child, on a bad setting
     let config_path = dir.path().join("samgate.toml");
     std::fs::write(&config_path, &toml)?;
@@ -334,8 +336,8 @@ async fn main() -> anyhow::Result<()> {
     let firewall = match fortigate {
         true => "FortiGate banned-IP list".to_owned(),
         false => format!(
-            "Check Point ({sam_mode}), firewall model: task {task_ms} ms + {:?} per fw process + {:?} per fw samp batch line",
-            model.per_process, model.per_batch_line
+            "Check Point ({sam_mode}), firewall model: task {task_ms} ms + {:?} per fw process + {:?} per fw samp batch line, {} scripts at once per gateway",
+            model.per_process, model.per_batch_line, model.gateway_cores
         ),
     };
     println!(

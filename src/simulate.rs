@@ -51,6 +51,9 @@ pub struct SimulateCheckpointArgs {
     /// The firewall model: what each line a `fw samp batch` reads adds to its task.
     #[arg(long, env = "SAMGATE_SIM_BATCH_LINE_COST", value_parser = humantime::parse_duration, default_value = "500us")]
     pub batch_line_cost: Duration,
+    /// The firewall model: how many scripts a gateway works on at once (0: no limit).
+    #[arg(long, env = "SAMGATE_SIM_GATEWAY_CORES", default_value_t = 2)]
+    pub gateway_cores: u32,
     /// Latency added to every API answer.
     #[arg(long, env = "SAMGATE_SIM_LATENCY", value_parser = humantime::parse_duration, default_value = "0ms")]
     pub latency: Duration,
@@ -188,6 +191,7 @@ async fn checkpoint(args: SimulateCheckpointArgs) -> anyhow::Result<()> {
         model: simulator::FirewallModel {
             per_process: args.process_cost,
             per_batch_line: args.batch_line_cost,
+            gateway_cores: args.gateway_cores,
         },
         kept_scripts: defaults.kept_scripts,
         faults: Faults {
@@ -206,10 +210,11 @@ async fn checkpoint(args: SimulateCheckpointArgs) -> anyhow::Result<()> {
     println!("  api-key      {}", running.api_key);
     println!("  gateways     {}", args.gateways.join(", "));
     println!(
-        "  model        task = {} + {} per fw process + {} per fw samp batch line",
+        "  model        task = {} + {} per fw process + {} per fw samp batch line, {} scripts at once per gateway",
         humantime::format_duration(args.task_duration),
         humantime::format_duration(args.process_cost),
-        humantime::format_duration(args.batch_line_cost)
+        humantime::format_duration(args.batch_line_cost),
+        args.gateway_cores
     );
     if let Some(fp) = &running.fingerprint {
         println!("  fingerprint  SHA-256 {fp}");

@@ -1182,15 +1182,30 @@ mod tests {
         let out = run(&mut gw, batch);
         assert_eq!((out.processes, out.batch_lines), (2, 3), "{out:?}");
         let model = crate::checkpoint::FirewallModel::honest();
-        let base = std::time::Duration::from_millis(1000);
         assert_eq!(
-            model.task_time(base, &out),
-            base + model.per_process * 2 + model.per_batch_line * 3
+            model.work(&out),
+            model.per_process * 2 + model.per_batch_line * 3
         );
         assert_eq!(
-            crate::checkpoint::FirewallModel::flat().task_time(base, &out),
-            base
+            crate::checkpoint::FirewallModel::flat().work(&out),
+            std::time::Duration::ZERO
         );
+    }
+
+    #[test]
+    fn a_gateway_works_on_as_many_scripts_at_once_as_it_has_cores() {
+        use crate::checkpoint::Cores;
+        let second = std::time::Duration::from_secs(1);
+        let mut cores = Cores::default();
+        // Two cores: two scripts handed over at 0 end at 1 s, the third waits for one.
+        let done: Vec<i64> = (0..3).map(|_| cores.schedule(2, 0, second)).collect();
+        assert_eq!(done, [1000, 1000, 2000]);
+        // A core free since before the handover starts at the handover.
+        assert_eq!(cores.schedule(2, 5000, second), 6000);
+        // No limit: every script starts when handed over.
+        let mut unlimited = Cores::default();
+        let done: Vec<i64> = (0..3).map(|_| unlimited.schedule(0, 0, second)).collect();
+        assert_eq!(done, [1000, 1000, 1000]);
     }
 
     #[test]

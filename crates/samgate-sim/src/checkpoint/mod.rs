@@ -100,6 +100,9 @@ pub struct FirewallModel {
     pub per_process: Duration,
     /// Per line a `fw samp batch` process reads.
     pub per_batch_line: Duration,
+    /// How many scripts a gateway works on at once (its cores for SAM work); a script beyond
+    /// them waits for one to finish. 0: no limit.
+    pub gateway_cores: u32,
 }
 
 impl FirewallModel {
@@ -108,20 +111,47 @@ impl FirewallModel {
         Self {
             per_process: Duration::ZERO,
             per_batch_line: Duration::ZERO,
+            gateway_cores: 0,
         }
     }
 
-    /// The documented assumption: 40 ms per process, 0.5 ms per batch line.
+    /// The documented assumption: 40 ms per process, 0.5 ms per batch line, two scripts at
+    /// once per gateway.
     pub const fn honest() -> Self {
         Self {
             per_process: Duration::from_millis(40),
             per_batch_line: Duration::from_micros(500),
+            gateway_cores: 2,
         }
     }
 
-    /// The time one gateway's task takes for `outcome`, on top of `base`.
-    pub fn task_time(&self, base: Duration, outcome: &gateway::ScriptOutcome) -> Duration {
-        base + self.per_process * outcome.processes + self.per_batch_line * outcome.batch_lines
+    /// The gateway's own work for `outcome` (what its cores are busy with).
+    pub fn work(&self, outcome: &gateway::ScriptOutcome) -> Duration {
+        self.per_process * outcome.processes + self.per_batch_line * outcome.batch_lines
+    }
+}
+
+/// When a gateway's cores are free again (unix milliseconds, one entry per core).
+#[derive(Debug, Clone, Default)]
+pub struct Cores {
+    free_at: Vec<i64>,
+}
+
+impl Cores {
+    /// Schedules a script handed over at `handed_ms` that takes `work` on the first core free:
+    /// returns when it is done. Without a core limit every script starts at once.
+    pub fn schedule(&mut self, cores: u32, handed_ms: i64, work: Duration) -> i64 {
+        let work = work.as_millis() as i64;
+        if cores == 0 {
+            return handed_ms + work;
+        }
+        self.free_at.resize(cores as usize, i64::MIN);
+        let core = (0..self.free_at.len())
+            .min_by_key(|&i| self.free_at[i])
+            .expect("at least one core");
+        let done = self.free_at[core].max(handed_ms) + work;
+        self.free_at[core] = done;
+        done
     }
 }
 
@@ -220,6 +250,8 @@ struct SimGateway {
     uid: String,
     #[serde(flatten)]
     tables: Gateway,
+    #[serde(skip)]
+    cores: Cores,
 }
 
 struct SimState {
@@ -311,6 +343,7 @@ pub async fn start(config: SimulatorConfig) -> anyhow::Result<RunningSimulator> 
                 SimGateway {
                     uid,
                     tables: Gateway::default(),
+                    cores: Cores::default(),
                 },
             )
         })
@@ -844,6 +877,12 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
         } else {
             gw.tables.run_script(&script, now)
         };
+        // The base (the API, the agent's handover) first, then the gateway's work on a core.
+        let model = s.config.model;
+        let handed = now + duration.as_millis() as i64;
+        let done = gw
+            .cores
+            .schedule(model.gateway_cores, handed, model.work(&outcome));
         let gateway_uid = gw.uid.clone();
         let task_id = uuid_like("task");
         let transaction = s.scripts_total;
@@ -853,7 +892,7 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
                 target: target.clone(),
                 gateway_uid,
                 created: Instant::now(),
-                duration: s.config.model.task_time(duration, &outcome),
+                duration: Duration::from_millis((done - now).max(0) as u64),
                 outcome,
                 status_override: s.faults.task_status.clone(),
                 stuck,
