@@ -78,13 +78,16 @@ pub struct RunConfig {
     pub dry_run: bool,
     /// Most events between consumption and their result (the backpressure bound).
     pub max_in_flight: usize,
-    /// Most rules in one run-script.
+    /// Most rules in one batch (one run-script, one `add_users`).
     pub batch_max_rules: usize,
     /// Longest a rule waits for its batch to fill.
     #[serde(with = "humantime_serde")]
     pub batch_max_delay: Duration,
-    /// Concurrent run-script batches per management server.
+    /// Most concurrent batches per server (a management server, a FortiGate).
     pub server_concurrency: usize,
+    /// Batches at once and rules per batch follow each server's answers (AIMD, within
+    /// `server_concurrency` and `batch_max_rules`); false pins them at those values.
+    pub adaptive: bool,
     /// API calls per second per management server.
     pub server_calls_per_second: u32,
     /// First retry delay of a failed rule (doubles, with jitter).
@@ -112,7 +115,8 @@ impl Default for RunConfig {
             max_in_flight: 10_000,
             batch_max_rules: 500,
             batch_max_delay: Duration::from_millis(250),
-            server_concurrency: 4,
+            server_concurrency: 16,
+            adaptive: true,
             server_calls_per_second: 20,
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),

@@ -33,6 +33,10 @@ pub struct Metrics {
     /// `fill`: gathering rules; `write_ahead`: pending state records; `firewall`: the enforcer
     /// calls; `report`: state records and results).
     pub batch_stage: HistogramVec,
+    /// Batches a server may have at once now (adaptive), by server.
+    pub server_concurrency: IntGaugeVec,
+    /// Rules a batch may carry now (adaptive), by server.
+    pub server_batch_rules: IntGaugeVec,
     /// From detection (ADS time, else shim receipt) to the rule being confirmed on the gateways.
     pub detection_to_enforcement: Histogram,
     /// Blocks active now (in this replica's partitions).
@@ -187,6 +191,34 @@ impl Metrics {
             logins,
             batch_rules,
             batch_stage,
+            server_concurrency: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "samgate_server_concurrency",
+                        "Batches a server may have at once now (run.adaptive moves it within run.server_concurrency).",
+                    ),
+                    &["server"],
+                )
+                .expect("metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            server_batch_rules: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "samgate_server_batch_rules",
+                        "Rules a batch to a server may carry now (run.adaptive moves it within run.batch_max_rules).",
+                    ),
+                    &["server"],
+                )
+                .expect("metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             detection_to_enforcement,
             active_blocks: gauge(
                 "samgate_active_blocks",
@@ -270,7 +302,7 @@ impl Metrics {
     /// Every metric's name with its label names: what a dashboard or an alert may select on.
     pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 24] = [
+        let collectors: [&dyn Collector; 26] = [
             &self.build_info,
             &self.events_consumed,
             &self.decisions,
@@ -280,6 +312,8 @@ impl Metrics {
             &self.logins,
             &self.batch_rules,
             &self.batch_stage,
+            &self.server_concurrency,
+            &self.server_batch_rules,
             &self.detection_to_enforcement,
             &self.active_blocks,
             &self.in_flight,

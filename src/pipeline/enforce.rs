@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use super::adaptive::{Answer, Bounds, Call, Controller, Limits};
 use super::decide::{Code, Enforce};
 use super::dedupe::{BlockRecord, Origin, Subject, TrackedBlock, STATE_SCHEMA};
 use super::policy::Target;
@@ -34,21 +35,169 @@ use super::{Completion, Shared};
 use crate::checkpoint::ErrorClass;
 use crate::enforcer::{BackendError, Enforcer, Failed, Handle, Listings, Removal};
 use crate::event::{DeadLetter, DeadLetterStage};
+use crate::metrics::Metrics;
 
-/// Courtesy towards one server (a management server, a FortiGate): concurrent batches and
-/// enforcer calls per second.
+/// Courtesy towards one server (a management server, a FortiGate): concurrent batches (its
+/// slots), rules per batch and enforcer calls per second. With `run.adaptive` the slots and
+/// the batch size follow the server's answers ([`adaptive`](super::adaptive)); otherwise they
+/// stay at `run.server_concurrency` and `run.batch_max_rules`.
 pub struct ServerLimits {
-    batches: Arc<Semaphore>,
+    server: String,
+    slots: Arc<Semaphore>,
     calls: DefaultDirectRateLimiter,
+    control: std::sync::Mutex<Control>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// The adaptive part of a server's limits.
+struct Control {
+    /// None: fixed limits.
+    controller: Option<Controller>,
+    limits: Limits,
+    began: Instant,
+    /// A batch waited for a slot, or went out full, since the last call.
+    busy: bool,
+    /// Slots to take out of circulation as batches give them back (a cut below the slots in
+    /// use).
+    debt: usize,
+}
+
+/// A server slot held by a batch (or a reconcile listing); given back when dropped, unless a
+/// cut of the concurrency takes it.
+pub struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    limits: Arc<ServerLimits>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut control = self.limits.control.lock().expect("limits");
+        if let Some(permit) = self.permit.take() {
+            match control.debt {
+                0 => drop(permit),
+                _ => {
+                    permit.forget();
+                    control.debt -= 1;
+                }
+            }
+        }
+    }
 }
 
 impl ServerLimits {
-    pub fn new(concurrency: usize, calls_per_second: u32) -> Self {
-        let rate = NonZeroU32::new(calls_per_second.max(1)).expect("positive");
-        Self {
-            batches: Arc::new(Semaphore::new(concurrency.max(1))),
+    pub fn new(server: &str, run: &crate::config::RunConfig, metrics: Arc<Metrics>) -> Self {
+        let rate = NonZeroU32::new(run.server_calls_per_second.max(1)).expect("positive");
+        let bounds = Bounds {
+            max_concurrency: run.server_concurrency.max(1),
+            min_batch: (run.batch_max_rules / 20).max(1),
+            max_batch: run.batch_max_rules.max(1),
+        };
+        let controller = run
+            .adaptive
+            .then(|| Controller::new(bounds, INITIAL_CONCURRENCY));
+        let limits = match &controller {
+            Some(c) => c.limits(),
+            None => Limits {
+                concurrency: bounds.max_concurrency,
+                batch: bounds.max_batch,
+            },
+        };
+        let this = Self {
+            server: server.to_owned(),
+            slots: Arc::new(Semaphore::new(limits.concurrency)),
             calls: RateLimiter::direct(Quota::per_second(rate)),
+            control: std::sync::Mutex::new(Control {
+                controller,
+                limits,
+                began: Instant::now(),
+                busy: false,
+                debt: 0,
+            }),
+            metrics,
+        };
+        this.show(limits);
+        this
+    }
+
+    /// Waits for one of the server's slots.
+    pub async fn slot(self: &Arc<Self>) -> Slot {
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.control.lock().expect("limits").busy = true;
+                self.slots.clone().acquire_owned().await.expect("open")
+            }
+        };
+        Slot {
+            permit: Some(permit),
+            limits: self.clone(),
         }
+    }
+
+    /// The most rules a batch may carry now.
+    pub fn batch(&self) -> usize {
+        self.control.lock().expect("limits").limits.batch
+    }
+
+    /// A batch went out full: there was more to send than room.
+    fn full(&self) {
+        self.control.lock().expect("limits").busy = true;
+    }
+
+    /// An enforcer call of `rules` took `took` and answered `answer`: the limits follow.
+    fn observe(&self, rules: usize, took: Duration, answer: Answer) {
+        let mut guard = self.control.lock().expect("limits");
+        let control = &mut *guard;
+        let busy = std::mem::take(&mut control.busy);
+        let at = control.began.elapsed();
+        let Some(controller) = control.controller.as_mut() else {
+            return;
+        };
+        let call = Call {
+            rules,
+            took,
+            answer,
+            busy,
+        };
+        let (before, after) = (control.limits, controller.observe(at, call));
+        control.limits = after;
+        if after.concurrency > before.concurrency {
+            let more = after.concurrency - before.concurrency;
+            let repaid = more.min(control.debt);
+            control.debt -= repaid;
+            self.slots.add_permits(more - repaid);
+        } else if after.concurrency < before.concurrency {
+            let fewer = before.concurrency - after.concurrency;
+            control.debt += fewer - self.slots.forget_permits(fewer);
+        }
+        drop(guard);
+        if after != before {
+            self.show(after);
+        }
+    }
+
+    fn show(&self, limits: Limits) {
+        let m = &self.metrics;
+        m.server_concurrency
+            .with_label_values(&[&self.server])
+            .set(limits.concurrency as i64);
+        m.server_batch_rules
+            .with_label_values(&[&self.server])
+            .set(limits.batch as i64);
+    }
+}
+
+/// Batches a server may have at once before its answers say more (or fewer).
+pub const INITIAL_CONCURRENCY: usize = 2;
+
+/// What a call's outcome says about its server's load.
+fn answer_of<T>(result: &Result<T, Failed>) -> Answer {
+    match result {
+        Ok(_) => Answer::Healthy,
+        Err(failed) => match failed.error.class() {
+            ErrorClass::Retryable | ErrorClass::RateLimited(_) => Answer::Overloaded,
+            ErrorClass::Auth | ErrorClass::Permanent => Answer::Other,
+        },
     }
 }
 
@@ -206,19 +355,21 @@ impl Batcher {
             // Take a server slot first, then fill the batch: while the server is busy, rules
             // queue up, so batches grow with the load.
             let waited = Instant::now();
-            let permit = self
-                .limits
-                .batches
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore open");
+            let slot = self.limits.slot().await;
             self.stage("slot", waited);
             let filling = Instant::now();
             open &= self.fill(&mut batch, &mut queue).await;
             self.stage("fill", filling);
-            running.spawn(self.clone().run_batch(batch, permit, retry_tx.clone()));
+            running.spawn(self.clone().run_batch(batch, slot, retry_tx.clone()));
         }
+    }
+
+    /// An enforcer call of `rules` began at `since` and answered: its stage time, and what it
+    /// tells the server's limits.
+    fn called<T>(&self, rules: usize, since: Instant, answer: &Result<T, Failed>) {
+        self.stage("firewall", since);
+        self.limits
+            .observe(rules, since.elapsed(), answer_of(answer));
     }
 
     /// Records how long a stage of a batch took (`samgate_batch_stage_seconds`).
@@ -235,8 +386,11 @@ impl Batcher {
     async fn fill(&self, batch: &mut Vec<Work>, queue: &mut mpsc::Receiver<Work>) -> bool {
         let run = &self.shared.config.run;
         let flush_at = Instant::now() + run.batch_max_delay;
-        let most =
-            (self.enforcer.max_batch()).map_or(run.batch_max_rules, |m| m.min(run.batch_max_rules));
+        let now = self.limits.batch();
+        let most = (self.enforcer.max_batch()).map_or(now, |m| m.min(now));
+        if batch.len() >= most {
+            self.limits.full();
+        }
         while batch.len() < most {
             tokio::select! {
                 biased; // what is queued goes in even when the delay is already over
@@ -246,6 +400,9 @@ impl Batcher {
                 },
                 _ = tokio::time::sleep_until(flush_at) => break,
             }
+            if batch.len() == most {
+                self.limits.full();
+            }
         }
         true
     }
@@ -254,7 +411,7 @@ impl Batcher {
     async fn run_batch(
         self: Arc<Self>,
         batch: Vec<Work>,
-        permit: OwnedSemaphorePermit,
+        slot: Slot,
         retry: mpsc::UnboundedSender<Work>,
     ) {
         let mut groups: BTreeMap<(bool, bool, Vec<String>), Vec<Work>> = BTreeMap::new();
@@ -318,7 +475,7 @@ impl Batcher {
             });
         }
         // The firewall's part is done: let the next batch use the server while Kafka answers.
-        drop(permit);
+        drop(slot);
         let reporting = Instant::now();
         let mut reports = JoinSet::new();
         for work in settled {
@@ -352,7 +509,7 @@ impl Batcher {
         let rules: Vec<&Enforce> = works.iter().map(|w| &w.enforce).collect();
         let calling = Instant::now();
         let answer = self.enforcer.block(&rules, gateways).await;
-        self.stage("firewall", calling);
+        self.called(rules.len(), calling, &answer);
         drop(guard);
         match answer {
             Ok(answer) => {
@@ -390,7 +547,7 @@ impl Batcher {
         let rules: Vec<&Enforce> = works.iter().map(|w| &w.enforce).collect();
         let calling = Instant::now();
         let answer = self.enforcer.verify(&rules, gateways).await;
-        self.stage("firewall", calling);
+        self.called(rules.len(), calling, &answer);
         match answer {
             Ok(verified) => {
                 let found = verified
@@ -461,7 +618,9 @@ impl Batcher {
                 found: &w.handles,
             })
             .collect();
+        let calling = Instant::now();
         let answer = self.enforcer.unblock(&removals, gateways).await;
+        self.called(removals.len(), calling, &answer);
         drop(removals);
         drop(guard);
         match answer {
@@ -483,7 +642,7 @@ impl Batcher {
 
     /// Lists the rules on every gateway of the target (reconcile), within the server's limits.
     pub async fn list_gateways(&self) -> Result<Listings, BackendError> {
-        let _permit = self.limits.batches.clone().acquire_owned().await;
+        let _slot = self.limits.slot().await;
         self.limits.calls.until_ready().await;
         self.enforcer.list(&self.target.gateways).await
     }
