@@ -237,7 +237,12 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&config_path, &toml)?;
 
     // `samgate run` in its own process, so its peak memory is its own.
+    let broker_pid: Option<u32> = std::env::var("BENCH_BROKER_PID")
+        .ok()
+        .and_then(|p| p.parse().ok());
+    let broker_cpu_before = broker_pid.map_or(0.0, cpu_seconds);
     let started = Instant::now();
+    let run_started = chrono::Utc::now();
     let mut pipeline = std::process::Command::new(&samgate)
         .args([
             "run",
@@ -266,17 +271,22 @@ async fn main() -> anyhow::Result<()> {
                         .to_owned()
                 };
                 eprintln!(
-                    "M {:.0} in_flight={} lag={} tracked={}",
+                    "M {:.0} in_flight={} lag={} tracked={} concurrency={} batch={}",
                     started.elapsed().as_secs_f64(),
                     pick("samgate_enforcement_queue_depth"),
                     pick("samgate_consumer_lag_messages"),
-                    pick("samgate_tracked_blocks")
+                    pick("samgate_tracked_blocks"),
+                    pick("samgate_server_concurrency{"),
+                    pick("samgate_server_batch_rules{")
                 );
             }
         });
     }
     let mut blocked = 0usize;
     let mut latencies = Vec::new();
+    // Repeats (duplicates need no firewall): when each was decided, in seconds since `samgate
+    // run` started (the whole storm waits in the topic by then).
+    let mut repeats = Vec::new();
     let mut answered = BTreeSet::new();
     let (_, first_result_s) = tokio::task::block_in_place(|| {
         drain(
@@ -292,6 +302,15 @@ async fn main() -> anyhow::Result<()> {
                 for id in v["event_ids"].as_array().into_iter().flatten() {
                     answered.insert(id.as_str().unwrap_or_default().to_owned());
                 }
+                if v["outcome"] == "duplicate" {
+                    let t = |k: &str| {
+                        chrono::DateTime::parse_from_rfc3339(v[k].as_str().unwrap_or_default()).ok()
+                    };
+                    if let Some(decided) = t("decided_at") {
+                        repeats
+                            .push((decided.to_utc() - run_started).num_milliseconds() as f64 / 1e3);
+                    }
+                }
                 if v["outcome"] == "blocked" {
                     blocked += 1;
                     let t = |k: &str| {
@@ -306,14 +325,17 @@ async fn main() -> anyhow::Result<()> {
     });
     let decided_seconds = started.elapsed().as_secs_f64();
     let stages = batch_stages(metrics_port).await.unwrap_or_default();
+    let limits = adaptive_limits(metrics_port).await.unwrap_or_default();
     let rss_mib = peak_rss_mib(pipeline.id());
     let cpu_s = cpu_seconds(pipeline.id());
+    let broker_cpu_s = broker_pid.map_or(0.0, cpu_seconds) - broker_cpu_before;
     std::process::Command::new("kill")
         .args(["-TERM", &pipeline.id().to_string()])
         .status()?;
     anyhow::ensure!(pipeline.wait()?.success(), "samgate run failed");
 
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    repeats.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let state_url = match fortigate {
         true => &fg.url,
         false => &sim.url,
@@ -341,24 +363,58 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     println!(
-        "pipeline: {events} events ({sources} sources x {sites} sites) fed in {feed_seconds:.1} s; results for {} events in {decided_seconds:.1} s (first after {first_result_s:.1} s; samgate run used {cpu_s:.1} s of CPU); {blocked} blocked; {firewall}, API latency {latency_ms} ms",
+        "pipeline: {events} events ({sources} sources x {sites} sites) fed in {feed_seconds:.1} s; results for {} events in {decided_seconds:.1} s (first after {first_result_s:.1} s; samgate run used {cpu_s:.1} s of CPU, the broker {broker_cpu_s:.1} s); {blocked} blocked; {firewall}, API latency {latency_ms} ms",
         answered.len()
     );
     println!("api calls: {:?}", state["calls"]);
     println!("batch stages (samgate_batch_stage_seconds, sum over batches): {stages}");
+    println!("adaptive limits at the end (batches at once / rules per batch, by server): {limits}");
     println!(
-        "firewall={} events_per_s={:.0} raw_consume_per_s={raw_consume_per_s:.0} blocks_per_s={blocks_per_s:.0} api_calls_per_blocked_ip={:.4} logins={} p50_ms={:.0} p99_ms={:.0} rss_mib={:.1}",
+        "firewall={} events_per_s={:.0} raw_consume_per_s={raw_consume_per_s:.0} blocks_per_s={blocks_per_s:.0} api_calls_per_blocked_ip={:.4} logins={} p50_ms={:.0} p99_ms={:.0} repeats_decided_p50_s={:.1} repeats_decided_p99_s={:.1} rss_mib={:.1}",
         if fortigate { "fortigate" } else { "checkpoint" },
         events as f64 / decided_seconds,
         api_calls as f64 / blocked.max(1) as f64,
         state["logins"].as_u64().unwrap_or(0),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
+        percentile(&repeats, 0.5),
+        percentile(&repeats, 0.99),
         rss_mib
     );
     sim.stop().await;
     fg.stop().await;
     Ok(())
+}
+
+/// The adaptive limits per server now, from `/metrics`.
+async fn adaptive_limits(port: u16) -> anyhow::Result<String> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let value = |name: &str, server: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{server=\"{server}\"}}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let servers: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("samgate_server_concurrency{server=\""))
+        .filter_map(|r| r.split('"').next())
+        .collect();
+    Ok(servers
+        .iter()
+        .map(|s| {
+            let (c, b) = (
+                value("samgate_server_concurrency", s),
+                value("samgate_server_batch_rules", s),
+            );
+            format!("{s}={c}/{b}")
+        })
+        .collect::<Vec<_>>()
+        .join(" "))
 }
 
 /// Where the batches' time went: each stage's total seconds and count, from `/metrics`.

@@ -547,6 +547,54 @@ async fn a_thousand_blocks_cost_one_login_and_few_calls() {
     task.await.unwrap();
 }
 
+/// Repeats need no firewall, so none waits for one: while every block is held up by gateways
+/// that take ten minutes a task, the repeats of those addresses (and of the others) are all
+/// decided, as duplicates, and their offsets finished. Only `run.max_in_flight` pending blocks
+/// would stop consumption (the memory bound); here 30 blocks are pending of 100 allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeats_are_decided_while_their_blocks_wait_for_a_slow_firewall() {
+    let sim = simulator::start(SimulatorConfig {
+        task_duration: Duration::from_secs(600),
+        ..SimulatorConfig::default()
+    })
+    .await
+    .unwrap();
+    let t = topics();
+    let mut cfg = config(
+        &t,
+        &format!(
+            "{}\n[targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n",
+            server_toml("hq", &sim)
+        ),
+    );
+    cfg.run.max_in_flight = 100;
+    cfg.run.batch_max_rules = 10;
+    let (_http, cancel, task) = start(cfg).await;
+    // 30 new addresses first, then 300 repeats of them, in one ADS run.
+    let source = |i: u32| format!("198.18.7.{}", i % 30 + 1);
+    let lines: Vec<String> = (0..330u32)
+        .map(|i| ads(i, "SCANS", "High", &source(i)))
+        .collect();
+    shim("prague", &t.events, &t.dlq, &lines);
+    let results = read_topic_within(&t.results, 300, Duration::from_secs(120));
+    let outcomes: std::collections::BTreeMap<String, usize> =
+        results.iter().fold(Default::default(), |mut m, r| {
+            *m.entry(r.value["outcome"].as_str().unwrap_or("?").to_owned())
+                .or_default() += 1;
+            m
+        });
+    assert_eq!(
+        outcomes,
+        [("duplicate".to_owned(), 300)].into(),
+        "every repeat decided while the blocks wait"
+    );
+    assert!(results
+        .iter()
+        .all(|r| r.value["reason"] == "a block for this source is being enforced"));
+    cancel.cancel();
+    task.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_messages_go_to_the_dead_letter_topic_and_consumption_goes_on() {
     let sim = sim().await;

@@ -936,3 +936,70 @@ fn forget_or_keep(shared: &Shared, work: &Work) {
         state.abort(&work.enforce.key);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(adaptive: bool) -> (Arc<ServerLimits>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let run = crate::config::RunConfig {
+            adaptive,
+            server_concurrency: 16,
+            batch_max_rules: 500,
+            ..Default::default()
+        };
+        (
+            Arc::new(ServerLimits::new("hq", &run, metrics.clone())),
+            metrics,
+        )
+    }
+
+    fn gauges(metrics: &Metrics) -> (i64, i64) {
+        (
+            metrics.server_concurrency.with_label_values(&["hq"]).get(),
+            metrics.server_batch_rules.with_label_values(&["hq"]).get(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_cut_below_the_slots_in_use_takes_them_as_they_come_back() {
+        let (limits, metrics) = limits(true);
+        assert_eq!(gauges(&metrics), (INITIAL_CONCURRENCY as i64, 500));
+        let (a, b) = (limits.slot().await, limits.slot().await);
+        assert_eq!(limits.slots.available_permits(), 0);
+        // Back-pressure while both are out: one slot fewer, and the batch halved.
+        limits.observe(500, Duration::from_secs(1), Answer::Overloaded);
+        assert_eq!(gauges(&metrics), (1, 250));
+        assert_eq!(limits.batch(), 250);
+        drop(a); // taken by the cut
+        assert_eq!(limits.slots.available_permits(), 0);
+        drop(b);
+        assert_eq!(limits.slots.available_permits(), 1);
+        // A healthy call while a batch waited: one more slot (slow start ended with the cut),
+        // and the batch grows back by a quarter.
+        let held = limits.slot().await;
+        let waiting = tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.slot().await }
+        });
+        tokio::task::yield_now().await;
+        while !limits.control.lock().unwrap().busy {
+            tokio::task::yield_now().await;
+        }
+        limits.observe(250, Duration::from_secs(1), Answer::Healthy);
+        assert_eq!(gauges(&metrics), (2, 313));
+        let second = waiting.await.unwrap(); // the new slot let it through
+        drop((held, second));
+        assert_eq!(limits.slots.available_permits(), 2);
+    }
+
+    #[tokio::test]
+    async fn fixed_limits_stay_where_the_configuration_puts_them() {
+        let (limits, metrics) = limits(false);
+        assert_eq!(gauges(&metrics), (16, 500));
+        limits.observe(500, Duration::from_secs(30), Answer::Overloaded);
+        assert_eq!(gauges(&metrics), (16, 500));
+        assert_eq!(limits.slots.available_permits(), 16);
+    }
+}

@@ -159,14 +159,9 @@ pub async fn run(
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (watch, watcher) = tail::start(shared.clone(), control_tx.clone());
     let consumer = subscribe(&shared, &ready, control_tx.clone(), watch.clone())?;
-    let blocks = Arc::new(Semaphore::new(block_budget(
-        shared.config.run.max_in_flight,
-    )));
     let mut pipeline = Pipeline {
         watch,
         in_flight,
-        blocks,
-        deferred: BTreeMap::new(),
         shared,
         policy,
         queues,
@@ -373,11 +368,11 @@ fn subscribe(
     watch: std::sync::mpsc::Sender<tail::Watch>,
 ) -> anyhow::Result<StreamConsumer<PipelineContext>> {
     let config = &shared.config;
-    // A pause (backpressure, a deferred partition) drops what librdkafka prefetched for the
-    // partition, and the broker serves it again on resume; too little prefetch starves the
-    // loop instead: at 2 MiB per partition the storm benchmark consumed 3,300 events/s with
-    // the test broker's slow fetches, at 16 MiB 6,500 (docs/perf/README.md), librdkafka's 64
-    // gained nothing more and cost 70 MiB. kafka.properties may set it otherwise.
+    // A pause (backpressure) drops what librdkafka prefetched for the paused partitions, and
+    // the broker serves it again on resume; too little prefetch starves the loop instead. The
+    // high-level consumer has one queue for all its partitions: 16 MiB of it (librdkafka's
+    // default is 64) is what the storm benchmark measured best (docs/perf/README.md).
+    // kafka.properties may set it otherwise.
     //
     // max.poll.interval.ms is also the rebalance timeout: how long the group waits for a member
     // to rejoin. A replica killed during a rebalance held the test broker's group for librdkafka's
@@ -427,13 +422,6 @@ struct Pipeline {
     ready: Readiness,
     /// One permit per event between consumption and its result.
     in_flight: Arc<Semaphore>,
-    /// One permit per new block on its way to a firewall (of [`block_budget`]), held with the
-    /// event's in-flight permit: blocks waiting for the firewall never take the permits the
-    /// rest of the events need, so a duplicate is never held up by other addresses' blocks.
-    blocks: Arc<Semaphore>,
-    /// Partitions whose next event needs a block and found no budget: rewound to that event
-    /// and paused until blocks are done, while the other partitions go on.
-    deferred: BTreeMap<i32, Deferred>,
     /// The message taken when no permit was left; the consumer delivers no other until it goes.
     parked: Option<Parked>,
     /// Every partition is paused (the parked message waited [`PAUSE_AFTER`]) until a tenth of
@@ -447,21 +435,6 @@ struct Pipeline {
     rejoin_at: Option<tokio::time::Instant>,
     /// When partitions were last assigned here (or the loop started).
     assigned_at: tokio::time::Instant,
-}
-
-/// How many of `max_in_flight` events may wait for a new block at once: nine tenths, so a tenth
-/// of the permits stays for everything else (duplicates, suppressions, results).
-pub fn block_budget(max_in_flight: usize) -> usize {
-    (max_in_flight - max_in_flight / 10).max(1)
-}
-
-/// A partition rewound to an event that found no block budget.
-#[derive(Debug, Clone, Copy)]
-struct Deferred {
-    claim: Claim,
-    offset: i64,
-    /// Paused until blocks are done (false once resumed, until the event is read again).
-    waiting: bool,
 }
 
 /// A message that waits for a permit, under the claim it was consumed under.
@@ -481,7 +454,6 @@ impl Pipeline {
     async fn consume(&mut self, cancel: &CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let room = (self.shared.config.run.max_in_flight / 10).max(1) as u32;
-        let block_room = (block_budget(self.shared.config.run.max_in_flight) / 10).max(1) as u32;
         loop {
             let permits = self.in_flight.clone();
             let wanted = if self.backpressured { room } else { 1 };
@@ -493,9 +465,6 @@ impl Pipeline {
                 _ = tick.tick() => self.tick(),
                 Ok(permits) = permits.acquire_many_owned(wanted), if self.parked.is_some() => {
                     self.unpark(permits).await;
-                }
-                Ok(_room) = self.blocks.clone().acquire_many_owned(block_room), if self.deferred.values().any(|d| d.waiting) && !self.backpressured => {
-                    self.resume_deferred();
                 }
                 _ = sleep_until_some(pause_at), if !self.backpressured => {
                     self.pause_all();
@@ -524,16 +493,6 @@ impl Pipeline {
         let Some(claim) = claim.filter(|_| self.shared.ownership.ready(partition)) else {
             return self.rewind(partition, offset);
         };
-        match self.deferred.get(&partition) {
-            Some(d) if d.claim == claim && d.offset != offset => {
-                // Fetched before the rewind (or past it): the deferred event comes first.
-                return self.rewind(partition, d.offset);
-            }
-            Some(_) => {
-                self.deferred.remove(&partition);
-            }
-            None => {}
-        }
         match self.in_flight.clone().try_acquire_owned() {
             Ok(permit) => self.start(claim, offset, payload, permit).await,
             // Paused partitions deliver nothing, so this is rare: a second message waits in
@@ -580,25 +539,6 @@ impl Pipeline {
         payload: Vec<u8>,
         permit: OwnedSemaphorePermit,
     ) {
-        let input = decode(&payload);
-        let mut blocks = None;
-        let mut decided = None;
-        if let Ok(Input::Event(event)) = &input {
-            let decisions = self.decisions(event);
-            let new = decisions
-                .iter()
-                .filter(|d| matches!(d, Decision::Enforce(_)))
-                .count();
-            if new > 0 {
-                let new = new.min(block_budget(self.shared.config.run.max_in_flight)) as u32;
-                match self.blocks.clone().try_acquire_many_owned(new) {
-                    Ok(budget) => blocks = Some(budget),
-                    // Nothing is begun: the event is read again once blocks are done.
-                    Err(_) => return self.defer(claim, offset),
-                }
-            }
-            decided = Some(decisions);
-        }
         self.shared
             .tracker
             .lock()
@@ -610,14 +550,10 @@ impl Pipeline {
                 offset: Some(offset),
                 remaining: AtomicUsize::new(decisions),
                 _permit: Some(permit),
-                _blocks: blocks,
             })
         };
-        match input {
-            Ok(Input::Event(event)) => {
-                let decisions = decided.expect("decided above");
-                self.hand_on_decisions(*event, decisions, completion).await
-            }
+        match decode(&payload) {
+            Ok(Input::Event(event)) => self.decide(*event, completion).await,
             Ok(Input::Command(command)) => self.command(command, claim, &payload, completion).await,
             Err(reason) => dead_letter(&self.shared, completion(1), &payload, reason),
         }
@@ -688,27 +624,9 @@ impl Pipeline {
         }
     }
 
-    /// An event's decisions, on the state as it is now.
-    fn decisions(&self, event: &Event) -> Vec<Decision> {
-        let shared = &self.shared;
-        let state = shared.state.lock().expect("state");
-        decide::decide(
-            event,
-            &self.policy,
-            &*state,
-            shared.config.run.dry_run,
-            Utc::now(),
-        )
-    }
-
-    /// Hand each decision on: enforcement to its target's batcher, the rest straight to its
-    /// result.
-    async fn hand_on_decisions(
-        &mut self,
-        event: Event,
-        decisions: Vec<Decision>,
-        completion: impl FnOnce(usize) -> Arc<Completion>,
-    ) {
+    /// Decide, then hand each decision on: enforcement to its target's batcher, the rest
+    /// straight to its result.
+    async fn decide(&mut self, event: Event, completion: impl FnOnce(usize) -> Arc<Completion>) {
         let shared = &self.shared;
         let site = match shared.config.sites.contains_key(&event.site) {
             true => event.site.as_str(),
@@ -721,6 +639,16 @@ impl Pipeline {
             .with_label_values(&[site, format])
             .inc();
         let now = Utc::now();
+        let decisions = {
+            let state = shared.state.lock().expect("state");
+            decide::decide(
+                &event,
+                &self.policy,
+                &*state,
+                shared.config.run.dry_run,
+                now,
+            )
+        };
         let completion = completion(decisions.len());
         for decision in decisions {
             let result = ResultMessage::decided(&event, &decision);
@@ -917,37 +845,6 @@ impl Pipeline {
         }
     }
 
-    /// The event at `offset` needs a block and the block budget is spent: its partition is
-    /// rewound to it and paused until blocks are done; the other partitions go on.
-    fn defer(&mut self, claim: Claim, offset: i64) {
-        self.rewind(claim.partition, offset);
-        let deferred = Deferred {
-            claim,
-            offset,
-            waiting: true,
-        };
-        self.deferred.insert(claim.partition, deferred);
-    }
-
-    /// Blocks are done: the deferred partitions still ours go on from their deferred event.
-    fn resume_deferred(&mut self) {
-        let topic = &self.shared.config.kafka.topics.events;
-        let mut list = TopicPartitionList::new();
-        let ownership = &self.shared.ownership;
-        self.deferred
-            .retain(|&partition, d| ownership.claim(partition) == Some(d.claim));
-        for (&partition, d) in &mut self.deferred {
-            // Read again from the deferred event: until it comes, nothing more to resume (a
-            // partition not ready is resumed when it is).
-            if std::mem::take(&mut d.waiting) && ownership.ready(partition) {
-                list.add_partition(topic, partition);
-            }
-        }
-        if list.count() > 0 {
-            let _ = self.consumer.resume(&list);
-        }
-    }
-
     fn pause_all(&self) {
         if let Ok(assigned) = self.consumer.assignment() {
             let _ = self.consumer.pause(&assigned);
@@ -962,8 +859,7 @@ impl Pipeline {
         };
         let mut list = TopicPartitionList::new();
         for e in assigned.elements_for_topic(topic) {
-            let waiting = self.deferred.get(&e.partition()).is_some_and(|d| d.waiting);
-            if self.shared.ownership.ready(e.partition()) && !waiting {
+            if self.shared.ownership.ready(e.partition()) {
                 list.add_partition(topic, e.partition());
             }
         }
@@ -1208,8 +1104,6 @@ pub struct Completion {
     pub offset: Option<i64>,
     remaining: AtomicUsize,
     _permit: Option<OwnedSemaphorePermit>,
-    /// The event's new blocks' share of the block budget.
-    _blocks: Option<OwnedSemaphorePermit>,
 }
 
 impl Completion {
@@ -1220,7 +1114,6 @@ impl Completion {
             offset: None,
             remaining: AtomicUsize::new(results),
             _permit: None,
-            _blocks: None,
         })
     }
 
@@ -1231,7 +1124,6 @@ impl Completion {
             offset: None,
             remaining: AtomicUsize::new(results),
             _permit: Some(permit),
-            _blocks: None,
         })
     }
 

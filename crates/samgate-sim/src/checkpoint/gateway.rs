@@ -668,6 +668,8 @@ impl Gateway {
                 other => return Err(format!("unknown get option '{other}'")),
             }
         }
+        // A set: samgate asks for a whole batch's rules (thousands of -v) of a table as large.
+        let values: std::collections::HashSet<String> = values.into_iter().collect();
         let mut out = String::new();
         for rule in self
             .samp
@@ -677,15 +679,16 @@ impl Gateway {
             if uid.as_ref().is_some_and(|u| *u != rule.uid) {
                 continue;
             }
-            let fields = samp_fields(rule);
             if let Some(k) = &key {
-                let value = fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
-                if value.is_none()
-                    || (!values.is_empty() && !values.contains(value.as_ref().unwrap()))
+                let value = samp_field(rule, k);
+                if value
+                    .as_ref()
+                    .is_none_or(|v| !values.is_empty() && !values.contains(v))
                 {
                     continue;
                 }
             }
+            let fields = samp_fields(rule);
             if long {
                 for (k, v) in &fields {
                     out.push_str(&format!("{k} {v}\n"));
@@ -705,6 +708,20 @@ impl Gateway {
 }
 
 /// The fields of a rule in `fw samp get` order.
+/// One field of [`samp_fields`], without building the others (the tags directly).
+fn samp_field(rule: &SampRuleState, key: &str) -> Option<String> {
+    match key {
+        "name" => rule.name.clone(),
+        "comment" => rule.comment.clone(),
+        "originator" => rule.originator.clone(),
+        "uid" => Some(rule.uid.clone()),
+        _ => samp_fields(rule)
+            .into_iter()
+            .find(|(f, _)| f == key)
+            .map(|(_, v)| v),
+    }
+}
+
 fn samp_fields(rule: &SampRuleState) -> Vec<(String, String)> {
     let action = match rule.action.as_str() {
         "d" => "drop",
