@@ -1,9 +1,10 @@
 //! `scripts/bench pipeline`: a detection storm through the real broker, the real shim and the
 //! pipeline into the Check Point simulator with realistic API latency (or, with
 //! `BENCH_FIREWALL=fortigate`, into the FortiGate simulator's banned-IP list: `scripts/bench
-//! pipeline --fortigate`). `BENCH_MODEL=honest` runs the Check Point simulator with the honest
-//! firewall model (a cost per gateway process), the flat one otherwise; `BENCH_MODE=fw_samp`
-//! gives the Check Point targets that mode; the summary says which.
+//! pipeline --fortigate`). The Check Point simulator runs the honest firewall model (a cost per
+//! gateway process and batch line, two scripts at once per gateway) unless `BENCH_MODEL=flat`
+//! (every task the base); the targets are `fw_samp` (the mode for throughput) unless
+//! `BENCH_MODE=fw_sam`; the summary says which.
 //! Prints figures; asserts nothing about time.
 //!
 //! Usage: bench_pipeline BROKERS SAMGATE_BINARY [EVENTS] [SOURCES] [SITES] [LATENCY_MS] [TASK_MS]
@@ -32,10 +33,13 @@ fn drain(
     limit: Duration,
     mut on_message: impl FnMut(&[u8]),
 ) -> (f64, f64) {
+    // The fetch settings `samgate run` uses, so the raw rate is the same consumer's.
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-reader-{topic}"))
         .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.max.messages.kbytes", "16384")
         .create()
         .expect("consumer");
     let started = Instant::now();
@@ -124,11 +128,10 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
 
-    // The firewall model: `BENCH_MODEL=honest` adds a cost per gateway process (docs/checkpoint.md);
-    // the default is the flat model the figures in the README were measured with.
+    // The firewall model (docs/checkpoint.md): honest unless `BENCH_MODEL=flat`.
     let model = match std::env::var("BENCH_MODEL").as_deref() {
-        Ok("honest") => simulator::FirewallModel::honest(),
-        _ => simulator::FirewallModel::flat(),
+        Ok("flat") => simulator::FirewallModel::flat(),
+        _ => simulator::FirewallModel::honest(),
     };
     let sim = simulator::start(SimulatorConfig {
         task_duration: Duration::from_millis(task_ms),
@@ -219,8 +222,8 @@ async fn main() -> anyhow::Result<()> {
         fg.token,
         fg.fingerprint.as_deref().unwrap(),
     );
-    // `BENCH_MODE=fw_samp` gives the Check Point targets that mode (default: the config's, fw_sam).
-    let sam_mode = std::env::var("BENCH_MODE").unwrap_or_else(|_| "fw_sam".into());
+    // The Check Point targets' mode: fw_samp unless `BENCH_MODE` says otherwise.
+    let sam_mode = std::env::var("BENCH_MODE").unwrap_or_else(|_| "fw_samp".into());
     let target = match fortigate {
         true => "kind = \"fortigate\"\ndevice = \"fg\"".to_owned(),
         false => format!("server = \"hq\"\ngateways = [\"gw-1\"]\nmode = \"{sam_mode}\""),

@@ -382,6 +382,7 @@ fn subscribe(
     let poll_interval = poll_interval(config).as_millis().to_string();
     let defaults = [
         ("queued.max.messages.kbytes", "16384"),
+        ("fetch.wait.max.ms", "100"),
         ("max.poll.interval.ms", poll_interval.as_str()),
     ];
     let consumer: StreamConsumer<PipelineContext> =
