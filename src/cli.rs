@@ -42,6 +42,9 @@ pub enum Command {
     Shim(ShimArgs),
     /// The enforcement pipeline: consume events, decide, block on Check Point, report.
     Run(RunArgs),
+    /// Serve the block-list feeds (targets of kind = "feed") that gateways fetch, built from
+    /// the whole state topic.
+    Feed(ConfigArgs),
     /// Load and validate a configuration, then print it (secret values hidden).
     CheckConfig(ConfigArgs),
     /// Create the topics samgate uses, if missing, with the configured partitions.
@@ -297,6 +300,19 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             match crate::pipeline::run(config, cancel_on_signal(), |_| {}).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("run: {e:#}")),
+            }
+        }
+        Command::Feed(args) => {
+            let config = match Config::load(args.config.as_deref()).and_then(Config::validate) {
+                Ok(c) => c,
+                Err(e) => return fail(&e.to_string()),
+            };
+            if let Err(e) = logging::init(cli.log_format, log, None) {
+                return fail(&e.to_string());
+            }
+            match crate::feed::run(config, cancel_on_signal(), |_| {}).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("feed: {e:#}")),
             }
         }
         Command::Block(args) => {

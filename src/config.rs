@@ -36,6 +36,45 @@ pub struct Config {
     pub targets: BTreeMap<String, TargetConfig>,
     /// Comparing the gateways with the blocks samgate holds.
     pub reconcile: ReconcileConfig,
+    /// `samgate feed`: the block-list feeds that gateways fetch (targets of `kind = "feed"`).
+    pub feed: FeedConfig,
+}
+
+/// `samgate feed`: serves each feed target's addresses, built from the whole state topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedConfig {
+    /// Where `GET /feeds/<target>` (and `/metrics`, `/healthz`, `/readyz`) are served.
+    pub listen: std::net::SocketAddr,
+    /// Serve HTTPS with this certificate and key (PEM files); plain HTTP without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<FeedTlsConfig>,
+    /// How long a change waits before the feeds are rebuilt (changes within it are built at
+    /// once): a storm of state records costs one rebuild per delay, not one per record.
+    #[serde(with = "humantime_serde")]
+    pub rebuild_delay: Duration,
+    /// Take a client's address from `X-Forwarded-For` (a proxy or ingress in front of the feeds
+    /// says whom it forwards); off: the connection's peer address.
+    pub trust_forwarded_for: bool,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9465".parse().expect("address"),
+            tls: None,
+            rebuild_delay: Duration::from_millis(200),
+            trust_forwarded_for: false,
+        }
+    }
+}
+
+/// The feed server's certificate (its chain, leaf first) and private key, PEM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// Reconcile: each replica lists its targets' gateways, re-asserts the rules of active blocks
@@ -225,7 +264,7 @@ pub struct SiteConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
-    /// `checkpoint` (the default) or `fortigate`.
+    /// `checkpoint` (the default), `fortigate`, or `feed` (published for gateways to fetch).
     #[serde(default)]
     pub kind: TargetKind,
     /// Check Point: a server under `[checkpoint.servers]`.
@@ -258,6 +297,20 @@ pub struct TargetConfig {
     /// FortiGate `webhook` mode: the automation stitch's name (its Incoming Webhook trigger).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stitch: Option<String>,
+    /// Feed: the user a gateway fetches it as (HTTP basic authentication, with `password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Feed: the basic-authentication password (`SAMGATE_TARGETS__<T>__PASSWORD`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// Feed: a bearer token a client may present instead (`SAMGATE_TARGETS__<T>__TOKEN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// Feed: the gateways expected to fetch it, by name, with the address they fetch from:
+    /// each gets `samgate_feed_last_poll_timestamp_seconds{feed, poller}`, which an alert
+    /// watches (a client not listed counts as `other`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pollers: BTreeMap<String, std::net::IpAddr>,
 }
 
 /// Which firewall a target is.
@@ -267,6 +320,8 @@ pub enum TargetKind {
     #[default]
     Checkpoint,
     Fortigate,
+    /// A block list that gateways fetch (`samgate feed` serves it); nothing is pushed.
+    Feed,
 }
 
 /// How a target's rules are issued (see [`TargetConfig::mode`]).
@@ -996,6 +1051,14 @@ impl Config {
         for (name, target) in &self.targets {
             self.validate_target(name, target)?;
         }
+        let delay = self.feed.rebuild_delay;
+        if delay < Duration::from_millis(10) || delay > Duration::from_secs(10) {
+            return Err(invalid(
+                "feed.rebuild_delay",
+                format!("{} is out of range", humantime::format_duration(delay)),
+                "use between \"10ms\" and \"10s\" (the default is \"200ms\")",
+            ));
+        }
         Ok(())
     }
 }
@@ -1007,7 +1070,110 @@ impl Config {
         let refuse = |field: &'static str, problem: &str, fix: &'static str| {
             Err(invalid(field, named(problem), fix))
         };
+        if t.kind != TargetKind::Feed {
+            for (field, set) in [
+                ("targets.username", t.username.is_some()),
+                ("targets.password", t.password.is_some()),
+                ("targets.token", t.token.is_some()),
+                ("targets.pollers", !t.pollers.is_empty()),
+            ] {
+                if set {
+                    return refuse(
+                        field,
+                        "is a feed setting, and this target is pushed to",
+                        "remove it, or set kind = \"feed\"",
+                    );
+                }
+            }
+        }
         match t.kind {
+            TargetKind::Feed => {
+                // The name is the feed's URL path segment, and its limits' and metrics' name.
+                if !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                    || name.starts_with('.')
+                {
+                    return refuse(
+                        "targets",
+                        "is a feed, whose name is its URL (/feeds/<name>)",
+                        "name it with letters, digits, '.', '_' and '-' only",
+                    );
+                }
+                if self.checkpoint.servers.contains_key(name)
+                    || self.fortigate.devices.contains_key(name)
+                {
+                    return refuse(
+                        "targets",
+                        "has the name of a server or device",
+                        "give the feed its own name (limits and metrics are by name)",
+                    );
+                }
+                for (field, set) in [
+                    ("targets.server", t.server.is_some()),
+                    ("targets.gateways", !t.gateways.is_empty()),
+                    ("targets.device", t.device.is_some()),
+                    ("targets.mode", t.mode.is_some()),
+                    ("targets.action", t.action.is_some()),
+                    ("targets.close_connections", t.close_connections.is_some()),
+                    ("targets.log", t.log.is_some()),
+                    ("targets.criteria", t.criteria.is_some()),
+                    ("targets.stitch", t.stitch.is_some()),
+                ] {
+                    if set {
+                        return refuse(
+                            field,
+                            "is a feed, which gateways fetch (this is a setting of a pushed target)",
+                            "remove it (a feed takes username and password, token, and pollers)",
+                        );
+                    }
+                }
+                match (&t.username, &t.password) {
+                    (Some(u), Some(_)) if !u.is_empty() && !u.contains(':') => {}
+                    (Some(_), Some(_)) => {
+                        return refuse(
+                            "targets.username",
+                            "is empty or holds ':', which basic authentication cannot carry",
+                            "use a plain user name",
+                        )
+                    }
+                    (Some(_), None) => {
+                        return refuse(
+                            "targets.password",
+                            "has a username and no password",
+                            "set password (SAMGATE_TARGETS__<NAME>__PASSWORD), or remove username",
+                        )
+                    }
+                    (None, Some(_)) => {
+                        return refuse(
+                            "targets.username",
+                            "has a password and no username",
+                            "set username, or remove password",
+                        )
+                    }
+                    (None, None) => {}
+                }
+                if t.token
+                    .as_ref()
+                    .is_some_and(|t| t.expose().trim().is_empty())
+                {
+                    return refuse("targets.token", "is empty", "set a token, or remove it");
+                }
+                for poller in t.pollers.keys() {
+                    if poller.is_empty()
+                        || poller == "other"
+                        || !poller
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                    {
+                        return refuse(
+                            "targets.pollers",
+                            &format!("poller {poller:?} is not a metric label value"),
+                            "name pollers with letters, digits, '.', '_' and '-' ('other' is taken)",
+                        );
+                    }
+                }
+            }
             TargetKind::Checkpoint => {
                 let Some(server) = &t.server else {
                     return refuse(
@@ -1522,6 +1688,41 @@ mod tests {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
             let text = err.to_string();
             assert_eq!(field_of(err), field, "{toml}");
+            assert!(text.contains(field), "{text}");
+        }
+    }
+
+    #[test]
+    fn feed_targets_name_each_wrong_field() {
+        let cp = "[checkpoint.servers.hq]\nurl = \"https://192.0.2.1\"\napi_key = \"k\"\n";
+        let ok = format!("{cp}[targets.blocklist]\nkind = \"feed\"\nusername = \"gw\"\npassword = \"p\"\ntoken = \"t\"\n[targets.blocklist.pollers]\nprague-gw = \"192.0.2.10\"\n[sites.s]\ntargets = [\"blocklist\"]\n[feed]\nlisten = \"127.0.0.1:0\"\n");
+        let config = Config::from_toml(&ok).unwrap().validate().unwrap();
+        assert_eq!(config.targets["blocklist"].kind, TargetKind::Feed);
+        let feed = |body: &str| format!("{cp}[targets.f]\nkind = \"feed\"\n{body}\n");
+        let cases: Vec<(String, &str)> = vec![
+            (feed("server = \"hq\""), "targets.server"),
+            (feed("gateways = [\"gw\"]"), "targets.gateways"),
+            (feed("device = \"fg\""), "targets.device"),
+            (feed("mode = \"fw_samp\""), "targets.mode"),
+            (feed("action = \"reject\""), "targets.action"),
+            (feed("stitch = \"s\""), "targets.stitch"),
+            (feed("username = \"gw\""), "targets.password"),
+            (feed("password = \"p\""), "targets.username"),
+            (feed("username = \"g:w\"\npassword = \"p\""), "targets.username"),
+            (feed("token = \" \""), "targets.token"),
+            (feed("[targets.f.pollers]\nother = \"192.0.2.1\""), "targets.pollers"),
+            (feed("[targets.f.pollers]\n\"a b\" = \"192.0.2.1\""), "targets.pollers"),
+            (format!("{cp}[targets.\"a/b\"]\nkind = \"feed\"\n"), "targets"),
+            (format!("{cp}[targets.hq]\nkind = \"feed\"\n"), "targets"),
+            // Feed settings on a pushed target.
+            (format!("{cp}[targets.t]\nserver = \"hq\"\ngateways = [\"gw\"]\ntoken = \"t\"\n"), "targets.token"),
+            (format!("{cp}[targets.t]\nserver = \"hq\"\ngateways = [\"gw\"]\n[targets.t.pollers]\na = \"192.0.2.1\"\n"), "targets.pollers"),
+            (format!("{cp}[feed]\nrebuild_delay = \"1ms\"\n"), "feed.rebuild_delay"),
+        ];
+        for (toml, field) in cases {
+            let err = Config::from_toml(&toml).unwrap().validate().unwrap_err();
+            let text = err.to_string();
+            assert_eq!(field_of(err), field, "{toml}\n{text}");
             assert!(text.contains(field), "{text}");
         }
     }

@@ -61,6 +61,8 @@ pub enum Listing {
     Sam(Vec<sam::SamMonitorEntry>),
     /// A FortiGate's banned-IP list: addresses (no tags).
     Banned(Vec<IpAddr>),
+    /// A feed: built from the state topic, so it holds every active block by construction.
+    Published,
 }
 
 impl Listing {
@@ -70,6 +72,7 @@ impl Listing {
             Listing::Samp(keys) => keys.iter().any(|(k, _)| Some(*k) == rule.key),
             Listing::Sam(lines) => lines.iter().any(|l| sam::monitor_entry_is(l, rule)),
             Listing::Banned(ips) => ips.contains(&rule.criteria.address()),
+            Listing::Published => true,
         }
     }
 }

@@ -42,7 +42,22 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let app = Router::new()
+    let app = router(metrics, ready);
+    let task = tokio::spawn(async move {
+        let shutdown = async move { cancel.cancelled().await };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "HTTP listener failed");
+        }
+    });
+    Ok((addr, task))
+}
+
+/// `/metrics`, `/healthz` and `/readyz` (for a listener that serves more).
+pub fn router(metrics: Arc<Metrics>, ready: Readiness) -> Router {
+    Router::new()
         .route(
             "/metrics",
             get(|State(s): State<AppState>| async move { s.metrics.render() }),
@@ -58,15 +73,5 @@ pub async fn serve(
                 }
             }),
         )
-        .with_state(AppState { metrics, ready });
-    let task = tokio::spawn(async move {
-        let shutdown = async move { cancel.cancelled().await };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP listener failed");
-        }
-    });
-    Ok((addr, task))
+        .with_state(AppState { metrics, ready })
 }

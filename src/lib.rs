@@ -14,6 +14,7 @@
 //! - [`enforcer`]: the one interface the pipeline enforces through, whatever the firewall.
 //! - [`checkpoint`]: the Check Point Management API client and the `fw sam` / `fw samp` commands it sends.
 //! - [`fortigate`]: the FortiOS REST API client (banned-IP list, automation-stitch webhook).
+//! - [`feed`]: `samgate feed`, block-list feeds that gateways fetch, built from the state topic.
 //! - [`simulate`]: `samgate simulate …`, the simulators of the `samgate-sim` crate as lab servers.
 //! - [`demo`]: `samgate demo`, everything above on one machine (in-process Kafka, simulators, ADS generator).
 //! - [`secret`]: the redacted type for passwords, API keys and session ids.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod enforcer;
 pub mod event;
+pub mod feed;
 pub mod flowmon;
 pub mod flowmon_api;
 pub mod fortigate;

@@ -69,6 +69,17 @@ pub struct Metrics {
     pub reconcile_repairs: IntCounterVec,
     /// Reconcile runs, by target and status (`ok`, `failed`).
     pub reconciles: IntCounterVec,
+    /// `samgate feed`: addresses a feed lists now, by feed.
+    pub feed_entries: IntGaugeVec,
+    /// `samgate feed`: a feed's size in bytes, by feed and format (`text`, `csv`).
+    pub feed_bytes: IntGaugeVec,
+    /// `samgate feed`: requests, by feed and HTTP status (`200`, `304`, `401`, `503`).
+    pub feed_requests: IntCounterVec,
+    /// `samgate feed`: when a feed's content last changed (unix seconds), by feed.
+    pub feed_last_change: IntGaugeVec,
+    /// `samgate feed`: when a configured poller last fetched a feed (unix seconds), by feed and
+    /// poller (a configured gateway's name, or `other`).
+    pub feed_last_poll: IntGaugeVec,
 }
 
 impl Metrics {
@@ -94,6 +105,13 @@ impl Metrics {
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
             c
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
         };
         let seconds = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -290,6 +308,31 @@ impl Metrics {
                 "Reconcile runs, by target and status (ok, failed).",
                 &["target", "status"],
             ),
+            feed_entries: gauge_vec(
+                "samgate_feed_entries",
+                "Addresses a feed lists now.",
+                &["feed"],
+            ),
+            feed_bytes: gauge_vec(
+                "samgate_feed_bytes",
+                "A feed's size in bytes, by format (text, csv).",
+                &["feed", "format"],
+            ),
+            feed_requests: counter(
+                "samgate_feed_requests_total",
+                "Requests for a feed, by HTTP status.",
+                &["feed", "status"],
+            ),
+            feed_last_change: gauge_vec(
+                "samgate_feed_last_change_timestamp_seconds",
+                "When a feed's content last changed (unix seconds).",
+                &["feed"],
+            ),
+            feed_last_poll: gauge_vec(
+                "samgate_feed_last_poll_timestamp_seconds",
+                "When a configured gateway (or any other client: poller=\"other\") last fetched a feed (unix seconds).",
+                &["feed", "poller"],
+            ),
             registry,
         }
     }
@@ -302,7 +345,7 @@ impl Metrics {
     /// Every metric's name with its label names: what a dashboard or an alert may select on.
     pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 26] = [
+        let collectors: [&dyn Collector; 31] = [
             &self.build_info,
             &self.events_consumed,
             &self.decisions,
@@ -329,6 +372,11 @@ impl Metrics {
             &self.drift_rules,
             &self.reconcile_repairs,
             &self.reconciles,
+            &self.feed_entries,
+            &self.feed_bytes,
+            &self.feed_requests,
+            &self.feed_last_change,
+            &self.feed_last_poll,
         ];
         collectors
             .iter()

@@ -202,12 +202,15 @@ pub async fn run(
 struct Firewalls {
     checkpoint: BTreeMap<String, Arc<ManagementClient>>,
     fortigate: BTreeMap<String, Arc<FortiClient>>,
+    /// Feed targets: each its own "server" (nothing to connect to).
+    feeds: Vec<String>,
 }
 
 impl Firewalls {
     /// The enforcer of `target`.
-    fn enforcer(&self, target: &Target) -> Arc<dyn Enforcer> {
+    fn enforcer(&self, target: &Target, shared: &Arc<Shared>) -> Arc<dyn Enforcer> {
         match &target.mode {
+            Mode::Feed => Arc::new(crate::feed::enforcer::FeedEnforcer::new(shared.clone())),
             Mode::Sam(mode) => Arc::new(CheckPointEnforcer {
                 client: self.checkpoint[&target.server].clone(),
                 mode: *mode,
@@ -222,7 +225,10 @@ impl Firewalls {
 
     /// Every server and device by name: what courtesy limits apply to.
     fn names(&self) -> impl Iterator<Item = &String> {
-        self.checkpoint.keys().chain(self.fortigate.keys())
+        self.checkpoint
+            .keys()
+            .chain(self.fortigate.keys())
+            .chain(self.feeds.iter())
     }
 }
 
@@ -235,6 +241,10 @@ async fn connect_firewalls(
     let mut firewalls = Firewalls {
         checkpoint: BTreeMap::new(),
         fortigate: BTreeMap::new(),
+        feeds: (config.targets.iter())
+            .filter(|(_, t)| t.kind == crate::config::TargetKind::Feed)
+            .map(|(name, _)| name.clone())
+            .collect(),
     };
     for (name, server) in &config.checkpoint.servers {
         let client = ManagementClient::new(name, server)
@@ -337,7 +347,7 @@ fn start_batchers(
         let (tx, rx) = mpsc::channel(run.max_in_flight);
         queues.insert(name.clone(), tx);
         let batcher = Arc::new(Batcher {
-            enforcer: firewalls.enforcer(&target),
+            enforcer: firewalls.enforcer(&target, shared),
             limits: limits[&target.server].clone(),
             shared: shared.clone(),
             target,

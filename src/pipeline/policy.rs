@@ -40,16 +40,19 @@ pub enum Mode {
     Sam(SamMode),
     /// FortiGate: the banned-IP list or an automation stitch.
     Forti(FortiMode),
+    /// A feed: listed for gateways to fetch (`samgate feed`), nothing pushed.
+    Feed,
 }
 
 impl Mode {
-    /// The name results and docs use (`fw_sam`, `fw_samp`, `banned_ip`, `webhook`).
+    /// The name results and docs use (`fw_sam`, `fw_samp`, `banned_ip`, `webhook`, `feed`).
     pub fn name(&self) -> &'static str {
         match self {
             Mode::Sam(SamMode::FwSam) => "fw_sam",
             Mode::Sam(SamMode::FwSamp) => "fw_samp",
             Mode::Forti(FortiMode::BannedIp) => "banned_ip",
             Mode::Forti(FortiMode::Webhook { .. }) => "webhook",
+            Mode::Feed => "feed",
         }
     }
 }
@@ -89,6 +92,18 @@ impl Target {
                     criteria: CriteriaKind::Src,
                 }
             }
+            // A feed is its own "server" (its limits) and its own one "gateway" (results say
+            // where the block is: in the feed of that name).
+            TargetKind::Feed => Target {
+                name: name.to_owned(),
+                server: name.to_owned(),
+                gateways: vec![name.to_owned()],
+                mode: Mode::Feed,
+                action: SamAction::Drop,
+                close_connections: false,
+                log: LogType::None,
+                criteria: CriteriaKind::Src,
+            },
         }
     }
 

@@ -384,6 +384,7 @@ impl ResultMessage {
                         "fw samp del '<uid>' (uids from fw samp get by samgate's comment)".into()
                     }
                     Mode::Forti(_) => crate::fortigate::enforcer::describe_unban(&unblock.rule),
+                    Mode::Feed => crate::feed::enforcer::describe_removal(&unblock.rule),
                 });
                 r
             }
@@ -429,6 +430,7 @@ impl ResultMessage {
             Mode::Sam(SamMode::FwSam) => enforce.rule.fw_sam(),
             Mode::Sam(SamMode::FwSamp) => enforce.rule.fw_samp_add().unwrap_or_default(),
             Mode::Forti(mode) => crate::fortigate::enforcer::describe_ban(mode, enforce),
+            Mode::Feed => crate::feed::enforcer::describe_listing(enforce),
         });
     }
 

@@ -1,0 +1,765 @@
+//! `samgate feed`: block-list feeds that gateways fetch themselves. Each target of
+//! `kind = "feed"` is served at `GET /feeds/<name>` (one address per line: a Check Point
+//! Network Feed "Flat List", a FortiGate External Block List, a Palo Alto EDL) and
+//! `GET /feeds/<name>.csv` (Check Point's IoC CSV, IPv4 only).
+//!
+//! A process of its own, not a listener inside `samgate run`: a feed is built from the *whole*
+//! state topic (every partition), while a `run` replica owns only some partitions; so any
+//! number of `samgate feed` processes (a Deployment of their own, scaled for the gateways that
+//! poll, restarted without touching enforcement) read the same log and serve the same bytes.
+//!
+//! - **Reading** (one thread): every partition of the state topic from its start, folded into
+//!   the [`store::FeedStore`]. The feeds answer 503 until every partition was read to its end
+//!   once: a partial feed would take blocks off the gateways.
+//! - **Building**: a change is built after `feed.rebuild_delay` (200 ms), and a feed whose
+//!   entries expire, or whose exemption ends, is rebuilt at that instant. Never-block networks
+//!   and not-blockable addresses are left out at every build (`Policy`, as `run` checks them).
+//! - **Serving** (axum, plain HTTP or TLS from `feed.tls`): strong `ETag`s (the body's
+//!   SHA-256) with `If-None-Match`, and `Last-Modified` with `If-Modified-Since`, so a gateway
+//!   polling an unchanged feed gets a 304 and no body; per feed, optional basic
+//!   authentication and/or a bearer token; metrics per feed, and per configured poller the
+//!   time of its last fetch (`samgate_feed_last_poll_timestamp_seconds`), which an alert
+//!   watches; `GET /feeds/<name>/clients` lists every client address's last fetch.
+
+pub mod enforcer;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine as _;
+use chrono::{DateTime, TimeZone, Utc};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Config, TargetKind};
+use crate::http::Readiness;
+use crate::metrics::Metrics;
+use crate::pipeline::policy::Policy;
+use crate::secret::Secret;
+use store::{FeedStore, Rendered};
+
+/// Client addresses remembered per feed for `/feeds/<name>/clients` (the oldest go first).
+const CLIENTS_KEPT: usize = 10_000;
+
+/// Who may fetch a feed, and who is expected to.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub basic: Option<(String, Secret)>,
+    pub token: Option<Secret>,
+    /// Configured pollers by the address they fetch from.
+    pub pollers: BTreeMap<IpAddr, String>,
+}
+
+impl Access {
+    fn open(&self) -> bool {
+        self.basic.is_none() && self.token.is_none()
+    }
+}
+
+/// What the handlers share.
+struct Feeds {
+    access: BTreeMap<String, Access>,
+    published: RwLock<BTreeMap<String, Arc<Rendered>>>,
+    /// Per feed, each client address's last fetch (unix seconds).
+    clients: Mutex<BTreeMap<String, HashMap<IpAddr, i64>>>,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+    trust_forwarded_for: bool,
+}
+
+/// The feed targets of `config`, with their access settings.
+pub fn access(config: &Config) -> BTreeMap<String, Access> {
+    (config.targets.iter())
+        .filter(|(_, t)| t.kind == TargetKind::Feed)
+        .map(|(name, t)| {
+            let basic = t.username.clone().zip(t.password.clone());
+            let pollers = t
+                .pollers
+                .iter()
+                .map(|(n, ip)| (ip.to_canonical(), n.clone()));
+            let access = Access {
+                basic,
+                token: t.token.clone(),
+                pollers: pollers.collect(),
+            };
+            (name.clone(), access)
+        })
+        .collect()
+}
+
+/// Runs until `cancel`. `on_listen` gets the bound address (`feed.listen` port 0 picks one).
+pub async fn run(
+    config: Config,
+    cancel: CancellationToken,
+    on_listen: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let access = access(&config);
+    anyhow::ensure!(
+        !access.is_empty(),
+        "no target has kind = \"feed\": there is nothing to serve"
+    );
+    let metrics = Arc::new(Metrics::new());
+    for (name, a) in &access {
+        for poller in a.pollers.values().map(String::as_str).chain(["other"]) {
+            metrics.feed_last_poll.with_label_values(&[name, poller]);
+        }
+        for status in ["200", "304", "401", "503"] {
+            metrics.feed_requests.with_label_values(&[name, status]);
+        }
+    }
+    let servers = crate::pipeline::server_addresses(&config).await?;
+    let policy = Policy::new(&config, &servers);
+    let feeds = Arc::new(Feeds {
+        published: RwLock::default(),
+        clients: Mutex::default(),
+        metrics: metrics.clone(),
+        ready: Readiness::default(),
+        trust_forwarded_for: config.feed.trust_forwarded_for,
+        access,
+    });
+    let tls = match &config.feed.tls {
+        Some(tls) => Some(tls_config(tls)?),
+        None => None,
+    };
+    let router = router(feeds.clone());
+    let listener = tokio::net::TcpListener::bind(config.feed.listen)
+        .await
+        .with_context(|| format!("feed.listen: cannot listen on {}", config.feed.listen))?;
+    let addr = listener.local_addr()?;
+    on_listen(addr);
+    info!(%addr, tls = tls.is_some(), feeds = ?feeds.access.keys().collect::<Vec<_>>(), "serving feeds");
+    let reader = {
+        let (feeds, cancel) = (feeds.clone(), cancel.clone());
+        std::thread::Builder::new()
+            .name("samgate-feed-reader".into())
+            .spawn(move || follow(&config, &policy, &feeds, &cancel))?
+    };
+    let shutdown = cancel.clone().cancelled_owned();
+    let served = match tls {
+        None => {
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<ClientAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+        Some(tls) => {
+            axum::serve(
+                TlsListener::start(listener, tls, cancel.clone()),
+                router.into_make_service_with_connect_info::<ClientAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+    };
+    cancel.cancel();
+    let joined = tokio::task::spawn_blocking(move || reader.join()).await;
+    if let Ok(Ok(Err(e))) = joined {
+        return Err(e);
+    }
+    served.context("the feed listener failed")
+}
+
+/// Reads the state topic and rebuilds the feeds, until `cancel`.
+fn follow(
+    config: &Config,
+    policy: &Policy,
+    feeds: &Feeds,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let topic = &config.kafka.topics.state;
+    let consumer: BaseConsumer = crate::kafka::base_config(&config.kafka)
+        .set("group.id", format!("{}-feed", config.run.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "100")
+        .create()
+        .context("cannot create the state reader")?;
+    // The state topic is `samgate run`'s to create (its partitions follow the events topic's).
+    let partitions = loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+            Ok(m) => match m.topics().first().map(|t| t.partitions().len()) {
+                Some(n) if n > 0 => break n as i32,
+                _ => warn!(
+                    topic,
+                    "the state topic does not exist yet; waiting for samgate run to create it"
+                ),
+            },
+            Err(e) => warn!(topic, error = %e, "cannot read the state topic's metadata yet"),
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let names: Vec<String> = feeds.access.keys().cloned().collect();
+    let mut store = FeedStore::new(names);
+    let mut at_end = vec![false; partitions as usize];
+    let delay = config.feed.rebuild_delay;
+    let (mut dirty_since, mut next_change): (Option<Instant>, Option<i64>) = (None, None);
+    let started = Instant::now();
+    while !cancel.is_cancelled() {
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                let at = m.timestamp().to_millis().unwrap_or_else(now_ms);
+                if store.fold(crate::pipeline::rebuild::decode(&m), at) {
+                    dirty_since.get_or_insert_with(Instant::now);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                if let Some(end) = at_end.get_mut(p as usize) {
+                    *end = true;
+                }
+            }
+            Some(Err(e)) => warn!(error = %e, "state reader error"),
+            None => {}
+        }
+        let loaded = at_end.iter().all(|e| *e);
+        if !loaded {
+            continue;
+        }
+        let now = now_ms();
+        let first = !feeds.ready.get();
+        let changed = dirty_since.is_some_and(|d| d.elapsed() >= delay);
+        if first || changed || next_change.is_some_and(|n| n <= now) {
+            let built = Instant::now();
+            let rendering = store.render(now, |site, ip| {
+                policy.never_block(site, ip).is_some() || policy.not_blockable(ip).is_some()
+            });
+            next_change = rendering.next_change_ms;
+            dirty_since = None;
+            publish(feeds, rendering.feeds);
+            if first {
+                feeds.ready.set(true);
+                info!(
+                    blocks = store.len(),
+                    loaded_in_ms = started.elapsed().as_millis() as u64,
+                    built_in_ms = built.elapsed().as_millis() as u64,
+                    "feeds ready"
+                );
+            }
+        }
+    }
+    feeds.ready.set(false);
+    Ok(())
+}
+
+/// Swaps in the feeds that changed, and shows them in the metrics.
+fn publish(feeds: &Feeds, rendered: Vec<Rendered>) {
+    let m = &feeds.metrics;
+    let mut published = feeds.published.write().expect("published");
+    for feed in rendered {
+        let name = feed.name.clone();
+        m.feed_entries
+            .with_label_values(&[&name])
+            .set(feed.entries as i64);
+        m.feed_bytes
+            .with_label_values(&[&name, "text"])
+            .set(feed.text.len() as i64);
+        m.feed_bytes
+            .with_label_values(&[&name, "csv"])
+            .set(feed.csv.len() as i64);
+        m.feed_last_change
+            .with_label_values(&[&name])
+            .set(feed.last_modified_ms / 1000);
+        let same = published
+            .get(&name)
+            .is_some_and(|p| p.text_etag == feed.text_etag && p.csv_etag == feed.csv_etag);
+        if !same {
+            published.insert(name, Arc::new(feed));
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn router(feeds: Arc<Feeds>) -> Router {
+    let health = crate::http::router(feeds.metrics.clone(), feeds.ready.clone());
+    Router::new()
+        .route("/feeds/{file}", get(serve_feed))
+        .route("/feeds/{name}/clients", get(serve_clients))
+        .with_state(feeds)
+        .merge(health)
+}
+
+/// The format a path asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Text,
+    Csv,
+}
+
+/// A feed path's name and format (`edge`, `edge.txt`, `edge.csv`).
+fn parse_file(file: &str) -> (&str, Format) {
+    if let Some(name) = file.strip_suffix(".csv") {
+        return (name, Format::Csv);
+    }
+    (file.strip_suffix(".txt").unwrap_or(file), Format::Text)
+}
+
+async fn serve_feed(
+    State(feeds): State<Arc<Feeds>>,
+    ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (name, format) = parse_file(&file);
+    let Some(access) = feeds.access.get(name) else {
+        return (StatusCode::NOT_FOUND, "no such feed\n").into_response();
+    };
+    let count = |status: &str| {
+        feeds
+            .metrics
+            .feed_requests
+            .with_label_values(&[name, status])
+            .inc()
+    };
+    if !authorized(access, &headers) {
+        count("401");
+        let mut response = (StatusCode::UNAUTHORIZED, "unauthorized\n").into_response();
+        let challenge = format!("Basic realm=\"samgate feed {name}\"");
+        if let Ok(value) = HeaderValue::from_str(&challenge) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
+        return response;
+    }
+    let client = client_address(peer, &headers, feeds.trust_forwarded_for);
+    feeds.polled(name, access, client);
+    let feed = feeds
+        .published
+        .read()
+        .expect("published")
+        .get(name)
+        .cloned();
+    let Some(feed) = feed.filter(|_| feeds.ready.get()) else {
+        count("503");
+        let mut response = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the feed is still loading\n",
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return response;
+    };
+    let (etag, body, content_type) = match format {
+        Format::Text => (&feed.text_etag, &feed.text, "text/plain; charset=utf-8"),
+        Format::Csv => (&feed.csv_etag, &feed.csv, "text/csv; charset=utf-8"),
+    };
+    let last_modified = http_date(feed.last_modified_ms);
+    let validators = [
+        (header::ETAG, HeaderValue::from_str(etag)),
+        (header::LAST_MODIFIED, HeaderValue::from_str(&last_modified)),
+        (
+            header::CACHE_CONTROL,
+            Ok(HeaderValue::from_static("no-cache")),
+        ),
+    ];
+    let mut response = match not_modified(&headers, etag, feed.last_modified_ms) {
+        true => {
+            count("304");
+            StatusCode::NOT_MODIFIED.into_response()
+        }
+        false => {
+            count("200");
+            let mut r = body.clone().into_response();
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            r
+        }
+    };
+    for (name, value) in validators {
+        if let Ok(value) = value {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+
+async fn serve_clients(
+    State(feeds): State<Arc<Feeds>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(access) = feeds.access.get(&name) else {
+        return (StatusCode::NOT_FOUND, "no such feed\n").into_response();
+    };
+    if !authorized(access, &headers) {
+        return (StatusCode::UNAUTHORIZED, "unauthorized\n").into_response();
+    }
+    let clients = feeds.clients.lock().expect("clients");
+    let mut rows: Vec<serde_json::Value> = clients
+        .get(&name)
+        .into_iter()
+        .flatten()
+        .map(|(ip, at)| {
+            let poller = access.pollers.get(ip).map(String::as_str);
+            serde_json::json!({
+                "address": ip,
+                "poller": poller,
+                "last_fetch": Utc.timestamp_opt(*at, 0).single().map(|t| t.to_rfc3339()),
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| b["last_fetch"].as_str().cmp(&a["last_fetch"].as_str()));
+    axum::Json(serde_json::json!({ "feed": name, "clients": rows })).into_response()
+}
+
+impl Feeds {
+    /// An authorised fetch of `feed` by `client`: its last-poll time, for the metric (a
+    /// configured poller, or `other`) and for `/clients`.
+    fn polled(&self, feed: &str, access: &Access, client: IpAddr) {
+        let now = Utc::now().timestamp();
+        let poller = access.pollers.get(&client).map_or("other", String::as_str);
+        self.metrics
+            .feed_last_poll
+            .with_label_values(&[feed, poller])
+            .set(now);
+        let mut clients = self.clients.lock().expect("clients");
+        let seen = clients.entry(feed.to_owned()).or_default();
+        if seen.len() >= CLIENTS_KEPT && !seen.contains_key(&client) {
+            if let Some(oldest) = seen.iter().min_by_key(|(_, at)| **at).map(|(ip, _)| *ip) {
+                seen.remove(&oldest);
+            }
+        }
+        seen.insert(client, now);
+    }
+}
+
+/// The client's address: the peer's, or with `feed.trust_forwarded_for` the first address of
+/// `X-Forwarded-For` (a proxy in front of the feeds says whom it forwards).
+fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
+    let forwarded = trust_forwarded_for
+        .then(|| headers.get("x-forwarded-for"))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<IpAddr>().ok());
+    forwarded.unwrap_or(peer.ip()).to_canonical()
+}
+
+/// Whether the request carries the feed's basic credentials or its token (or the feed is open).
+fn authorized(access: &Access, headers: &HeaderMap) -> bool {
+    if access.open() {
+        return true;
+    }
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let (scheme, value) = given.split_once(' ').unwrap_or((given, ""));
+    match scheme.to_ascii_lowercase().as_str() {
+        "basic" => {
+            let Some((user, password)) = &access.basic else {
+                return false;
+            };
+            let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(value.trim()) else {
+                return false;
+            };
+            let expected = format!("{user}:{}", password.expose());
+            same(&decoded, expected.as_bytes())
+        }
+        "bearer" => access
+            .token
+            .as_ref()
+            .is_some_and(|t| same(value.trim().as_bytes(), t.expose().as_bytes())),
+        _ => false,
+    }
+}
+
+/// Compares secrets without a time that depends on where they differ: their digests, byte by
+/// byte, all of them.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// Whether a conditional GET may be answered 304 (RFC 9110 §13.1): `If-None-Match` decides
+/// when present (weak comparison; `*` matches); otherwise `If-Modified-Since`, to the second.
+fn not_modified(headers: &HeaderMap, etag: &str, last_modified_ms: i64) -> bool {
+    if let Some(tags) = headers.get(header::IF_NONE_MATCH) {
+        let Ok(tags) = tags.to_str() else {
+            return false;
+        };
+        let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+        return tags
+            .split(',')
+            .any(|t| t.trim() == "*" || bare(t) == bare(etag));
+    }
+    let since = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| DateTime::parse_from_rfc2822(v).ok());
+    since.is_some_and(|since| last_modified_ms / 1000 <= since.timestamp())
+}
+
+/// An HTTP date (IMF-fixdate).
+fn http_date(ms: i64) -> String {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or_default()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string()
+}
+
+/// The remote address of a connection, plain or TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for ClientAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, TlsListener>> for ClientAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+/// The server certificate and key of `feed.tls`.
+fn tls_config(tls: &crate::config::FeedTlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(|certs| certs.collect())
+        .with_context(|| {
+            format!(
+                "feed.tls.cert_file: cannot read {}",
+                tls.cert_file.display()
+            )
+        })?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "feed.tls.cert_file: {} holds no certificate",
+        tls.cert_file.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file).with_context(|| {
+        format!(
+            "feed.tls.key_file: cannot read a private key from {}",
+            tls.key_file.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("feed.tls: the certificate and key do not make a TLS server")?;
+    Ok(Arc::new(config))
+}
+
+/// Accepts TCP connections and hands on those whose TLS handshake completed (each handshake
+/// in a task of its own, bounded in time, so a slow client holds up no one).
+pub struct TlsListener {
+    handshaken: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        SocketAddr,
+    )>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    fn start(
+        listener: tokio::net::TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let local = listener.local_addr().expect("bound");
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "feed listener: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+                    match handshake.await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "feed listener: TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "feed listener: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Self {
+            handshaken: rx,
+            local,
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.handshaken.recv().await {
+            Some(accepted) => accepted,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn conditional_gets() {
+        let etag = "\"abc\"";
+        let modified = 1_800_000_000_000; // Fri, 15 Jan 2027 08:00:00 GMT
+        let date = http_date(modified);
+        let earlier = http_date(modified - 1000);
+        let cases = [
+            (vec![], false),
+            (vec![("if-none-match", "\"abc\"")], true),
+            (vec![("if-none-match", "W/\"abc\"")], true),
+            (vec![("if-none-match", "\"x\", \"abc\"")], true),
+            (vec![("if-none-match", "*")], true),
+            (vec![("if-none-match", "\"x\"")], false),
+            // If-None-Match decides when present, whatever the date says.
+            (
+                vec![
+                    ("if-none-match", "\"x\""),
+                    ("if-modified-since", date.as_str()),
+                ],
+                false,
+            ),
+            (vec![("if-modified-since", date.as_str())], true),
+            (vec![("if-modified-since", earlier.as_str())], false),
+            (vec![("if-modified-since", "yesterday")], false),
+        ];
+        for (i, (h, want)) in cases.into_iter().enumerate() {
+            assert_eq!(
+                not_modified(&headers(&h), etag, modified),
+                want,
+                "case {i}: {h:?}"
+            );
+        }
+        assert_eq!(date, "Fri, 15 Jan 2027 08:00:00 GMT");
+    }
+
+    #[test]
+    fn who_may_fetch() {
+        let basic = |u: &str, p: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        };
+        let locked = Access {
+            basic: Some(("gw".into(), Secret::new("s3cret"))),
+            token: Some(Secret::new("t0ken")),
+            pollers: BTreeMap::new(),
+        };
+        let cases = [
+            (vec![], false),
+            (vec![("authorization", basic("gw", "s3cret"))], true),
+            (vec![("authorization", basic("gw", "wrong"))], false),
+            (vec![("authorization", basic("other", "s3cret"))], false),
+            (vec![("authorization", "Bearer t0ken".to_owned())], true),
+            (vec![("authorization", "bearer t0ken".to_owned())], true),
+            (vec![("authorization", "Bearer t0ke".to_owned())], false),
+            (vec![("authorization", "Basic !!!".to_owned())], false),
+            (vec![("authorization", "Digest x".to_owned())], false),
+        ];
+        for (i, (h, want)) in cases.into_iter().enumerate() {
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            assert_eq!(authorized(&locked, &headers(&h)), want, "case {i}: {h:?}");
+        }
+        assert!(
+            authorized(&Access::default(), &headers(&[])),
+            "an open feed"
+        );
+        let token_only = Access {
+            token: Some(Secret::new("t0ken")),
+            ..Access::default()
+        };
+        assert!(!authorized(
+            &token_only,
+            &headers(&[("authorization", &basic("gw", "t0ken"))])
+        ));
+    }
+
+    #[test]
+    fn paths_and_client_addresses() {
+        assert_eq!(parse_file("edge"), ("edge", Format::Text));
+        assert_eq!(parse_file("edge.txt"), ("edge", Format::Text));
+        assert_eq!(parse_file("edge.csv"), ("edge", Format::Csv));
+        let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
+        let forwarded = headers(&[("x-forwarded-for", "192.0.2.1, 10.0.0.1")]);
+        assert_eq!(client_address(peer, &forwarded, false), peer.ip());
+        assert_eq!(
+            client_address(peer, &forwarded, true),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:1".parse().unwrap();
+        assert_eq!(
+            client_address(mapped, &HeaderMap::new(), false),
+            "192.0.2.7".parse::<IpAddr>().unwrap()
+        );
+    }
+}
