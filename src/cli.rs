@@ -46,7 +46,7 @@ pub enum Command {
     /// the whole state topic.
     Feed(ConfigArgs),
     /// Load and validate a configuration, then print it (secret values hidden).
-    CheckConfig(ConfigArgs),
+    CheckConfig(CheckConfigArgs),
     /// Create the topics samgate uses, if missing, with the configured partitions.
     CreateTopics(ConfigArgs),
     /// Block an address at a site's targets now (through the pipeline and its safety checks).
@@ -198,6 +198,16 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// Configuration file (TOML).
+    #[arg(long, env = "SAMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Check it as `samgate feed` reads it (the firewalls' credentials are not needed).
+    #[arg(long)]
+    pub feed: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct ConfigArgs {
     /// Configuration file (TOML).
     #[arg(long, env = "SAMGATE_CONFIG")]
@@ -277,13 +287,21 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             }
         }
         Command::Shim(args) => run_shim(cli.log_format, log, args, warnings).await,
-        Command::CheckConfig(args) => match load_config(args.config.as_deref()) {
-            Ok(config) => {
-                println!("{}", redacted_json(&config));
-                ExitCode::SUCCESS
+        Command::CheckConfig(args) => {
+            let checked = match args.feed {
+                true => {
+                    Config::load(args.config.as_deref()).and_then(Config::validate_for_operator)
+                }
+                false => load_config(args.config.as_deref()),
+            };
+            match checked {
+                Ok(config) => {
+                    println!("{}", redacted_json(&config));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
             }
-            Err(e) => fail(&e.to_string()),
-        },
+        }
         Command::Run(args) => {
             let mut config = match Config::load(args.config.as_deref()) {
                 Ok(c) => c,
@@ -303,7 +321,10 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             }
         }
         Command::Feed(args) => {
-            let config = match Config::load(args.config.as_deref()).and_then(Config::validate) {
+            // The firewalls' credentials are `run`'s: a feed server never calls a firewall, so
+            // its copy of the file may leave them out (as an operator's may).
+            let loaded = Config::load(args.config.as_deref());
+            let config = match loaded.and_then(Config::validate_for_operator) {
                 Ok(c) => c,
                 Err(e) => return fail(&e.to_string()),
             };

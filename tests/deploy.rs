@@ -100,8 +100,16 @@ fn variables_in(text: &str) -> BTreeSet<String> {
 
 /// `samgate check-config` with `config` and `env` must accept both.
 fn check_config(config: &Path, env: &[(String, String)]) {
+    check_config_as(config, env, &[]);
+}
+
+/// check-config with `flags` (`--feed`: as `samgate feed` reads it).
+fn check_config_as(config: &Path, env: &[(String, String)], flags: &[&str]) {
     let mut command = common::samgate_command();
-    command.args(["check-config", "--config"]).arg(config);
+    command
+        .args(["check-config", "--config"])
+        .arg(config)
+        .args(flags);
     command.envs(env.iter().map(|(k, v)| (k, v)));
     let output = command.output().unwrap();
     assert!(
@@ -680,7 +688,11 @@ fn compose_and_dockerfile_run_commands_and_configuration_the_binary_accepts() {
             let volume = volume.as_str().unwrap();
             if volume.ends_with("samgate.toml:ro") {
                 let host = volume.split(':').next().unwrap();
-                check_config(&root().join(host), &env);
+                let flags: &[&str] = match command.first().map(String::as_str) {
+                    Some("feed") => &["--feed"],
+                    _ => &[],
+                };
+                check_config_as(&root().join(host), &env, flags);
             }
         }
         let text = serde_yaml::to_string(service).unwrap();
@@ -808,6 +820,100 @@ fn the_chart_renders_fortigate_targets_with_their_tokens_from_the_secret() {
             serde_json::json!({"config": {"fortigate": {"devices": {"fg": device}},
             "targets": {"w": {"kind": "fortigate", "device": "fg", "mode": "fw_samp"}}}}),
             "mode",
+        ),
+    ] {
+        let refused = render_chart(values.clone(), &[]).unwrap_err();
+        assert!(refused.contains(field), "{values}: {refused}");
+    }
+}
+
+#[test]
+fn the_chart_renders_the_feed_server_with_its_service_ingress_and_tls() {
+    // helm/samgate/ci/feed-values.yaml over the defaults: a site on Check Point and a feed,
+    // served over HTTPS through an Ingress.
+    let overlay: Value = serde_json::to_value(yaml("helm/samgate/ci/feed-values.yaml")).unwrap();
+    let objects = render_chart(overlay, &MONITORING_CRDS).unwrap();
+    for kind in [
+        "Deployment/samgate-feed",
+        "Service/samgate-feed",
+        "Ingress/samgate-feed",
+        "ServiceMonitor/samgate-feed",
+    ] {
+        assert!(
+            kinds(&objects).contains(kind),
+            "{kind} in {:?}",
+            kinds(&objects)
+        );
+    }
+    let feed = object(&objects, "Deployment", "samgate-feed");
+    let pipeline = object(&objects, "Deployment", "samgate");
+    // Neither Deployment selects the other's pods.
+    let selects = |d: &serde_yaml::Value, pods: &serde_yaml::Value| {
+        let labels = &pods["spec"]["template"]["metadata"]["labels"];
+        d["spec"]["selector"]["matchLabels"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &labels[k] == v)
+    };
+    assert!(selects(feed, feed) && selects(pipeline, pipeline));
+    assert!(!selects(feed, pipeline) && !selects(pipeline, feed));
+    let container = &feed["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<String> = serde_yaml::from_value(container["args"].clone()).unwrap();
+    assert_eq!(args[0], "feed");
+    parses(&args).unwrap();
+    assert_eq!(container["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+
+    // The configuration listens where the Service points, with the mounted certificate.
+    let configmap = object(&objects, "ConfigMap", "samgate");
+    let text = configmap["data"]["samgate.json"].as_str().unwrap();
+    let config: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(config["feed"]["listen"], "0.0.0.0:9465");
+    let cert = config["feed"]["tls"]["cert_file"].as_str().unwrap();
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "feed-tls")
+        .unwrap();
+    assert!(cert.starts_with(mount["mountPath"].as_str().unwrap()));
+    let service = object(&objects, "Service", "samgate-feed");
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "feed");
+    assert_eq!(container["ports"][0]["containerPort"], 9465);
+    let ingress = object(&objects, "Ingress", "samgate-feed");
+    let path = &ingress["spec"]["rules"][0]["http"]["paths"][0];
+    assert_eq!(path["path"], "/feeds");
+    assert_eq!(path["backend"]["service"]["name"], "samgate-feed");
+
+    // samgate accepts the file with the Secret's variables (the feed's password among them),
+    // and the password is never in the ConfigMap.
+    let secret = object(&objects, "Secret", "samgate");
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (name, value) in secret["stringData"].as_mapping().unwrap() {
+        let (name, value) = (name.as_str().unwrap(), value.as_str().unwrap());
+        if name.starts_with("SAMGATE_TARGETS__") {
+            assert!(!text.contains(value), "{name}'s value is in the ConfigMap");
+        }
+        env.push((name.to_owned(), value.to_owned()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("samgate.json");
+    std::fs::write(&file, text).unwrap();
+    check_config(&file, &env);
+
+    // The schema refuses a feed target with push settings, or a password in the values.
+    for (values, field) in [
+        (
+            serde_json::json!({"config": {"targets": {"f": {"kind": "feed", "server": "hq"}}}}),
+            "targets",
+        ),
+        (
+            serde_json::json!({"config": {"targets": {"f": {"kind": "feed", "password": "p"}}}}),
+            "targets",
+        ),
+        (
+            serde_json::json!({"config": {"targets": {"f": {"kind": "feed", "pollers": {"other": "192.0.2.1"}}}}}),
+            "'other'",
         ),
     ] {
         let refused = render_chart(values.clone(), &[]).unwrap_err();

@@ -183,12 +183,14 @@ fn follow(
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
     let topic = &config.kafka.topics.state;
-    let consumer: BaseConsumer = crate::kafka::base_config(&config.kafka)
+    let consumer: BaseConsumer<ReaderContext> = crate::kafka::base_config(&config.kafka)
         .set("group.id", format!("{}-feed", config.run.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "100")
-        .create()
+        // librdkafka's 64 MiB of prefetch would be more than a million-entry feed itself.
+        .set("queued.max.messages.kbytes", "16384")
+        .create_with_context(ReaderContext)
         .context("cannot create the state reader")?;
     // The state topic is `samgate run`'s to create (its partitions follow the events topic's).
     let partitions = loop {
@@ -264,6 +266,24 @@ fn follow(
     Ok(())
 }
 
+/// The state reader's client: reaching a partition's end is how it knows it is loaded, not an
+/// error (librdkafka also reports it to the client's error callback).
+struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::PartitionEOF(_)
+            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
+                tracing::trace!(reason, "state partition read to its end")
+            }
+            e => warn!(error = %e, reason, "state reader: Kafka client error"),
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
 /// Swaps in the feeds that changed, and shows them in the metrics.
 fn publish(feeds: &Feeds, rendered: Vec<Rendered>) {
     let m = &feeds.metrics;
@@ -275,16 +295,11 @@ fn publish(feeds: &Feeds, rendered: Vec<Rendered>) {
             .set(feed.entries as i64);
         m.feed_bytes
             .with_label_values(&[&name, "text"])
-            .set(feed.text.len() as i64);
-        m.feed_bytes
-            .with_label_values(&[&name, "csv"])
-            .set(feed.csv.len() as i64);
+            .set(feed.text.bytes.len() as i64);
         m.feed_last_change
             .with_label_values(&[&name])
             .set(feed.last_modified_ms / 1000);
-        let same = published
-            .get(&name)
-            .is_some_and(|p| p.text_etag == feed.text_etag && p.csv_etag == feed.csv_etag);
+        let same = (published.get(&name)).is_some_and(|p| p.text.etag == feed.text.etag);
         if !same {
             published.insert(name, Arc::new(feed));
         }
@@ -367,10 +382,20 @@ async fn serve_feed(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         return response;
     };
-    let (etag, body, content_type) = match format {
-        Format::Text => (&feed.text_etag, &feed.text, "text/plain; charset=utf-8"),
-        Format::Csv => (&feed.csv_etag, &feed.csv, "text/csv; charset=utf-8"),
+    let (body, content_type) = match format {
+        Format::Text => (&feed.text, "text/plain; charset=utf-8"),
+        Format::Csv => {
+            let csv = feed.csv();
+            let bytes = csv.bytes.len() as i64;
+            feeds
+                .metrics
+                .feed_bytes
+                .with_label_values(&[name, "csv"])
+                .set(bytes);
+            (csv, "text/csv; charset=utf-8")
+        }
     };
+    let etag = &body.etag;
     let last_modified = http_date(feed.last_modified_ms);
     let validators = [
         (header::ETAG, HeaderValue::from_str(etag)),
@@ -387,7 +412,7 @@ async fn serve_feed(
         }
         false => {
             count("200");
-            let mut r = body.clone().into_response();
+            let mut r = body.bytes.clone().into_response();
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             r

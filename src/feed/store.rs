@@ -51,15 +51,36 @@ pub struct Rendered {
     /// Addresses listed.
     pub entries: usize,
     /// One address per line, sorted (Check Point Network Feed "Flat List", FortiGate External
-    /// Block List, Palo Alto EDL).
-    pub text: Vec<u8>,
-    /// Check Point's IoC CSV (sk132193): IPv4 addresses only, as its `IP` type is.
-    pub csv: Vec<u8>,
-    pub text_etag: String,
-    pub csv_etag: String,
+    /// Block List, Palo Alto EDL): shared by every response, never copied.
+    pub text: Body,
+    /// Check Point's IoC CSV (sk132193), built from `text` when first asked for.
+    csv: std::sync::OnceLock<Body>,
     /// When the content was last known to change (unix ms): the newest record or expiry or
     /// exemption end behind it. The same log gives the same value in every process.
     pub last_modified_ms: i64,
+}
+
+/// A response body and its strong validator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Body {
+    pub bytes: axum::body::Bytes,
+    pub etag: String,
+}
+
+impl Body {
+    fn new(bytes: Vec<u8>) -> Self {
+        Self {
+            etag: etag(&bytes),
+            bytes: bytes.into(),
+        }
+    }
+}
+
+impl Rendered {
+    /// The IoC CSV: IPv4 addresses only, as its `IP` type is.
+    pub fn csv(&self) -> &Body {
+        self.csv.get_or_init(|| Body::new(csv_of(&self.text.bytes)))
+    }
 }
 
 /// The feeds at one instant, and when they next change by time alone (an expiry, an
@@ -208,14 +229,11 @@ impl FeedStore {
             .map(|((name, mut ips), last_modified_ms)| {
                 ips.sort_unstable();
                 ips.dedup();
-                let (text, csv) = bodies(&ips);
                 Rendered {
                     name: name.clone(),
                     entries: ips.len(),
-                    text_etag: etag(&text),
-                    csv_etag: etag(&csv),
-                    text,
-                    csv,
+                    text: Body::new(text_of(&ips)),
+                    csv: std::sync::OnceLock::new(),
                     last_modified_ms,
                 }
             })
@@ -227,23 +245,31 @@ impl FeedStore {
     }
 }
 
-/// The flat list and the IoC CSV of sorted, distinct addresses.
-fn bodies(ips: &[IpAddr]) -> (Vec<u8>, Vec<u8>) {
+/// The flat list of sorted, distinct addresses.
+fn text_of(ips: &[IpAddr]) -> Vec<u8> {
     use std::io::Write;
     let mut text = Vec::with_capacity(ips.len() * 14);
-    let mut csv = Vec::with_capacity(CSV_HEADER.len() + ips.len() * 60);
-    csv.extend_from_slice(CSV_HEADER.as_bytes());
     for ip in ips {
         writeln!(text, "{ip}").expect("writing to memory");
-        if ip.is_ipv4() {
-            writeln!(
-                csv,
-                "samgate-{ip},{ip},IP,high,high,samgate,blocked by samgate"
-            )
-            .expect("writing to memory");
-        }
     }
-    (text, csv)
+    text
+}
+
+/// The IoC CSV of a flat list: its IPv4 lines, each a row.
+fn csv_of(text: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let lines = text.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let mut csv = Vec::with_capacity(CSV_HEADER.len() + text.len() * 4);
+    csv.extend_from_slice(CSV_HEADER.as_bytes());
+    for line in lines.filter(|l| !l.contains(&b':')) {
+        let ip = String::from_utf8_lossy(line);
+        writeln!(
+            csv,
+            "samgate-{ip},{ip},IP,high,high,samgate,blocked by samgate"
+        )
+        .expect("writing to memory");
+    }
+    csv
 }
 
 /// A strong validator: the first 128 bits of the body's SHA-256, quoted.
@@ -304,7 +330,7 @@ mod tests {
 
     fn text(r: &Rendering, feed: &str) -> String {
         let f = r.feeds.iter().find(|f| f.name == feed).unwrap();
-        String::from_utf8(f.text.clone()).unwrap()
+        String::from_utf8(f.text.bytes.to_vec()).unwrap()
     }
 
     fn unprotected(_: &str, _: IpAddr) -> bool {
@@ -490,14 +516,14 @@ mod tests {
         }
         let (ra, rb) = (a.render(NOW, unprotected), b.render(NOW, unprotected));
         assert_eq!(ra, rb);
-        let csv = String::from_utf8(ra.feeds[0].csv.clone()).unwrap();
+        let csv = String::from_utf8(ra.feeds[0].csv().bytes.to_vec()).unwrap();
         assert_eq!(
             csv,
             format!("{CSV_HEADER}samgate-198.51.100.1,198.51.100.1,IP,high,high,samgate,blocked by samgate\nsamgate-203.0.113.9,203.0.113.9,IP,high,high,samgate,blocked by samgate\n"),
             "IPv4 only"
         );
         assert_eq!(ra.feeds[0].entries, 3);
-        assert_ne!(ra.feeds[0].text_etag, ra.feeds[0].csv_etag);
-        assert!(ra.feeds[0].text_etag.starts_with('"') && ra.feeds[0].text_etag.len() == 34);
+        assert_ne!(ra.feeds[0].text.etag, ra.feeds[0].csv().etag);
+        assert!(ra.feeds[0].text.etag.starts_with('"') && ra.feeds[0].text.etag.len() == 34);
     }
 }

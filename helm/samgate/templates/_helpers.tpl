@@ -40,3 +40,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $listen := (.Values.config.run | default dict).http_listen | default "0.0.0.0:9464" -}}
 {{- last (splitList ":" $listen) -}}
 {{- end -}}
+
+{{/* `samgate feed`: its own name and selector (never matched by the pipeline's Deployment). */}}
+{{- define "samgate.feedName" -}}
+{{- printf "%s-feed" (include "samgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "samgate.feedSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "samgate.name" . }}-feed
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "samgate.feedLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "samgate.feedSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: feed
+{{- end -}}
