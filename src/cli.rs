@@ -182,6 +182,13 @@ pub struct DemoArgs {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     #[arg(long, env = "SAMGATE_DEMO_LISTEN", default_value = "127.0.0.1:9464")]
     pub listen: std::net::SocketAddr,
+    /// Where the demo's block-list feed (`/feeds/estate`) and its `/metrics` are served.
+    #[arg(
+        long,
+        env = "SAMGATE_DEMO_FEED_LISTEN",
+        default_value = "127.0.0.1:9465"
+    )]
+    pub feed_listen: std::net::SocketAddr,
     /// Time between two rounds of ADS events.
     #[arg(long, env = "SAMGATE_DEMO_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub interval: Duration,
@@ -279,6 +286,7 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             let options = crate::demo::DemoOptions {
                 duration: args.duration,
                 listen: args.listen,
+                feed_listen: args.feed_listen,
                 interval: args.interval,
             };
             match crate::demo::run(options, cancel).await {

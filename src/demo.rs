@@ -7,6 +7,10 @@
 //! operator unblocks one of Prague's blocks as a false positive, with a one-hour exemption
 //! (`samgate unblock --exempt-for 1h`, through the pipeline): its rule leaves the gateway and the
 //! address's next detection is `exempted`.
+//!
+//! Every site's blocks are also published as the block-list feed `estate` ([`crate::feed::run`],
+//! as `samgate feed` serves it), which a data-centre firewall without SAM pulls: the demo polls
+//! it as that gateway would (a bearer token, `If-None-Match`) and prints what it lists at the end.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -32,13 +36,16 @@ pub struct DemoOptions {
     pub duration: Option<Duration>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub listen: SocketAddr,
+    /// Where the feed (and its own `/metrics`) is served.
+    pub feed_listen: SocketAddr,
     /// Time between two rounds of ADS events.
     pub interval: Duration,
 }
 
 /// The demo's configuration: two sites routed to their own gateways on one Check Point management
-/// server, and a branch office behind a FortiGate. `{brokers}`, `{listen}`, `{url}`,
-/// `{fingerprint}`, `{fg_url}`, `{fg_token}` and `{fg_fingerprint}` are filled in at start.
+/// server, a branch office behind a FortiGate, and a feed of every site's blocks. `{brokers}`,
+/// `{listen}`, `{feed_listen}`, `{url}`, `{fingerprint}`, `{fg_url}`, `{fg_token}` and
+/// `{fg_fingerprint}` are filled in at start.
 const CONFIG: &str = r#"
 [kafka]
 brokers = "{brokers}"
@@ -48,6 +55,9 @@ partitions = 3
 group_id = "samgate-demo"
 http_listen = "{listen}"
 batch_max_delay = "200ms"
+
+[feed]
+listen = "{feed_listen}"
 
 [checkpoint.servers.hq]
 url = "{url}"
@@ -63,12 +73,12 @@ token = "{fg_token}"
 fingerprint_sha256 = "{fg_fingerprint}"
 
 [sites.prague]
-targets = ["prague-edge"]
+targets = ["prague-edge", "estate"]
 never_block = ["10.10.0.0/24"]   # Prague's server network
 collectors = ["10.10.1.5"]
 
 [sites.brno]
-targets = ["brno-edge"]
+targets = ["brno-edge", "estate"]
 
 [targets.prague-edge]
 server = "hq"
@@ -81,13 +91,23 @@ gateways = ["brno-gw-1", "brno-gw-2"]
 mode = "fw_sam"
 
 [sites.ostrava]
-targets = ["ostrava-fg"]
+targets = ["ostrava-fg", "estate"]
 
 [targets.ostrava-fg]
 kind = "fortigate"
 device = "ostrava"
 mode = "banned_ip"
+
+[targets.estate]
+kind = "feed"
+token = "demo-feed-token"
+[targets.estate.pollers]
+dc-firewall = "127.0.0.1"
 "#;
+
+/// The demo feed's name and the token its poller sends.
+const FEED: &str = "estate";
+const FEED_TOKEN: &str = "demo-feed-token";
 
 /// One ADS detection the generator repeats.
 struct Actor {
@@ -261,6 +281,7 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
                 fortigate.fingerprint.as_deref().unwrap_or_default(),
             )
             .replace("{listen}", &options.listen.to_string())
+            .replace("{feed_listen}", &options.feed_listen.to_string())
             .replace("{url}", &sim.url)
             .replace(
                 "{fingerprint}",
@@ -290,10 +311,35 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
         .await
         .context("the pipeline stopped before it listened")?;
 
+    // The feed, as `samgate feed` serves it, and the data-centre firewall that pulls it.
+    let (feed_listening_tx, feed_listening_rx) = tokio::sync::oneshot::channel();
+    let feed_cancel = CancellationToken::new();
+    let feed = tokio::spawn({
+        let (config, cancel) = (config.clone(), feed_cancel.clone());
+        async move {
+            crate::feed::run(config, cancel, |addr| {
+                let _ = feed_listening_tx.send(addr);
+            })
+            .await
+        }
+    });
+    let feed_addr = feed_listening_rx
+        .await
+        .context("the feed server stopped before it listened")?;
+    let feed_url = format!("http://{feed_addr}/feeds/{FEED}");
+    let poller = tokio::spawn(poll_feed(
+        feed_url.clone(),
+        options.interval,
+        feed_cancel.clone(),
+    ));
+
     println!("samgate demo: Flowmon ADS at three sites → Kafka (in-process) → samgate run → Check Point and FortiGate (simulated)");
     println!("  sites        prague → prague-gw (fw samp) · brno → brno-gw-1, brno-gw-2 (fw sam) · ostrava → FortiGate ostrava (banned IP list)");
+    println!("               and every site → the feed estate (a block list that gateways pull)");
     println!("  never block  10.10.0.0/24 at prague, the collectors, the management server, the FortiGate");
     println!("  metrics      http://{metrics_addr}/metrics");
+    println!("  feed         {feed_url} (every site's blocks; token {FEED_TOKEN}), pulled by dc-firewall");
+    println!("  feed metrics http://{feed_addr}/metrics");
     println!(
         "  simulators   Check Point {} (admin / admin123) · FortiGate {}",
         sim.url, fortigate.url
@@ -326,7 +372,7 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
         options.interval,
         stop.clone(),
     ));
-    let mut table = Table::default();
+    let mut table = Table::new(&config);
 
     // Live: print results until Ctrl-C or the duration.
     let deadline = async {
@@ -344,12 +390,16 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
         }
     }
 
-    // Stop the ADS side, then wait (bounded) for the result of every event already sent.
+    // Stop the ADS side, then wait (bounded) for every result of every event already sent.
     stop.cancel();
     let (sent, commanded) = generator.await.context("the generator failed")??;
     let drain = tokio::time::Instant::now() + Duration::from_secs(10);
-    // The operator's unblock (sent after round 2) has two results: the exemption and the removal.
-    let manual = if commanded { 2 } else { 0 };
+    // The operator's unblock (sent after round 2) has the exemption's result and one removal
+    // per target of the site.
+    let manual = match commanded {
+        true => 1 + table.targets.get("prague").copied().unwrap_or(0) as u64,
+        false => 0,
+    };
     while table.decided < sent || table.manual < manual {
         tokio::select! {
             _ = tokio::time::sleep_until(drain) => break,
@@ -358,12 +408,74 @@ pub async fn run(options: DemoOptions, cancel: CancellationToken) -> anyhow::Res
     }
     pipeline_cancel.cancel();
     pipeline.await.context("the pipeline panicked")??;
+    // The feed is rebuilt a moment after the last state record; then one last fetch.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let listed = fetch_feed(&reqwest::Client::new(), &feed_url, None).await;
+    feed_cancel.cancel();
+    let polls = poller.await.context("the feed poller panicked")?;
+    feed.await.context("the feed server panicked")??;
     print_summary(sent, &table, &sim.state(), &fortigate.state());
+    print_feed(listed, &polls);
     sim.stop().await;
     fortigate.stop().await;
     drop(viewer); // every Kafka client goes before the in-process cluster does
     drop(cluster);
     Ok(())
+}
+
+/// What the demo's poller saw of the feed.
+#[derive(Debug, Default)]
+struct Polls {
+    full: u64,
+    not_modified: u64,
+    failed: u64,
+}
+
+/// One fetch of the feed.
+enum Fetched {
+    Full { body: String, etag: Option<String> },
+    NotModified,
+}
+
+/// Fetches the feed (a 503 while it loads, or any other failure, is an error).
+async fn fetch_feed(
+    client: &reqwest::Client,
+    url: &str,
+    etag: Option<&str>,
+) -> anyhow::Result<Fetched> {
+    let mut request = client.get(url).bearer_auth(FEED_TOKEN);
+    if let Some(etag) = etag {
+        request = request.header(reqwest::header::IF_NONE_MATCH, etag);
+    }
+    let response = request.send().await?;
+    if response.status() == reqwest::StatusCode::NOT_MODIFIED {
+        return Ok(Fetched::NotModified);
+    }
+    let response = response.error_for_status()?;
+    let etag = (response.headers().get(reqwest::header::ETAG))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = response.text().await?;
+    Ok(Fetched::Full { body, etag })
+}
+
+/// Pulls the feed every `interval`, as a gateway's feed object does (a real one every few
+/// minutes), sending the last `ETag` so that an unchanged feed costs a 304.
+async fn poll_feed(url: String, interval: Duration, stop: CancellationToken) -> Polls {
+    let client = reqwest::Client::new();
+    let (mut polls, mut etag) = (Polls::default(), None::<String>);
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return polls,
+            _ = tick.tick() => {}
+        }
+        match fetch_feed(&client, &url, etag.as_deref()).await {
+            Ok(Fetched::Full { etag: tag, .. }) => (polls.full, etag) = (polls.full + 1, tag),
+            Ok(Fetched::NotModified) => polls.not_modified += 1,
+            Err(_) => polls.failed += 1, // 503 while the feed loads
+        }
+    }
 }
 
 /// Feeds a round of ADS lines per site through the shim every `interval` (and the operator's
@@ -433,16 +545,34 @@ async fn generate(
 const UNBLOCKED: &str = "198.51.100.23";
 
 /// The live table and its counts.
-#[derive(Default)]
 struct Table {
-    /// Results of ADS events.
+    /// Targets per site: a detection that is not filtered has one result per target.
+    targets: BTreeMap<String, usize>,
+    /// Results so far per ADS event id, until the event has all of its results.
+    waiting: std::collections::HashMap<String, usize>,
+    /// ADS events with all of their results.
     decided: u64,
+    /// Results of ADS events.
+    results: u64,
     /// Results of operator commands.
     manual: u64,
     outcomes: BTreeMap<&'static str, u64>,
 }
 
 impl Table {
+    fn new(config: &Config) -> Self {
+        Self {
+            targets: (config.sites.iter())
+                .map(|(name, site)| (name.clone(), site.targets.len()))
+                .collect(),
+            waiting: Default::default(),
+            decided: 0,
+            results: 0,
+            manual: 0,
+            outcomes: BTreeMap::new(),
+        }
+    }
+
     fn show(&mut self, payload: Option<&[u8]>) {
         let Some(result) = payload.and_then(|p| serde_json::from_slice::<ResultMessage>(p).ok())
         else {
@@ -451,7 +581,21 @@ impl Table {
         let manual = result.origin == crate::pipeline::dedupe::Origin::Manual;
         match manual {
             true => self.manual += 1,
-            false => self.decided += 1,
+            false => self.results += 1,
+        }
+        if !manual {
+            let all = match result.target {
+                None => 1, // filtered: one result for the event
+                Some(_) => self.targets.get(&result.site).copied().unwrap_or(1),
+            };
+            for id in &result.event_ids {
+                let seen = self.waiting.entry(id.clone()).or_default();
+                *seen += 1;
+                if *seen == all {
+                    self.waiting.remove(id);
+                    self.decided += 1;
+                }
+            }
         }
         *self.outcomes.entry(result.outcome.as_str()).or_default() += 1;
         let clock = |t: &str| t.get(11..19).unwrap_or("-").to_owned();
@@ -493,11 +637,35 @@ impl Table {
     }
 }
 
+fn print_feed(listed: anyhow::Result<Fetched>, polls: &Polls) {
+    let body = match listed {
+        Ok(Fetched::Full { body, .. }) => body,
+        Ok(Fetched::NotModified) => String::new(), // never: the last fetch sends no ETag
+        Err(e) => {
+            println!("  feed         {FEED}: cannot fetch it at the end: {e:#}");
+            return;
+        }
+    };
+    let ips: Vec<&str> = body.lines().collect();
+    println!(
+        "  feed         {FEED}: {} address(es) listed: {}",
+        ips.len(),
+        ips.join(", ")
+    );
+    println!(
+        "               dc-firewall pulled it {} time(s): {} full, {} not modified (304), {} before it was ready",
+        polls.full + polls.not_modified + polls.failed,
+        polls.full,
+        polls.not_modified,
+        polls.failed
+    );
+}
+
 fn print_summary(sent: u64, table: &Table, state: &Value, fortigate: &Value) {
     println!();
     println!(
-        "summary: {sent} ADS events sent, {} decisions",
-        table.decided
+        "summary: {sent} ADS events sent, {} decided, {} results (one per target)",
+        table.decided, table.results
     );
     println!(
         "  operator     1 unblock with a 1h exemption ({UNBLOCKED} at prague), {} result(s)",

@@ -24,7 +24,7 @@ fn scrape(addr: &str) -> String {
 fn the_demo_shows_each_kind_of_decision_and_sums_them_up() {
     let mut child = common::samgate_command()
         .args(["demo", "--duration", "8s", "--interval", "1s"])
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--feed-listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -76,9 +76,14 @@ fn the_demo_shows_each_kind_of_decision_and_sums_them_up() {
     let mut rows: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut operator: Vec<(&str, &str)> = Vec::new();
     let mut blocks_at: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut listed_by_results: Vec<&str> = Vec::new();
     for row in &lines[header + 1..summary] {
         match row.split_whitespace().collect::<Vec<_>>()[..] {
             [_, _, source, "operator", outcome, ..] => operator.push((source, outcome)),
+            [_, _, source, _method, "blocked", "estate", ..] => {
+                rows.entry("blocked").or_default().push(source);
+                listed_by_results.push(source);
+            }
             [_, site, source, _method, outcome, ..] => {
                 rows.entry(outcome).or_default().push(source);
                 if outcome == "blocked" {
@@ -88,13 +93,14 @@ fn the_demo_shows_each_kind_of_decision_and_sums_them_up() {
             _ => {}
         }
     }
-    // The operator's unblock with an exemption: both results, and the address's next
-    // detection exempted.
+    // The operator's unblock with an exemption: the exemption's result and a removal per
+    // target of Prague (its gateway and the feed), and the address's next detection exempted.
     operator.sort();
     assert_eq!(
         operator,
         [
             ("198.51.100.23", "exempted"),
+            ("198.51.100.23", "unblocked"),
             ("198.51.100.23", "unblocked")
         ],
         "{output}"
@@ -118,18 +124,15 @@ fn the_demo_shows_each_kind_of_decision_and_sums_them_up() {
     );
 
     // The summary agrees with the table and with the gateways.
-    let decided = rows.values().map(Vec::len).sum::<usize>();
+    let results = rows.values().map(Vec::len).sum::<usize>();
     let sent_line = &lines[summary];
     assert!(
-        sent_line.ends_with(&format!(", {decided} decisions")),
-        "{sent_line} vs {decided} rows"
+        sent_line.ends_with(&format!(", {results} results (one per target)")),
+        "{sent_line} vs {results} rows"
     );
-    let sent: usize = sent_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    assert_eq!(sent, decided, "every event sent has its decision");
+    let words: Vec<&str> = sent_line.split_whitespace().collect();
+    let (sent, decided): (usize, usize) = (words[1].parse().unwrap(), words[5].parse().unwrap());
+    assert_eq!(sent, decided, "every event sent has all of its results");
     let blocked = rows["blocked"].len();
     let outcomes = lines
         .iter()
@@ -159,6 +162,26 @@ fn the_demo_shows_each_kind_of_decision_and_sums_them_up() {
         "{output}"
     );
     assert!(output.contains("logins 1"), "one login: {output}");
+
+    // The feed, as the demo fetched it at the end: only addresses whose block on the feed was
+    // reported, never the protected server nor the unblocked (and exempted) address.
+    let feed = lines[summary..]
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("feed         estate: "))
+        .unwrap_or_else(|| panic!("no feed line:\n{output}"));
+    let (count, listed) = feed.split_once(" address(es) listed: ").expect("feed line");
+    let listed: Vec<&str> = listed.split(", ").filter(|s| !s.is_empty()).collect();
+    assert_eq!(count.parse::<usize>().unwrap(), listed.len(), "{feed}");
+    assert!(!listed.is_empty(), "the feed lists the blocks:\n{output}");
+    for ip in &listed {
+        assert!(
+            listed_by_results.contains(ip),
+            "{ip} listed, never blocked on it:\n{output}"
+        );
+    }
+    for never in ["10.10.0.53", "198.51.100.23"] {
+        assert!(!listed.contains(&never), "{never} is listed:\n{output}");
+    }
 
     let metrics = metrics.expect("scraped /metrics while the demo ran");
     assert!(

@@ -1,6 +1,7 @@
 //! The dashboard and the alert rules on a real Prometheus (from `scripts/deploy-tools`) that
-//! scrapes a running samgate (the demo): every dashboard query returns series, every alert rule
-//! evaluates without error, and nothing fires while all is well.
+//! scrapes a running samgate (the demo's pipeline and its feed server): every dashboard query
+//! returns series, every alert rule evaluates without error, and nothing fires while all is
+//! well.
 
 mod common;
 
@@ -18,34 +19,39 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `samgate demo`, running until the test ends; its /metrics address.
-fn start_demo() -> (common::KillOnDrop, String, mpsc::Receiver<String>) {
+/// `samgate demo`, running until the test ends; the addresses of its two /metrics (the
+/// pipeline's and the feed server's).
+fn start_demo() -> (common::KillOnDrop, [String; 2], mpsc::Receiver<String>) {
     let mut child = common::samgate_command()
         .args(["demo", "--duration", "10m", "--interval", "1s"])
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--feed-listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("samgate demo runs");
     let rx = common::line_channel(child.stdout.take().unwrap());
     let demo = common::KillOnDrop(child);
-    let address = loop {
+    let (mut pipeline, mut feed) = (None, None);
+    while pipeline.is_none() || feed.is_none() {
         let line = rx
             .recv_timeout(Duration::from_secs(120))
-            .expect("the demo prints its metrics address");
+            .expect("the demo prints its metrics addresses");
         if let Some(address) = common::demo_metrics_address(&line) {
-            break address;
+            pipeline = Some(address);
         }
-    };
-    (demo, address, rx)
+        if let Some(rest) = line.trim().strip_prefix("feed metrics") {
+            feed = common::demo_metrics_address(&format!("metrics {}", rest.trim()));
+        }
+    }
+    (demo, [pipeline.unwrap(), feed.unwrap()], rx)
 }
 
-/// Prometheus scraping `target` every second with samgate's alert rules; its base URL.
-fn start_prometheus(dir: &std::path::Path, target: &str) -> (common::KillOnDrop, String) {
+/// Prometheus scraping `targets` every second with samgate's alert rules; its base URL.
+fn start_prometheus(dir: &std::path::Path, targets: &[String]) -> (common::KillOnDrop, String) {
     let rules = common::repo_path("helm/samgate/files/alerts.yaml");
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
-         scrape_configs:\n  - job_name: samgate\n    static_configs:\n      - targets: [\"{target}\"]\n",
+         scrape_configs:\n  - job_name: samgate\n    static_configs:\n      - targets: {targets:?}\n",
         rules.display()
     );
     std::fs::write(dir.join("prometheus.yml"), config).unwrap();
