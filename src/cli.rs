@@ -323,7 +323,11 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             if let Err(e) = logging::init(cli.log_format, log, None) {
                 return fail(&e.to_string());
             }
-            match crate::pipeline::run(config, cancel_on_signal(), |_| {}).await {
+            let cancel = cancel_on_signal();
+            let stopped = exit_if_stopping_hangs(&cancel, config.run.shutdown_timeout + STOP_GRACE);
+            let outcome = crate::pipeline::run(config, cancel, |_| {}).await;
+            drop(stopped);
+            match outcome {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("run: {e:#}")),
             }
@@ -396,6 +400,38 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             }
         }
     }
+}
+
+/// What `samgate run` may take after `run.shutdown_timeout` to commit and leave its group. With
+/// Kafka gone, librdkafka waits for a group coordinator without end (its commit, its close);
+/// past this the process exits anyway, as a SIGKILL would end it, which loses nothing: the next
+/// owner consumes the uncommitted events again and verifies half-done blocks on the gateways.
+/// The Helm chart's grace period is 15 s longer than the drain.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Once `cancel` fires, a thread that ends the process (status 1) if the returned sender is not
+/// dropped within `bound`: a stop that waits on an unreachable broker does not wait forever.
+/// A thread of its own, so that a runtime thread blocked in librdkafka cannot hold it up.
+fn exit_if_stopping_hangs(
+    cancel: &tokio_util::sync::CancellationToken,
+    bound: Duration,
+) -> std::sync::mpsc::Sender<()> {
+    let (stopped, wait) = std::sync::mpsc::channel::<()>();
+    let cancel = cancel.clone();
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(bound) {
+                tracing::error!(
+                    after_s = bound.as_secs(),
+                    "still stopping: Kafka does not answer the final commit or the group's leave; \
+                     exiting without them (the next owner consumes the uncommitted events again)"
+                );
+                std::process::exit(1);
+            }
+        });
+    });
+    stopped
 }
 
 /// A token cancelled on the first SIGINT (Ctrl-C) or SIGTERM.

@@ -13,6 +13,7 @@ use samgate_sim::checkpoint::{self as simulator, RunningSimulator, SimulatorConf
 use serde_json::Value;
 
 fn write_config(
+    brokers: &str,
     dir: &Path,
     sim: &RunningSimulator,
     topics: &[String; 4],
@@ -51,7 +52,6 @@ targets = ["edge"]
         topics[1],
         topics[2],
         topics[3],
-        brokers = brokers(),
         url = sim.url,
         fp = sim.fingerprint.as_deref().unwrap(),
     );
@@ -72,7 +72,13 @@ fn spawn_run(config: &Path, log: &Path) -> KillOnDrop {
     KillOnDrop(child)
 }
 
-fn terminate(mut child: KillOnDrop) {
+/// Stops a replica with SIGTERM and waits for it to exit 0 (its log beside the others in `logs`).
+fn terminate(child: KillOnDrop, logs: &Path) {
+    assert!(stop(child, logs).success(), "graceful stop exits 0");
+}
+
+/// Sends a replica SIGTERM and waits for it to exit.
+fn stop(mut child: KillOnDrop, logs: &Path) -> std::process::ExitStatus {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -80,13 +86,15 @@ fn terminate(mut child: KillOnDrop) {
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "graceful stop exits 0");
-            return;
+            return status;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "samgate run did not stop on SIGTERM"
-        );
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!(
+                "samgate run did not stop on SIGTERM; its logs:\n{}",
+                logs_of(logs)
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -95,18 +103,27 @@ fn terminate(mut child: KillOnDrop) {
 fn wait_for(topic: &str, at_least: usize, logs: &Path) -> Vec<Received> {
     let got = read_topic_within(topic, at_least, Duration::from_secs(180));
     if got.len() < at_least {
-        let mut text = String::new();
-        for entry in std::fs::read_dir(logs).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "log") {
-                let log = std::fs::read_to_string(&path).unwrap();
-                let tail: Vec<&str> = log.lines().filter(|l| !l.contains("outcome=")).collect();
-                text.push_str(&format!("--- {}\n{}\n", path.display(), tail.join("\n")));
-            }
-        }
-        panic!("{topic}: {} of {at_least} messages\n{text}", got.len());
+        panic!(
+            "{topic}: {} of {at_least} messages\n{}",
+            got.len(),
+            logs_of(logs)
+        );
     }
     got
+}
+
+/// The replicas' logs in `logs`, without the result lines.
+fn logs_of(logs: &Path) -> String {
+    let mut text = String::new();
+    for entry in std::fs::read_dir(logs).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let log = std::fs::read_to_string(&path).unwrap();
+            let tail: Vec<&str> = log.lines().filter(|l| !l.contains("outcome=")).collect();
+            text.push_str(&format!("--- {}\n{}\n", path.display(), tail.join("\n")));
+        }
+    }
+    text
 }
 
 /// Waits until the gateways hold `at_least` rules (read from the simulator in this process, so
@@ -146,15 +163,18 @@ fn ads(id: u32, source: &str) -> String {
 /// Feeds lines through the shim, as ADS does: many events per record batch, so a replica that
 /// stopped resumes in the middle of one.
 fn feed(topics: &[String; 4], lines: &[String]) {
+    feed_to(&brokers(), topics, lines);
+}
+
+fn feed_to(brokers: &str, topics: &[String; 4], lines: &[String]) {
     let spool = tempfile::tempdir().unwrap();
-    let brokers = brokers();
     let out = samgate(
         &[
             "shim",
             "--site",
             "prague",
             "--brokers",
-            &brokers,
+            brokers,
             "--topic",
             &topics[0],
             "--dlq-topic",
@@ -236,6 +256,7 @@ async fn sigkill_mid_stream_then_restart_answers_every_event_and_sends_no_rule_t
     let topics = topics();
     // Small batches, one at a time: the stream takes long enough to be killed in the middle.
     let config = write_config(
+        &brokers(),
         dir.path(),
         &sim,
         &topics,
@@ -369,7 +390,7 @@ async fn sigkill_mid_stream_then_restart_answers_every_event_and_sends_no_rule_t
             );
         }
     };
-    terminate(second);
+    terminate(second, dir.path());
 
     let sent = blocks_sent(&sim).await;
     assert_eq!(sent.len(), 200, "every source blocked");
@@ -392,7 +413,7 @@ async fn a_replica_that_takes_over_partitions_does_not_block_again() {
     let dir = tempfile::tempdir().unwrap();
     let topics = topics();
     let group = unique("group");
-    let config = write_config(dir.path(), &sim, &topics, &group, "");
+    let config = write_config(&brokers(), dir.path(), &sim, &topics, &group, "");
     let a = spawn_run(&config, &dir.path().join("a.log"));
     let b = spawn_run(&config, &dir.path().join("b.log"));
     // Both replicas own partitions before any event arrives.
@@ -414,7 +435,7 @@ async fn a_replica_that_takes_over_partitions_does_not_block_again() {
         .collect();
     feed(&topics, &first);
     wait_for(&topics[1], 200, dir.path());
-    terminate(a);
+    terminate(a, dir.path());
 
     let repeats: Vec<String> = (0..200u32)
         .map(|i| ads(1000 + i, &format!("198.18.1.{}", i + 1)))
@@ -457,7 +478,7 @@ async fn a_replica_that_takes_over_partitions_does_not_block_again() {
         sent.values().all(|n| *n == 1),
         "re-blocked after the rebalance"
     );
-    terminate(b);
+    terminate(b, dir.path());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,6 +495,7 @@ async fn a_slow_firewall_does_not_cost_the_group_membership() {
     let dir = tempfile::tempdir().unwrap();
     let topics = topics();
     let config = write_config(
+        &brokers(),
         dir.path(),
         &sim,
         &topics,
@@ -489,7 +511,7 @@ async fn a_slow_firewall_does_not_cost_the_group_membership() {
     let replica = spawn_run(&config, &dir.path().join("slow.log"));
     let results = wait_for(&topics[1], 16, dir.path());
     assert_eq!(answered(&results).len(), 16);
-    terminate(replica);
+    terminate(replica, dir.path());
     let log = std::fs::read_to_string(dir.path().join("slow.log")).unwrap();
     let running = log.split("shutting down").next().unwrap();
     let assigned = running.matches("partitions assigned").count();
@@ -500,4 +522,36 @@ async fn a_slow_firewall_does_not_cost_the_group_membership() {
     let sent = blocks_sent(&sim).await;
     assert_eq!(sent.len(), 16);
     assert!(sent.values().all(|n| *n == 1), "{sent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_replica_whose_broker_is_gone() {
+    // Kafka goes away (an outage, a broker restarted elsewhere) and the replica is told to stop:
+    // it must still stop, not wait for a coordinator that never answers. What it could not
+    // commit is consumed again by the next owner, which the state topic makes safe.
+    let broker = OwnBroker::start();
+    let sim = simulator::start(SimulatorConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let topics = topics();
+    let config = write_config(
+        &broker.address(),
+        dir.path(),
+        &sim,
+        &topics,
+        &unique("group"),
+        "",
+    );
+    let replica = spawn_run(&config, &dir.path().join("orphan.log"));
+    let lines: Vec<String> = (0..8u32)
+        .map(|i| ads(i, &format!("198.18.3.{}", i + 1)))
+        .collect();
+    feed_to(&broker.address(), &topics, &lines);
+    wait_for_rules(&sim, 8).await;
+    broker.stop();
+    let status = stop(replica, dir.path());
+    let log = std::fs::read_to_string(dir.path().join("orphan.log")).unwrap();
+    assert!(
+        !status.success() && log.contains("exiting without them"),
+        "{status}: a stop without Kafka says what it left undone\n{log}"
+    );
 }
