@@ -11,6 +11,10 @@
 //!        [BATCH_MAX_RULES] [SERVER_CONCURRENCY]
 //! (TASK_MS applies to Check Point only: a FortiGate call has no task.)
 //! `BENCH_TIMELINE=1` prints each result's arrival time and outcome to stderr.
+//! BROKERS `mock` runs the storm on librdkafka's mock cluster in this process instead (`scripts/bench
+//! pipeline --mock-broker`): a broker whose cost is per batch of records, not per record as
+//! tansu's, to show where samgate's own bound is (it keeps everything in memory and is no
+//! production broker; its CPU is its thread's).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -96,7 +100,12 @@ fn peak_rss_mib(pid: u32) -> f64 {
 
 /// CPU time (user + system) of process `pid` so far, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    cpu_seconds_of(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time (user + system) from a `/proc/.../stat` file, in seconds.
+fn cpu_seconds_of(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let ticks: f64 = after
@@ -108,10 +117,53 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// Partitions of each topic on the mock cluster.
+const MOCK_PARTITIONS: i32 = 64;
+
+/// CPU time of this process's threads named `name`, in seconds.
+fn thread_cpu_seconds(name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+        .map(|t| {
+            let pid = t.file_name().to_string_lossy().parse().unwrap_or(0);
+            cpu_seconds_of(&format!("/proc/self/task/{pid}/stat"))
+        })
+        .sum()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let brokers = args.get(1).expect("BROKERS").clone();
+    let mut brokers = args.get(1).expect("BROKERS").clone();
+    let tag = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let topic = |name: &str| format!("bench-{name}-{tag}");
+    // librdkafka's mock cluster has no CreateTopics: the topics are made here. It keeps at most
+    // 5 MiB per partition (`rdkafka_mock.c`, `max_size`) and drops the oldest beyond, so the
+    // storm's topics get 64 partitions (under 3 MiB each) rather than the default 12.
+    let mock = match brokers.as_str() {
+        "mock" => {
+            let mock = rdkafka::mocking::MockCluster::new(1)?;
+            for name in ["events", "results", "dlq", "state"] {
+                mock.create_topic(&topic(name), MOCK_PARTITIONS, 1)?;
+            }
+            brokers = mock.bootstrap_servers();
+            Some(mock)
+        }
+        _ => None,
+    };
+    let broker_cpu = |pid: Option<u32>| match (&mock, pid) {
+        (Some(_), _) => thread_cpu_seconds("rdk:mock"),
+        (None, Some(pid)) => cpu_seconds(pid),
+        (None, None) => 0.0,
+    };
     let samgate = args.get(2).expect("SAMGATE_BINARY").clone();
     let events: usize = arg(&args, 3, 200_000);
     let sources: usize = arg(&args, 4, 20_000);
@@ -143,10 +195,6 @@ async fn main() -> anyhow::Result<()> {
         ..SimulatorConfig::default()
     })
     .await?;
-    let tag = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis();
-    let topic = |name: &str| format!("bench-{name}-{tag}");
     let (events_topic, results_topic) = (topic("events"), topic("results"));
 
     // The storm: `sources` distinct addresses per site, most events repeats.
@@ -243,7 +291,7 @@ async fn main() -> anyhow::Result<()> {
     let broker_pid: Option<u32> = std::env::var("BENCH_BROKER_PID")
         .ok()
         .and_then(|p| p.parse().ok());
-    let broker_cpu_before = broker_pid.map_or(0.0, cpu_seconds);
+    let broker_cpu_before = broker_cpu(broker_pid);
     let started = Instant::now();
     let run_started = chrono::Utc::now();
     let mut pipeline = std::process::Command::new(&samgate)
@@ -331,7 +379,7 @@ async fn main() -> anyhow::Result<()> {
     let limits = adaptive_limits(metrics_port).await.unwrap_or_default();
     let rss_mib = peak_rss_mib(pipeline.id());
     let cpu_s = cpu_seconds(pipeline.id());
-    let broker_cpu_s = broker_pid.map_or(0.0, cpu_seconds) - broker_cpu_before;
+    let broker_cpu_s = broker_cpu(broker_pid) - broker_cpu_before;
     std::process::Command::new("kill")
         .args(["-TERM", &pipeline.id().to_string()])
         .status()?;
@@ -372,6 +420,11 @@ async fn main() -> anyhow::Result<()> {
     println!("api calls: {:?}", state["calls"]);
     println!("batch stages (samgate_batch_stage_seconds, sum over batches): {stages}");
     println!("adaptive limits at the end (batches at once / rules per batch, by server): {limits}");
+    let broker = match &mock {
+        Some(_) => format!("librdkafka's mock cluster ({MOCK_PARTITIONS} partitions per topic)"),
+        None => "tansu (SQLite)".to_owned(),
+    };
+    println!("broker: {broker}");
     println!(
         "firewall={} events_per_s={:.0} raw_consume_per_s={raw_consume_per_s:.0} blocks_per_s={blocks_per_s:.0} api_calls_per_blocked_ip={:.4} logins={} p50_ms={:.0} p99_ms={:.0} repeats_decided_p50_s={:.1} repeats_decided_p99_s={:.1} rss_mib={:.1}",
         if fortigate { "fortigate" } else { "checkpoint" },
