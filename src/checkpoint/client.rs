@@ -100,9 +100,12 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
+    /// Both of the reference's value lists: `show-task`'s `status` (`in progress`, …) and the
+    /// `tasks` enumeration (`in_progress`, `pending`, …). A task not yet started is running too:
+    /// taking it for finished would verify before the script ran.
     fn parse(text: &str) -> Self {
         match text {
-            "in progress" => Self::InProgress,
+            "in progress" | "in_progress" | "pending" => Self::InProgress,
             "succeeded" => Self::Succeeded,
             "succeeded with warnings" => Self::SucceededWithWarnings,
             "partially succeeded" => Self::PartiallySucceeded,
@@ -769,6 +772,45 @@ mod tests {
         window.blocked_until = Some(now + Duration::from_secs(20));
         window.recent.clear();
         assert_eq!(window.try_take(now), Err(Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn task_statuses_of_both_reference_lists() {
+        let cases = [
+            ("in progress", TaskStatus::InProgress, false, false),
+            ("in_progress", TaskStatus::InProgress, false, false),
+            ("pending", TaskStatus::InProgress, false, false),
+            ("succeeded", TaskStatus::Succeeded, true, true),
+            (
+                "succeeded with warnings",
+                TaskStatus::SucceededWithWarnings,
+                true,
+                true,
+            ),
+            (
+                "partially succeeded",
+                TaskStatus::PartiallySucceeded,
+                true,
+                false,
+            ),
+            ("failed", TaskStatus::Failed, true, false),
+            (
+                "timed_out",
+                TaskStatus::Other("timed_out".into()),
+                true,
+                false,
+            ),
+            ("aborted", TaskStatus::Other("aborted".into()), true, false),
+        ];
+        for (text, status, terminal, success) in cases {
+            let parsed = TaskStatus::parse(text);
+            assert_eq!(parsed, status, "{text}");
+            assert_eq!(
+                (parsed.is_terminal(), parsed.is_success()),
+                (terminal, success),
+                "{text}"
+            );
+        }
     }
 
     #[test]

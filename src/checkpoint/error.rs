@@ -83,9 +83,13 @@ impl ApiError {
         }
     }
 
-    /// The server refused a login because of its login rate limit.
+    /// The server (or a proxy in front of it, answering in HTML) said too many requests.
     pub fn is_too_many_requests(&self) -> bool {
-        matches!(self, Self::Api { status, code, .. } if code == "err_too_many_requests" || *status == 429)
+        match self {
+            Self::Api { status, code, .. } => code == "err_too_many_requests" || *status == 429,
+            Self::NotJson { status, .. } => *status == 429,
+            _ => false,
+        }
     }
 
     /// Every value [`kind`](Self::kind) takes.
@@ -134,6 +138,7 @@ pub fn classify(error: &ApiError) -> ErrorClass {
         ApiError::Transport { tls: true, .. } => ErrorClass::Permanent,
         ApiError::Transport { .. } => ErrorClass::Retryable,
         ApiError::NotJson { status, .. } => match status {
+            429 => ErrorClass::RateLimited(SERVER_RATE_LIMIT_DELAY),
             502..=504 => ErrorClass::Retryable,
             500 | 501 | 505..=599 => ErrorClass::Retryable,
             _ => ErrorClass::Permanent,
@@ -199,6 +204,10 @@ mod tests {
             (not_json(502), ErrorClass::Retryable),
             (not_json(503), ErrorClass::Retryable),
             (not_json(403), ErrorClass::Permanent),
+            (
+                not_json(429),
+                ErrorClass::RateLimited(SERVER_RATE_LIMIT_DELAY),
+            ),
             (not_json(200), ErrorClass::Permanent),
             (
                 api(400, "err_too_many_requests"),

@@ -392,7 +392,8 @@ pub fn samp_batch_listed(output: &str) -> Option<std::collections::HashSet<RuleK
 pub struct SampUid(String);
 
 impl SampUid {
-    /// Accepts only the documented shape, so a uid read back from a gateway is safe to send.
+    /// Accepts only the documented shape, so a uid read back from a gateway is safe to send;
+    /// kept as the gateway printed it (the shape makes it safe, and `del` gets it verbatim).
     pub fn parse(text: &str) -> Option<Self> {
         let inner = text.strip_prefix('<')?.strip_suffix('>')?;
         let words: Vec<&str> = inner.split(',').collect();
@@ -400,7 +401,7 @@ impl SampUid {
             && words
                 .iter()
                 .all(|w| w.len() == 8 && w.bytes().all(|b| b.is_ascii_hexdigit()));
-        ok.then(|| Self(text.to_ascii_lowercase()))
+        ok.then(|| Self(text.to_owned()))
     }
 }
 

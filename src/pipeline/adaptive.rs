@@ -32,7 +32,8 @@ pub enum Answer {
     Healthy,
     /// Back-pressure: rate limited, a server error, a timeout.
     Overloaded,
-    /// Failed for a reason that says nothing about load (a refused login, a bad request).
+    /// Says nothing about load: failed for another reason (a refused login, a bad request), or
+    /// answered a call whose time does not compare with the fit's (a verify, an unblock).
     Other,
 }
 

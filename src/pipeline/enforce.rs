@@ -148,7 +148,11 @@ impl ServerLimits {
     fn observe(&self, rules: usize, took: Duration, answer: Answer) {
         let mut guard = self.control.lock().expect("limits");
         let control = &mut *guard;
-        let busy = std::mem::take(&mut control.busy);
+        // A call that says nothing about load leaves "busy" for the next one that does.
+        let busy = match answer {
+            Answer::Other => control.busy,
+            _ => std::mem::take(&mut control.busy),
+        };
         let at = control.began.elapsed();
         let Some(controller) = control.controller.as_mut() else {
             return;
@@ -191,6 +195,14 @@ impl ServerLimits {
 pub const INITIAL_CONCURRENCY: usize = 2;
 
 /// What a call's outcome says about its server's load.
+/// Which enforcer call a batch made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallKind {
+    Block,
+    Verify,
+    Unblock,
+}
+
 fn answer_of<T>(result: &Result<T, Failed>) -> Answer {
     match result {
         Ok(_) => Answer::Healthy,
@@ -365,11 +377,17 @@ impl Batcher {
     }
 
     /// An enforcer call of `rules` began at `since` and answered: its stage time, and what it
-    /// tells the server's limits.
-    fn called<T>(&self, rules: usize, since: Instant, answer: &Result<T, Failed>) {
+    /// tells the server's limits. Only block calls are timed against the limits' fit of call
+    /// time on batch size: a verify or an unblock costs the gateway differently per rule (a
+    /// listing per rule, a script per gateway), so its time would read as congestion; its
+    /// back-pressure (rate limits, server errors, timeouts) counts all the same.
+    fn called<T>(&self, call: CallKind, rules: usize, since: Instant, answer: &Result<T, Failed>) {
         self.stage("firewall", since);
-        self.limits
-            .observe(rules, since.elapsed(), answer_of(answer));
+        let answer = match (call, answer_of(answer)) {
+            (CallKind::Verify | CallKind::Unblock, Answer::Healthy) => Answer::Other,
+            (_, answer) => answer,
+        };
+        self.limits.observe(rules, since.elapsed(), answer);
     }
 
     /// Records how long a stage of a batch took (`samgate_batch_stage_seconds`).
@@ -509,7 +527,7 @@ impl Batcher {
         let rules: Vec<&Enforce> = works.iter().map(|w| &w.enforce).collect();
         let calling = Instant::now();
         let answer = self.enforcer.block(&rules, gateways).await;
-        self.called(rules.len(), calling, &answer);
+        self.called(CallKind::Block, rules.len(), calling, &answer);
         drop(guard);
         match answer {
             Ok(answer) => {
@@ -547,7 +565,7 @@ impl Batcher {
         let rules: Vec<&Enforce> = works.iter().map(|w| &w.enforce).collect();
         let calling = Instant::now();
         let answer = self.enforcer.verify(&rules, gateways).await;
-        self.called(rules.len(), calling, &answer);
+        self.called(CallKind::Verify, rules.len(), calling, &answer);
         match answer {
             Ok(verified) => {
                 let found = verified
@@ -620,7 +638,7 @@ impl Batcher {
             .collect();
         let calling = Instant::now();
         let answer = self.enforcer.unblock(&removals, gateways).await;
-        self.called(removals.len(), calling, &answer);
+        self.called(CallKind::Unblock, removals.len(), calling, &answer);
         drop(removals);
         drop(guard);
         match answer {
@@ -673,22 +691,22 @@ impl Batcher {
                 (i, written)
             });
         }
-        let mut failed = vec![None; works.len()];
+        // Written only when Kafka said so: a write that failed, or whose task died, is not.
+        let mut written: Vec<bool> = works.iter().map(|w| w.pending_written).collect();
         while let Some(joined) = writes.join_next().await {
             match joined {
-                Ok((i, Ok(_))) => failed[i] = Some(false),
-                Ok((i, Err(e))) => {
-                    warn!(error = %e, "a pending state record was not written; its rule is not sent");
-                    failed[i] = Some(true);
+                Ok((i, Ok(_))) => written[i] = true,
+                Ok((_, Err(e))) => {
+                    warn!(error = %e, "a pending state record was not written; its rule is not sent")
                 }
                 Err(e) => error!(error = %e, "a state write failed"),
             }
         }
         let mut ready = Vec::new();
-        for (mut work, failed) in works.into_iter().zip(failed) {
-            match failed {
-                Some(true) => abandon(&self.shared, work, "its pending record was not written"),
-                _ => {
+        for (mut work, written) in works.into_iter().zip(written) {
+            match written {
+                false => abandon(&self.shared, work, "its pending record was not written"),
+                true => {
                     work.pending_written = true;
                     ready.push(work);
                 }
