@@ -53,8 +53,8 @@ pub struct FeedConfig {
     /// once): a storm of state records costs one rebuild per delay, not one per record.
     #[serde(with = "humantime_serde")]
     pub rebuild_delay: Duration,
-    /// Take a client's address from `X-Forwarded-For` (a proxy or ingress in front of the feeds
-    /// says whom it forwards); off: the connection's peer address.
+    /// Take a client's address from `X-Forwarded-For`: its last address, the one the proxy or
+    /// ingress in front of the feeds appended; off: the connection's peer address.
     pub trust_forwarded_for: bool,
 }
 
@@ -1129,6 +1129,11 @@ impl Config {
                     }
                 }
                 match (&t.username, &t.password) {
+                    (Some(_), Some(p)) if p.expose().trim().is_empty() => return refuse(
+                        "targets.password",
+                        "is empty, which would leave the feed behind its user name alone",
+                        "set a password (SAMGATE_TARGETS__<NAME>__PASSWORD), or remove username",
+                    ),
                     (Some(u), Some(_)) if !u.is_empty() && !u.contains(':') => {}
                     (Some(_), Some(_)) => {
                         return refuse(
@@ -1709,6 +1714,7 @@ mod tests {
             (feed("username = \"gw\""), "targets.password"),
             (feed("password = \"p\""), "targets.username"),
             (feed("username = \"g:w\"\npassword = \"p\""), "targets.username"),
+            (feed("username = \"gw\"\npassword = \" \""), "targets.password"),
             (feed("token = \" \""), "targets.token"),
             (feed("[targets.f.pollers]\nother = \"192.0.2.1\""), "targets.pollers"),
             (feed("[targets.f.pollers]\n\"a b\" = \"192.0.2.1\""), "targets.pollers"),

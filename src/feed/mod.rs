@@ -15,8 +15,8 @@
 //!   entries expire, or whose exemption ends, is rebuilt at that instant. Never-block networks
 //!   and not-blockable addresses are left out at every build (`Policy`, as `run` checks them).
 //! - **Serving** (axum, plain HTTP or TLS from `feed.tls`): strong `ETag`s (the body's
-//!   SHA-256) with `If-None-Match`, and `Last-Modified` with `If-Modified-Since`, so a gateway
-//!   polling an unchanged feed gets a 304 and no body; per feed, optional basic
+//!   SHA-256) with `If-None-Match`, so a gateway polling an unchanged feed gets a 304 and no
+//!   body (`Last-Modified` is sent, but a date alone never earns a 304: see [`not_modified`]); per feed, optional basic
 //!   authentication and/or a bearer token; metrics per feed, and per configured poller the
 //!   time of its last fetch (`samgate_feed_last_poll_timestamp_seconds`), which an alert
 //!   watches; `GET /feeds/<name>/clients` lists every client address's last fetch.
@@ -32,12 +32,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use base64::Engine as _;
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -146,7 +146,16 @@ pub async fn run(
         let (feeds, cancel) = (feeds.clone(), cancel.clone());
         std::thread::Builder::new()
             .name("samgate-feed-reader".into())
-            .spawn(move || follow(&config, &policy, &feeds, &cancel))?
+            .spawn(move || {
+                // However the reader ends (an error, a panic), the server stops with it: a feed
+                // nobody updates any more must not go on being served.
+                let _stop = cancel.clone().drop_guard();
+                let read = follow(&config, &policy, &feeds, &cancel);
+                if let Err(e) = &read {
+                    tracing::error!(error = format!("{e:#}"), "the state reader stopped");
+                }
+                read
+            })?
     };
     let shutdown = cancel.clone().cancelled_owned();
     let served = match tls {
@@ -169,8 +178,10 @@ pub async fn run(
     };
     cancel.cancel();
     let joined = tokio::task::spawn_blocking(move || reader.join()).await;
-    if let Ok(Ok(Err(e))) = joined {
-        return Err(e);
+    match joined {
+        Ok(Ok(Err(e))) => return Err(e),
+        Ok(Err(_)) => anyhow::bail!("the state reader panicked"),
+        _ => {}
     }
     served.context("the feed listener failed")
 }
@@ -338,6 +349,7 @@ async fn serve_feed(
     State(feeds): State<Arc<Feeds>>,
     ConnectInfo(ClientAddr(peer)): ConnectInfo<ClientAddr>,
     Path(file): Path<String>,
+    method: Method,
     headers: HeaderMap,
 ) -> Response {
     let (name, format) = parse_file(&file);
@@ -362,8 +374,6 @@ async fn serve_feed(
         }
         return response;
     }
-    let client = client_address(peer, &headers, feeds.trust_forwarded_for);
-    feeds.polled(name, access, client);
     let feed = feeds
         .published
         .read()
@@ -382,6 +392,11 @@ async fn serve_feed(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         return response;
     };
+    // A fetch is a GET answered with the feed (200 or 304): not a HEAD probe, not a 503.
+    if method == Method::GET {
+        let client = client_address(peer, &headers, feeds.trust_forwarded_for);
+        feeds.polled(name, access, client);
+    }
     let (body, content_type) = match format {
         Format::Text => (&feed.text, "text/plain; charset=utf-8"),
         Format::Csv => {
@@ -405,7 +420,7 @@ async fn serve_feed(
             Ok(HeaderValue::from_static("no-cache")),
         ),
     ];
-    let mut response = match not_modified(&headers, etag, feed.last_modified_ms) {
+    let mut response = match not_modified(&headers, etag) {
         true => {
             count("304");
             StatusCode::NOT_MODIFIED.into_response()
@@ -476,14 +491,15 @@ impl Feeds {
     }
 }
 
-/// The client's address: the peer's, or with `feed.trust_forwarded_for` the first address of
-/// `X-Forwarded-For` (a proxy in front of the feeds says whom it forwards).
+/// The client's address: the peer's, or with `feed.trust_forwarded_for` the last address of
+/// `X-Forwarded-For`, the one the proxy in front of the feeds appended (the ones before it are
+/// the client's own say, and anyone could claim to be a gateway there).
 fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
     let forwarded = trust_forwarded_for
         .then(|| headers.get("x-forwarded-for"))
         .flatten()
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.rsplit(',').next())
         .and_then(|v| v.trim().parse::<IpAddr>().ok());
     forwarded.unwrap_or(peer.ip()).to_canonical()
 }
@@ -529,23 +545,21 @@ fn same(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
-/// Whether a conditional GET may be answered 304 (RFC 9110 §13.1): `If-None-Match` decides
-/// when present (weak comparison; `*` matches); otherwise `If-Modified-Since`, to the second.
-fn not_modified(headers: &HeaderMap, etag: &str, last_modified_ms: i64) -> bool {
-    if let Some(tags) = headers.get(header::IF_NONE_MATCH) {
-        let Ok(tags) = tags.to_str() else {
-            return false;
-        };
-        let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-        return tags
-            .split(',')
-            .any(|t| t.trim() == "*" || bare(t) == bare(etag));
-    }
-    let since = headers
-        .get(header::IF_MODIFIED_SINCE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| DateTime::parse_from_rfc2822(v).ok());
-    since.is_some_and(|since| last_modified_ms / 1000 <= since.timestamp())
+/// Whether a conditional GET may be answered 304 (RFC 9110 §13.1): only a matching
+/// `If-None-Match` (weak comparison; `*` matches). `If-Modified-Since` is not honoured, as
+/// RFC 9110 allows: `Last-Modified` comes from the log's record times, and a change can arrive
+/// in the same second or carry an older time (a record read late), so a date could call a
+/// changed feed unchanged and keep an unblocked address on the gateways.
+fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
+    let Some(tags) = headers.get(header::IF_NONE_MATCH) else {
+        return false;
+    };
+    let Ok(tags) = tags.to_str() else {
+        return false;
+    };
+    let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    tags.split(',')
+        .any(|t| t.trim() == "*" || bare(t) == bare(etag))
 }
 
 /// An HTTP date (IMF-fixdate).
@@ -693,11 +707,33 @@ mod tests {
     }
 
     #[test]
+    fn client_addresses() {
+        let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let xff = |v: &str| headers(&[("x-forwarded-for", v)]);
+        let cases = [
+            (xff("198.51.100.7"), false, "192.0.2.1"),
+            (xff("198.51.100.7"), true, "198.51.100.7"),
+            // The proxy appends the address it saw; what comes before is the client's claim.
+            (xff("203.0.113.9, 198.51.100.7"), true, "198.51.100.7"),
+            (xff("not an address"), true, "192.0.2.1"),
+            (xff("::ffff:198.51.100.7"), true, "198.51.100.7"),
+            (headers(&[]), true, "192.0.2.1"),
+        ];
+        for (h, trust, want) in cases {
+            assert_eq!(
+                client_address(peer, &h, trust),
+                want.parse::<IpAddr>().unwrap(),
+                "{h:?} {trust}"
+            );
+        }
+    }
+
+    #[test]
     fn conditional_gets() {
         let etag = "\"abc\"";
         let modified = 1_800_000_000_000; // Fri, 15 Jan 2027 08:00:00 GMT
         let date = http_date(modified);
-        let earlier = http_date(modified - 1000);
+        let later = http_date(modified + 60_000);
         let cases = [
             (vec![], false),
             (vec![("if-none-match", "\"abc\"")], true),
@@ -713,16 +749,13 @@ mod tests {
                 ],
                 false,
             ),
-            (vec![("if-modified-since", date.as_str())], true),
-            (vec![("if-modified-since", earlier.as_str())], false),
+            // A date alone never: a change may carry an older record time.
+            (vec![("if-modified-since", date.as_str())], false),
+            (vec![("if-modified-since", later.as_str())], false),
             (vec![("if-modified-since", "yesterday")], false),
         ];
         for (i, (h, want)) in cases.into_iter().enumerate() {
-            assert_eq!(
-                not_modified(&headers(&h), etag, modified),
-                want,
-                "case {i}: {h:?}"
-            );
+            assert_eq!(not_modified(&headers(&h), etag), want, "case {i}: {h:?}");
         }
         assert_eq!(date, "Fri, 15 Jan 2027 08:00:00 GMT");
     }
@@ -770,17 +803,10 @@ mod tests {
     }
 
     #[test]
-    fn paths_and_client_addresses() {
+    fn paths_and_mapped_peers() {
         assert_eq!(parse_file("edge"), ("edge", Format::Text));
         assert_eq!(parse_file("edge.txt"), ("edge", Format::Text));
         assert_eq!(parse_file("edge.csv"), ("edge", Format::Csv));
-        let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
-        let forwarded = headers(&[("x-forwarded-for", "192.0.2.1, 10.0.0.1")]);
-        assert_eq!(client_address(peer, &forwarded, false), peer.ip());
-        assert_eq!(
-            client_address(peer, &forwarded, true),
-            "192.0.2.1".parse::<IpAddr>().unwrap()
-        );
         let mapped: SocketAddr = "[::ffff:192.0.2.7]:1".parse().unwrap();
         assert_eq!(
             client_address(mapped, &HeaderMap::new(), false),
