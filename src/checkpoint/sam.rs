@@ -300,8 +300,7 @@ pub fn samp_delete_script(uids: &[(SampUid, bool)]) -> String {
         script.push_str(&fw_samp_del(uid, *ipv6));
         script.push('\n');
     }
-    script.push_str(FW_SAMP_FLUSH);
-    script.push_str(" >/dev/null\n");
+    script.push_str(&samp_flush(uids.iter().any(|(_, ipv6)| *ipv6)));
     script
 }
 
@@ -312,6 +311,18 @@ pub fn fw_samp_get(ipv6: bool) -> String {
 
 /// The flush-only rule that makes `fw samp` changes take effect at once (mandatory after `del`).
 pub const FW_SAMP_FLUSH: &str = "fw samp add -t 2 quota flush true";
+/// The same for `fw6 samp`: whether IPv6 rules live in a database of their own is unconfirmed,
+/// so a script that touched them flushes that one too (at worst a second, harmless flush).
+pub const FW6_SAMP_FLUSH: &str = "fw6 samp add -t 2 quota flush true";
+
+/// The flush lines a script needs: `fw`'s always, `fw6`'s when it touched IPv6 rules.
+fn samp_flush(ipv6: bool) -> String {
+    let mut lines = format!("{FW_SAMP_FLUSH} >/dev/null\n");
+    if ipv6 {
+        lines.push_str(&format!("{FW6_SAMP_FLUSH} >/dev/null\n"));
+    }
+    lines
+}
 
 /// `fw samp batch` (`fw6` for IPv6) with `add` lines, in one heredoc.
 pub fn fw_samp_batch(rules: &[SamRule], ipv6: bool) -> Result<String, RenderError> {
@@ -348,8 +359,7 @@ pub fn samp_batch_script(rules: &[SamRule]) -> Result<String, RenderError> {
         script.push_str(&fw_samp_batch(&these, ipv6)?);
         script.push_str(&format!("echo \"{OUTCOME_MARKER} {section} $?\"\n"));
     }
-    script.push_str(FW_SAMP_FLUSH);
-    script.push_str(" >/dev/null\n");
+    script.push_str(&samp_flush(!family(true).is_empty()));
     for (section, ipv6) in [(2, false), (3, true)] {
         let keys: Vec<String> = family(ipv6)
             .iter()
@@ -450,8 +460,7 @@ pub fn batch_script(
         script.push_str(&format!("{command}; echo \"{OUTCOME_MARKER} {i} $?\"\n"));
     }
     if mode == SamMode::FwSamp {
-        script.push_str(FW_SAMP_FLUSH);
-        script.push_str(" >/dev/null\n");
+        script.push_str(&samp_flush(rules.iter().any(|r| r.criteria.is_ipv6())));
     }
     Ok(script)
 }
@@ -821,12 +830,19 @@ mod tests {
         ));
         let samp = batch_script(&rules, SamMode::FwSamp, Operation::Block).unwrap();
         assert!(samp.ends_with("fw samp add -t 2 quota flush true >/dev/null\n"));
+        let v6 = [rule(
+            SamAction::Drop,
+            true,
+            Criteria::Src(ip("2001:db8::9")),
+        )];
+        let samp6 = batch_script(&v6, SamMode::FwSamp, Operation::Block).unwrap();
+        assert!(samp6.ends_with("fw samp add -t 2 quota flush true >/dev/null\nfw6 samp add -t 2 quota flush true >/dev/null\n"));
         let output = "samgate-rule 0 0\nsome stderr\nsamgate-rule 2 1\nsamgate-rule 9 0\n";
         assert_eq!(parse_outcomes(output, 3), vec![Some(0), None, Some(1)]);
     }
 
     #[test]
-    fn a_samp_batch_script_starts_five_processes_and_its_listing_says_what_landed() {
+    fn a_samp_batch_script_starts_three_processes_per_family_and_its_listing_says_what_landed() {
         let mut rules: Vec<SamRule> = (1..=3)
             .map(|i| {
                 rule(
@@ -849,7 +865,9 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("fw ") || l.starts_with("fw6 "))
             .count();
-        assert_eq!(processes, 5, "{script}");
+        // Per address family: the batch, the flush, the listing.
+        assert_eq!(processes, 6, "{script}");
+        assert!(script.contains("\nfw6 samp add -t 2 quota flush true >/dev/null\n"));
         assert_eq!(
             script.matches("\nadd ").count(),
             4,
@@ -868,6 +886,8 @@ mod tests {
         assert!(
             v4.contains("echo \"samgate-rule 1 0\"\n")
                 && v4.contains("echo \"samgate-rule 3 0\"\n")
+                && !v4.contains("fw6 "),
+            "{v4}"
         );
 
         let listed = |key: usize| {
