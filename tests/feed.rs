@@ -75,6 +75,12 @@ async fn fetch(client: &reqwest::Client, url: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// The feed server's `/metrics` text.
+async fn metrics_now(client: &reqwest::Client, feed: &FeedServer) -> String {
+    let response = client.get(format!("{}/metrics", feed.url)).send().await;
+    response.unwrap().text().await.unwrap()
+}
+
 /// The feed's addresses, sorted as served.
 async fn listed(client: &reqwest::Client, feed: &FeedServer) -> Vec<String> {
     let response = fetch(client, &format!("{}/feeds/blocklist", feed.url)).await;
@@ -360,24 +366,33 @@ async fn detections_and_operator_commands_change_the_feed_and_protected_addresse
         .contains(&"10.99.1.1".to_owned()));
 
     // The poller's last fetch is known by name, and every client address by /clients.
-    let metrics = client
-        .get(format!("{}/metrics", feed.url))
+    let last_poll = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("samgate_feed_last_poll_timestamp_seconds{")
+                    && l.contains("poller=\"prague-gw\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap()
+    };
+    let metrics = metrics_now(&client, &feed).await;
+    let polled = last_poll(&metrics);
+    assert!(polled > chrono::Utc::now().timestamp() - 120, "{polled}");
+    // A HEAD (a health probe) is not a fetch; the next GET is. The metric counts whole
+    // seconds, so the probe comes in a later second than the last fetch.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let probe = client
+        .head(format!("{}/feeds/blocklist", feed.url))
+        .basic_auth(USER, Some(PASSWORD))
         .send()
         .await
-        .unwrap()
-        .text()
-        .await
         .unwrap();
-    let polled = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("samgate_feed_last_poll_timestamp_seconds{")
-                && l.contains("poller=\"prague-gw\"")
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<i64>().ok())
-        .unwrap();
-    assert!(polled > chrono::Utc::now().timestamp() - 120, "{polled}");
+    assert_eq!(probe.status(), StatusCode::OK);
+    assert_eq!(last_poll(&metrics_now(&client, &feed).await), polled);
+    listed(&client, &feed).await;
+    assert!(last_poll(&metrics_now(&client, &feed).await) > polled);
     assert!(
         metrics.contains("samgate_feed_entries{feed=\"blocklist\"} 3"),
         "{metrics}"
@@ -489,14 +504,7 @@ async fn conditional_gets_cost_nothing_and_two_servers_serve_the_same_bytes() {
         .unwrap();
     assert_eq!(after.status(), StatusCode::OK);
     assert_ne!(after.headers()["etag"], before);
-    let metrics = client
-        .get(format!("{}/metrics", one.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_now(&client, &one).await;
     for status in ["200", "304", "401"] {
         let series =
             format!("samgate_feed_requests_total{{feed=\"blocklist\",status=\"{status}\"}}");

@@ -194,7 +194,6 @@ impl ServerLimits {
 /// Batches a server may have at once before its answers say more (or fewer).
 pub const INITIAL_CONCURRENCY: usize = 2;
 
-/// What a call's outcome says about its server's load.
 /// Which enforcer call a batch made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CallKind {
@@ -203,6 +202,7 @@ enum CallKind {
     Unblock,
 }
 
+/// What a call's outcome says about its server's load.
 fn answer_of<T>(result: &Result<T, Failed>) -> Answer {
     match result {
         Ok(_) => Answer::Healthy,
