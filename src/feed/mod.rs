@@ -17,9 +17,9 @@
 //! - **Serving** (axum, plain HTTP or TLS from `feed.tls`): strong `ETag`s (the body's
 //!   SHA-256) with `If-None-Match`, so a gateway polling an unchanged feed gets a 304 and no
 //!   body (`Last-Modified` is sent, but a date alone never earns a 304: see [`not_modified`]);
-//!   per feed, optional basic authentication and/or a bearer token; metrics per feed, and per configured poller the
-//!   time of its last fetch (`samgate_feed_last_poll_timestamp_seconds`), which an alert
-//!   watches; `GET /feeds/<name>/clients` lists every client address's last fetch.
+//!   per feed, optional basic authentication and/or a bearer token; metrics per feed, and per
+//!   configured poller the time of its last fetch (`samgate_feed_last_poll_timestamp_seconds`),
+//!   which an alert watches; `GET /feeds/<name>/clients` lists every client address's last fetch.
 
 pub mod enforcer;
 pub mod store;
