@@ -198,20 +198,28 @@ fn answer(refs: &[TaskRef], tasks: &[Task], gateways: &[String], rules: usize) -
     }
 }
 
-/// Reads a listing script's output (its sections: IPv4, then IPv6); `None` when a section is
-/// missing or its query failed (nothing is concluded from it).
-pub fn parse_listing(mode: SamMode, output: &str) -> Option<Listing> {
+/// Reads a listing script's output (its sections: IPv4, then IPv6); nothing is concluded when a
+/// section is missing, its query failed or it has a line samgate cannot read (the error says
+/// which).
+pub fn parse_listing(mode: SamMode, output: &str) -> Result<Listing, String> {
     let sections = sam::split_sections(output, 2);
     let mut text = String::new();
-    for section in sections {
+    for (section, family) in sections.into_iter().zip(["IPv4", "IPv6"]) {
         match section {
             Some((0, printed)) => text.push_str(&printed),
-            _ => return None,
+            Some((status, _)) => {
+                return Err(format!(
+                    "the {family} listing failed with exit status {status}"
+                ))
+            }
+            None => return Err(format!("the {family} listing was cut")),
         }
     }
-    Some(match mode {
+    let unreadable = |u: sam::Unreadable| format!("the listing has {u}");
+    Ok(match mode {
         SamMode::FwSamp => Listing::Samp(
             sam::parse_samp_get(&text)
+                .map_err(unreadable)?
                 .into_iter()
                 .filter_map(|e| {
                     let key = e.samgate_key()?;
@@ -222,7 +230,7 @@ pub fn parse_listing(mode: SamMode, output: &str) -> Option<Listing> {
                 })
                 .collect(),
         ),
-        SamMode::FwSam => Listing::Sam(sam::parse_sam_monitor(&text)),
+        SamMode::FwSam => Listing::Sam(sam::parse_sam_monitor(&text).map_err(unreadable)?),
     })
 }
 
@@ -267,10 +275,10 @@ pub fn listings(
     for gateway in gateways {
         match outputs.get(gateway) {
             Some(Ok(output)) => match parse_listing(mode, output) {
-                Some(listing) => {
+                Ok(listing) => {
                     found.insert(gateway.clone(), listing);
                 }
-                None => errors.push(format!("{gateway}: the listing failed or was cut")),
+                Err(why) => errors.push(format!("{gateway}: {why}")),
             },
             Some(Err(why)) => errors.push(format!("{gateway}: {why}")),
             None => errors.push(format!("{gateway}: no task")),

@@ -380,7 +380,7 @@ pub fn samp_batch_script(rules: &[SamRule]) -> Result<String, RenderError> {
 }
 
 /// The samgate keys a [`samp_batch_script`]'s output lists; `None` when a listing is missing,
-/// failed or was cut (nothing is concluded then).
+/// failed, was cut or cannot be read (nothing is concluded then).
 pub fn samp_batch_listed(output: &str) -> Option<std::collections::HashSet<RuleKey>> {
     let sections = split_sections(output, 4);
     let mut listed = std::collections::HashSet::new();
@@ -390,6 +390,7 @@ pub fn samp_batch_listed(output: &str) -> Option<std::collections::HashSet<RuleK
         };
         listed.extend(
             parse_samp_get(printed)
+                .ok()?
                 .iter()
                 .filter_map(SampEntry::samgate_key),
         );
@@ -541,7 +542,7 @@ pub fn parse_outcomes(output: &str, count: usize) -> Vec<Option<i32>> {
 /// One line of `fw samp get`: `operation=add uid=<…> target=all timeout=300 action=notify …`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SampEntry {
-    pub uid: Option<SampUid>,
+    pub uid: SampUid,
     /// Every `key=value` of the line, `\ ` unescaped.
     pub fields: BTreeMap<String, String>,
 }
@@ -556,11 +557,31 @@ impl SampEntry {
     }
 }
 
-/// Parses `fw samp get` output (default format, one rule per line).
-pub fn parse_samp_get(output: &str) -> Vec<SampEntry> {
+/// A line of a gateway's listing that samgate cannot read. Nothing is concluded from such a
+/// listing: read as "no rule", it would confirm an unblock whose rule is still there. The
+/// empty-database and filtered forms of `fw samp get` and all of `fw sam -M` are unconfirmed
+/// (docs/checkpoint.md), so a wrong guess is noticed here, not trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable(String);
+
+impl Unreadable {
+    fn line(line: &str) -> Self {
+        Self(line.trim().chars().take(120).collect())
+    }
+}
+
+impl fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a line samgate cannot read: {:?}", self.0)
+    }
+}
+
+/// Parses `fw samp get` output (default format, one rule per line). Every line that is not blank
+/// must be a rule with a well-formed uid.
+pub fn parse_samp_get(output: &str) -> Result<Vec<SampEntry>, Unreadable> {
     output
         .lines()
-        .filter(|l| l.contains("uid="))
+        .filter(|l| !l.trim().is_empty())
         .map(|line| {
             let fields: BTreeMap<String, String> = split_escaped(line)
                 .into_iter()
@@ -569,9 +590,10 @@ pub fn parse_samp_get(output: &str) -> Vec<SampEntry> {
                         .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 })
                 .collect();
-            SampEntry {
-                uid: fields.get("uid").and_then(|u| SampUid::parse(u)),
-                fields,
+            let uid = fields.get("uid").and_then(|u| SampUid::parse(u));
+            match uid {
+                Some(uid) => Ok(SampEntry { uid, fields }),
+                None => Err(Unreadable::line(line)),
             }
         })
         .collect()
@@ -638,27 +660,31 @@ pub fn monitor_entry_is(entry: &SamMonitorEntry, rule: &SamRule) -> bool {
         && actions.contains(&rule.log.fw_sam())
 }
 
-/// Parses `fw sam -M` output (see [`SamMonitorEntry`]); other lines are ignored.
-pub fn parse_sam_monitor(output: &str) -> Vec<SamMonitorEntry> {
+/// Parses `fw sam -M` output (see [`SamMonitorEntry`]). Every line that is not blank must be a
+/// record.
+pub fn parse_sam_monitor(output: &str) -> Result<Vec<SamMonitorEntry>, Unreadable> {
     output
         .lines()
-        .filter_map(|line| {
-            let parts: Vec<&str> = line.trim().split(',').map(str::trim).collect();
-            if parts.len() != 4 && parts.len() != 7 {
-                return None;
-            }
-            let expires = match parts[2] {
-                "never" | "0" => None,
-                t => Some(t.parse().ok()?),
-            };
-            Some(SamMonitorEntry {
-                kind: parts[0].to_owned(),
-                actions: parts[1].to_owned(),
-                expires,
-                addresses: parts[3..].iter().map(|s| s.to_string()).collect(),
-            })
-        })
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| monitor_entry(line).ok_or_else(|| Unreadable::line(line)))
         .collect()
+}
+
+fn monitor_entry(line: &str) -> Option<SamMonitorEntry> {
+    let parts: Vec<&str> = line.trim().split(',').map(str::trim).collect();
+    if parts.len() != 4 && parts.len() != 7 {
+        return None;
+    }
+    let expires = match parts[2] {
+        "never" | "0" => None,
+        t => Some(t.parse().ok()?),
+    };
+    Some(SamMonitorEntry {
+        kind: parts[0].to_owned(),
+        actions: parts[1].to_owned(),
+        expires,
+        addresses: parts[3..].iter().map(|s| s.to_string()).collect(),
+    })
 }
 
 #[cfg(test)]
@@ -942,16 +968,13 @@ mod tests {
     #[test]
     fn samp_get_listing_parses_escaped_fields() {
         let out = "operation=add uid=<5ac3965f,00000000,3403a8c0,0000264a> target=all timeout=300 action=notify log=log name=Test\\ Rule comment=samgate:0123456789abcdef0123456789abcdef originator=John\\ Doe src_ip_addr=1.1.1.1 req_tpe=ip\n";
-        let entries = parse_samp_get(out);
+        let entries = parse_samp_get(out).unwrap();
         assert_eq!(entries.len(), 1);
         let e = &entries[0];
         assert_eq!(e.fields["name"], "Test Rule");
         assert_eq!(e.fields["originator"], "John Doe");
         assert_eq!(e.fields["src_ip_addr"], "1.1.1.1");
-        assert_eq!(
-            e.uid.as_ref().unwrap().to_string(),
-            "<5ac3965f,00000000,3403a8c0,0000264a>"
-        );
+        assert_eq!(e.uid.to_string(), "<5ac3965f,00000000,3403a8c0,0000264a>");
         assert_eq!(
             e.samgate_key().unwrap().to_string(),
             "0123456789abcdef0123456789abcdef"
@@ -960,12 +983,52 @@ mod tests {
 
     #[test]
     fn sam_monitor_listing_parses_both_record_forms() {
-        let out = "src,drop|close,1763640000,192.0.2.1\nsrv,reject,never,192.0.2.1,192.0.2.2,22,6\nnoise\n";
-        let entries = parse_sam_monitor(out);
+        let out =
+            "src,drop|close,1763640000,192.0.2.1\n\nsrv,reject,never,192.0.2.1,192.0.2.2,22,6\n";
+        let entries = parse_sam_monitor(out).unwrap();
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].expires, Some(1_763_640_000));
         assert_eq!(entries[1].expires, None);
         assert_eq!(entries[1].addresses.len(), 4);
+    }
+
+    #[test]
+    fn a_listing_with_a_line_samgate_cannot_read_concludes_nothing() {
+        let rule = "operation=add uid=<5ac3965f,00000000,3403a8c0,0000264a> comment=samgate:0123456789abcdef0123456789abcdef src_ip_addr=192.0.2.1 req_tpe=ip";
+        // (listing, rules read by `fw samp get`'s parser or None, the same for `fw sam -M`'s)
+        let table: [(&str, Option<usize>, Option<usize>); 8] = [
+            ("", Some(0), Some(0)),
+            ("\n  \n", Some(0), Some(0)),
+            (rule, Some(1), None),
+            ("src,drop|close,never,192.0.2.1", None, Some(1)),
+            ("No rules were found", None, None),
+            (&format!("SAM Policy rules:\n{rule}"), None, None),
+            (
+                "operation=add uid=<nothex!,00000000,3403a8c0,0000264a>",
+                None,
+                None,
+            ),
+            ("src,drop,soon,192.0.2.1", None, None),
+        ];
+        for (listing, samp, monitor) in table {
+            assert_eq!(
+                parse_samp_get(listing).ok().map(|e| e.len()),
+                samp,
+                "{listing:?}"
+            );
+            assert_eq!(
+                parse_sam_monitor(listing).ok().map(|e| e.len()),
+                monitor,
+                "{listing:?}"
+            );
+        }
+        let why = parse_samp_get("No rules were found\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(why, "a line samgate cannot read: \"No rules were found\"");
+        // After a batch, an unreadable listing leaves every rule's outcome unknown.
+        let output = "samgate-rule 0 0\nsamgate-rule 1 0\nNo rules were found\nsamgate-rule 2 0\nsamgate-rule 3 0\n";
+        assert!(samp_batch_listed(output).is_none());
     }
 
     #[test]

@@ -792,20 +792,24 @@ mod tests {
     #[test]
     fn a_listing_is_only_believed_whole() {
         let ok = "operation=add uid=<5ac3965f,00000000,3403a8c0,0000264a> comment=samgate:00112233445566778899aabbccddeeff src_ip_addr=192.0.2.1 req_tpe=ip\nsamgate-rule 0 0\nsamgate-rule 1 0\n";
-        let Some(Listing::Samp(keys)) = parse_listing(SamMode::FwSamp, ok) else {
+        let Ok(Listing::Samp(keys)) = parse_listing(SamMode::FwSamp, ok) else {
             panic!("a whole listing parses");
         };
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].1, Some("192.0.2.1".parse().unwrap()));
-        assert_eq!(
-            parse_listing(SamMode::FwSamp, "samgate-rule 0 0\n"),
-            None,
-            "cut"
-        );
-        assert_eq!(
-            parse_listing(SamMode::FwSamp, "samgate-rule 0 1\nsamgate-rule 1 0\n"),
-            None,
-            "a failed query"
-        );
+        let table = [
+            ("samgate-rule 0 0\n", "the IPv6 listing was cut"),
+            (
+                "samgate-rule 0 1\nsamgate-rule 1 0\n",
+                "the IPv4 listing failed with exit status 1",
+            ),
+            (
+                "samgate-rule 0 0\nSAM policy is empty\nsamgate-rule 1 0\n",
+                "the listing has a line samgate cannot read: \"SAM policy is empty\"",
+            ),
+        ];
+        for (output, why) in table {
+            assert_eq!(parse_listing(SamMode::FwSamp, output), Err(why.into()));
+        }
     }
 }

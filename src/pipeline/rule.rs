@@ -451,8 +451,13 @@ pub fn verify_verdicts(
                             Presence::Unknown("task still in progress".into())
                         }
                         Some(task) => match &sections[gateway.as_str()][i] {
-                            Some((0, listing)) if lists(rule, mode, listing) => Presence::InPlace,
-                            Some((0, _)) => Presence::Absent,
+                            Some((0, listing)) => match lists(rule, mode, listing) {
+                                Ok(true) => Presence::InPlace,
+                                Ok(false) => Presence::Absent,
+                                Err(unreadable) => Presence::Unknown(format!(
+                                    "the query's listing has {unreadable}"
+                                )),
+                            },
                             Some((status, _)) => Presence::Unknown(format!(
                                 "the query failed with exit status {status} ({})",
                                 error_line(task)
@@ -499,10 +504,14 @@ pub fn listed_uids(
             let Some((0, listing)) = section else {
                 continue;
             };
-            let found: Vec<sam::SampUid> = sam::parse_samp_get(&listing)
+            // An unreadable listing names no uids: its verdict is unknown, nothing is deleted.
+            let Ok(entries) = sam::parse_samp_get(&listing) else {
+                continue;
+            };
+            let found: Vec<sam::SampUid> = entries
                 .into_iter()
                 .filter(|e| rules[i].key.is_some() && e.samgate_key() == rules[i].key)
-                .filter_map(|e| e.uid)
+                .map(|e| e.uid)
                 .collect();
             uids[i].insert(gateway.clone(), found);
         }
@@ -512,15 +521,15 @@ pub fn listed_uids(
 
 /// Whether a listing shows samgate's own rule: `fw samp get` by samgate's comment (the key), or
 /// a `fw sam -M` line with the rule's criteria, action, close flag and log type.
-fn lists(rule: &SamRule, mode: SamMode, listing: &str) -> bool {
-    match mode {
-        SamMode::FwSamp => sam::parse_samp_get(listing)
+fn lists(rule: &SamRule, mode: SamMode, listing: &str) -> Result<bool, sam::Unreadable> {
+    Ok(match mode {
+        SamMode::FwSamp => sam::parse_samp_get(listing)?
             .iter()
             .any(|entry| rule.key.is_some() && entry.samgate_key() == rule.key),
-        SamMode::FwSam => sam::parse_sam_monitor(listing)
+        SamMode::FwSam => sam::parse_sam_monitor(listing)?
             .iter()
             .any(|entry| sam::monitor_entry_is(entry, rule)),
-    }
+    })
 }
 
 /// The action word `fw sam -M` prints for an action.
@@ -818,6 +827,7 @@ mod tests {
             rule("192.0.2.1", 1),
             rule("192.0.2.2", 2),
             rule("192.0.2.3", 3),
+            rule("192.0.2.4", 4),
         ];
         let key1 = RuleKey::from_bytes([1; 16]);
         let key9 = RuleKey::from_bytes([9; 16]);
@@ -826,7 +836,9 @@ mod tests {
              samgate-rule 0 0\n\
              uid=<5ac3965f,00000000,3403a8c0,00003313> action=drop comment=samgate:{key9} src_ip_addr=192.0.2.2\n\
              samgate-rule 1 0\n\
-             samgate-rule 2 1\n"
+             samgate-rule 2 1\n\
+             No matching rules\n\
+             samgate-rule 3 0\n"
         );
         let tasks = [task("a", TaskStatus::Succeeded, &samp)];
         let v = verify_verdicts(
@@ -846,9 +858,24 @@ mod tests {
             matches!(v[2][0].1, Presence::Unknown(_)),
             "a failed query is not an absence"
         );
+        assert_eq!(
+            v[3][0].1,
+            Presence::Unknown(
+                "the query's listing has a line samgate cannot read: \"No matching rules\"".into()
+            ),
+            "nor is a listing samgate cannot read"
+        );
+        let uids = listed_uids(&refs(&[("a", "gw-1")]), &tasks, &rules);
+        assert_eq!(uids[0]["gw-1"].len(), 1);
+        assert!(uids[1]["gw-1"].is_empty());
+        assert!(
+            !uids[3].contains_key("gw-1"),
+            "an unreadable listing names nothing to delete"
+        );
 
         let sam = "src,drop|close|long_noalert,1763640000,192.0.2.1\nsamgate-rule 0 0\n\
-                   src,reject|long_noalert,1763640000,192.0.2.2\nsamgate-rule 1 0\n";
+                   src,reject|long_noalert,1763640000,192.0.2.2\nsamgate-rule 1 0\n\
+                   samgate-rule 2 1\nno SAM rules\nsamgate-rule 3 0\n";
         let tasks = [task("a", TaskStatus::Succeeded, sam)];
         let v = verify_verdicts(
             &refs(&[("a", "gw-1")]),
@@ -863,7 +890,11 @@ mod tests {
             Presence::Absent,
             "a different action is not our rule"
         );
-        assert!(matches!(v[2][0].1, Presence::Unknown(_)), "no outcome line");
+        assert!(matches!(v[2][0].1, Presence::Unknown(_)), "a failed query");
+        assert!(
+            matches!(v[3][0].1, Presence::Unknown(_)),
+            "an unreadable line"
+        );
         let v = verify_verdicts(&[], &[], &gateways, &rules, SamMode::FwSam);
         assert!(
             v.iter().all(|r| matches!(r[0].1, Presence::Unknown(_))),
