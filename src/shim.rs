@@ -76,8 +76,6 @@ pub enum ShimError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Kafka(#[from] kafka::KafkaSetupError),
 }
 
 fn spool_err(dir: &Path) -> impl Fn(std::io::Error) -> ShimError + '_ {
@@ -111,7 +109,7 @@ pub async fn deliver(
         }
         segments.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
         attempted.extend(segments.iter().cloned());
-        if !delivery.ready(&mut report).await? {
+        if !delivery.ready(&mut report).await {
             report.spooled += count_records(&segments);
             return Ok(report);
         }
@@ -363,18 +361,23 @@ impl<'a> Delivery<'a> {
     }
 
     /// Makes the producer (once). `false` when Kafka is not usable: everything stays spooled.
-    async fn ready(&mut self, report: &mut ShimReport) -> Result<bool, ShimError> {
+    async fn ready(&mut self, report: &mut ShimReport) -> bool {
         if self.producer.is_some() {
-            return Ok(true);
+            return true;
         }
         let o = self.options;
         let topics = [o.events_topic.as_str(), o.dlq_topic.as_str()];
-        if let Err(e) = kafka::ensure_topics(&o.kafka, &topics, self.remaining()).await {
-            error!(error = %e, delivered = report.delivered, "Kafka is not usable; events stay spooled for the next run");
-            return Ok(false);
+        let remaining = self.remaining();
+        match kafka::producer_for(&o.kafka, &topics, remaining, remaining).await {
+            Ok(producer) => {
+                self.producer = Some(producer);
+                true
+            }
+            Err(e) => {
+                error!(error = %e, delivered = report.delivered, "Kafka is not usable; events stay spooled for the next run");
+                false
+            }
         }
-        self.producer = Some(kafka::producer(&o.kafka, self.remaining())?);
-        Ok(true)
     }
 
     /// Delivers one segment; keeps in it what was not acknowledged.
@@ -417,7 +420,7 @@ impl<'a> Delivery<'a> {
         let records: Vec<SpoolRecord> = messages(self.options, header, &mut input, report, &none)
             .collect::<std::io::Result<_>>()
             .expect("reading memory cannot fail");
-        let lost = if self.ready(report).await? {
+        let lost = if self.ready(report).await {
             let fetch = |i: usize| records.get(i).cloned();
             self.send_all(records.iter().cloned().map(Ok), fetch, report)
                 .await
