@@ -63,16 +63,30 @@ pub enum Listing {
     Banned(Vec<IpAddr>),
     /// A feed: built from the state topic, so it holds every active block by construction.
     Published,
+    /// Only the IPv4 rules could be listed: the IPv6 query failed (a gateway with IPv6 turned
+    /// off has no `fw6` tables to ask). IPv6 rules are not judged there.
+    Ipv4Only(Box<Listing>),
 }
 
 impl Listing {
-    /// Whether the listing holds samgate's rule.
-    pub fn holds(&self, rule: &sam::SamRule) -> bool {
-        match self {
+    /// Whether the listing holds samgate's rule; `None` when it cannot tell.
+    pub fn holds(&self, rule: &sam::SamRule) -> Option<bool> {
+        Some(match self {
             Listing::Samp(keys) => keys.iter().any(|(k, _)| Some(*k) == rule.key),
             Listing::Sam(lines) => lines.iter().any(|l| sam::monitor_entry_is(l, rule)),
             Listing::Banned(ips) => ips.contains(&rule.criteria.address()),
             Listing::Published => true,
+            Listing::Ipv4Only(_) if rule.criteria.is_ipv6() => return None,
+            Listing::Ipv4Only(ipv4) => return ipv4.holds(rule),
+        })
+    }
+
+    /// samgate's tagged rules, where the listing has tags (`fw samp get`).
+    pub fn tagged(&self) -> &[(RuleKey, Option<IpAddr>)] {
+        match self {
+            Listing::Samp(keys) => keys,
+            Listing::Ipv4Only(ipv4) => ipv4.tagged(),
+            _ => &[],
         }
     }
 }

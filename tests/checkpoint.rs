@@ -6,7 +6,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use samgate::checkpoint::client::Polling;
+use samgate::checkpoint::client::{settle_targets, Polling};
 use samgate::checkpoint::sam::{
     self, Criteria, LogType, Operation, RuleKey, SamAction, SamMode, SamRule,
 };
@@ -320,6 +320,43 @@ async fn an_unknown_target_is_a_permanent_error() {
     assert!(block(&client, &[rule("192.0.2.1")], SamMode::FwSam)
         .await
         .is_ok());
+}
+
+#[tokio::test]
+async fn tasks_the_answer_does_not_name_are_told_apart_by_their_names_not_their_order() {
+    let sim = simulator(|_| {}).await;
+    let client = client(&server_config(&sim));
+    // gw-2 cannot be reached; the answer names no target and lists gw-2's task first.
+    faults(
+        &sim,
+        json!({"unreachable_gateways": ["gw-2"], "unnamed_tasks_next": 1}),
+    )
+    .await;
+    let targets = vec!["gw-1".to_string(), "gw-2".to_string()];
+    let script = sam::batch_script(&[rule("192.0.2.1")], SamMode::FwSam, Operation::Block).unwrap();
+    let mut refs = client
+        .run_script(&RunScript {
+            name: "samgate block",
+            script: &script,
+            targets: &targets,
+            comments: "",
+        })
+        .await
+        .unwrap();
+    assert!(
+        refs.iter().all(|r| r.target.is_empty()),
+        "two targets and no names: the order says nothing"
+    );
+    let ids: Vec<String> = refs.iter().map(|r| r.task_id.clone()).collect();
+    let tasks = client.wait_tasks(&ids).await.unwrap();
+    settle_targets(&mut refs, &tasks, "samgate block", &targets);
+    let status_of = |gateway: &str| {
+        let r = refs.iter().find(|r| r.target == gateway).expect(gateway);
+        let task = tasks.iter().find(|t| t.task_id == r.task_id).unwrap();
+        task.status.clone()
+    };
+    assert_eq!(status_of("gw-1"), TaskStatus::Succeeded);
+    assert_eq!(status_of("gw-2"), TaskStatus::Failed);
 }
 
 #[tokio::test]

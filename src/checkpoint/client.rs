@@ -85,7 +85,35 @@ impl LoginWindow {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskRef {
     pub task_id: String,
+    /// Empty until known (see [`settle_targets`]): a task no gateway is sure of is no gateway's.
     pub target: String,
+}
+
+/// Names the gateway of each task whose `run-script` answer did not: from the finished task's
+/// `gatewayName`, or its name, which Check Point forms as `<target> - <script-name>`. Only a
+/// gateway the script was sent to, and not already another task's, is taken; a task still
+/// unnamed after this counts for no gateway (its gateway's outcome stays unknown).
+pub fn settle_targets(refs: &mut [TaskRef], tasks: &[Task], script_name: &str, targets: &[String]) {
+    for i in 0..refs.len() {
+        if !refs[i].target.is_empty() {
+            continue;
+        }
+        let Some(task) = tasks.iter().find(|t| t.task_id == refs[i].task_id) else {
+            continue;
+        };
+        let suffix = format!(" - {script_name}");
+        let named = task
+            .details
+            .first()
+            .and_then(|d| d.gateway.as_deref())
+            .or_else(|| task.name.strip_suffix(&suffix));
+        let Some(gateway) = named.filter(|g| targets.iter().any(|t| t == g)) else {
+            continue;
+        };
+        if refs.iter().all(|r| r.target != gateway) {
+            refs[i].target = gateway.to_owned();
+        }
+    }
 }
 
 /// A task's status (`show-task`).
@@ -149,6 +177,8 @@ pub struct TaskDetail {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Task {
     pub task_id: String,
+    /// `task-name`: `<target> - <script-name>`.
+    pub name: String,
     pub status: TaskStatus,
     pub progress: u8,
     pub details: Vec<TaskDetail>,
@@ -336,16 +366,20 @@ impl ManagementClient {
             .ok_or_else(|| self.protocol("run-script", "tasks"))?;
         tasks
             .iter()
-            .enumerate()
-            .map(|(i, t)| {
+            .map(|t| {
                 let task_id = t["task-id"]
                     .as_str()
                     .ok_or_else(|| self.protocol("run-script", "task-id"))?;
-                // `target` is likely but unconfirmed in real answers; fall back to the order sent.
+                // `target` is likely but unconfirmed in real answers. Without it one target is
+                // unambiguous; of several, the answer's order is not promised to be the
+                // request's, so the target is read from the finished task ([`settle_targets`]).
                 let target = t["target"]
                     .as_str()
                     .map(str::to_owned)
-                    .or_else(|| request.targets.get(i).cloned())
+                    .or_else(|| match request.targets {
+                        [only] if tasks.len() == 1 => Some(only.clone()),
+                        _ => None,
+                    })
                     .unwrap_or_default();
                 Ok(TaskRef {
                     task_id: task_id.to_owned(),
@@ -695,6 +729,7 @@ fn parse_task(task: &Value) -> Task {
         .unwrap_or_default();
     Task {
         task_id: task["task-id"].as_str().unwrap_or_default().to_owned(),
+        name: task["task-name"].as_str().unwrap_or_default().to_owned(),
         status: TaskStatus::parse(task["status"].as_str().unwrap_or("failed")),
         progress: task["progress-percentage"].as_u64().unwrap_or(0).min(100) as u8,
         details,
@@ -703,6 +738,69 @@ fn parse_task(task: &Value) -> Task {
 
 #[cfg(test)]
 mod tests {
+    use super::{settle_targets, Task, TaskDetail, TaskRef, TaskStatus};
+
+    #[test]
+    fn a_task_the_answer_did_not_name_is_named_by_its_gateway_or_its_name_or_by_none() {
+        let task = |id: &str, name: &str, gateway: Option<&str>| Task {
+            task_id: id.into(),
+            name: name.into(),
+            status: TaskStatus::Succeeded,
+            progress: 100,
+            details: vec![TaskDetail {
+                gateway: gateway.map(str::to_owned),
+                status_code: None,
+                description: None,
+                output: String::new(),
+                error: String::new(),
+            }],
+        };
+        let targets = vec!["gw-1".to_string(), "gw-2".to_string(), "gw-3".to_string()];
+        // (what the run-script answer said, the finished task, the gateway settled on)
+        let table = [
+            ("gw-2", task("a", "gw-1 - samgate block", None), "gw-2"),
+            ("", task("a", "gw-2 - samgate block", None), "gw-2"),
+            ("", task("a", "gw-1 - samgate block", Some("gw-3")), "gw-3"),
+            ("", task("a", "gw-2 - another script", None), ""),
+            ("", task("a", "gw-9 - samgate block", None), ""),
+            ("", task("a", "", Some("gw-9")), ""),
+            ("", task("b", "gw-2 - samgate block", None), ""),
+        ];
+        for (answered, finished, expected) in table {
+            let mut refs = vec![TaskRef {
+                task_id: "a".into(),
+                target: answered.into(),
+            }];
+            settle_targets(
+                &mut refs,
+                std::slice::from_ref(&finished),
+                "samgate block",
+                &targets,
+            );
+            assert_eq!(refs[0].target, expected, "{answered:?} {finished:?}");
+        }
+        // Two tasks naming one gateway: the second is no gateway's.
+        let mut refs = vec![
+            TaskRef {
+                task_id: "a".into(),
+                target: String::new(),
+            },
+            TaskRef {
+                task_id: "b".into(),
+                target: String::new(),
+            },
+        ];
+        let tasks = [
+            task("a", "gw-1 - samgate block", None),
+            task("b", "gw-1 - samgate block", None),
+        ];
+        settle_targets(&mut refs, &tasks, "samgate block", &targets);
+        assert_eq!(
+            (refs[0].target.as_str(), refs[1].target.as_str()),
+            ("gw-1", "")
+        );
+    }
+
     #[test]
     fn only_a_refused_certificate_is_a_tls_configuration_error() {
         let cases = [

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::client::settle_targets;
 use super::sam::{self, Operation, SamAction, SamMode, SamRule};
 use super::{ManagementClient, RunScript, Task, TaskRef};
 use crate::enforcer::{
@@ -172,7 +173,7 @@ impl CheckPointEnforcer {
             targets: gateways,
             comments: &comments,
         };
-        let refs = self.client.run_script(&request).await.map_err(|e| Failed {
+        let mut refs = self.client.run_script(&request).await.map_err(|e| Failed {
             delivery: rule::delivery(&e),
             error: e.into(),
         })?;
@@ -182,6 +183,7 @@ impl CheckPointEnforcer {
             .wait_tasks(&ids)
             .await
             .map_err(Failed::maybe_sent)?;
+        settle_targets(&mut refs, &tasks, name, gateways);
         Ok((refs, tasks))
     }
 }
@@ -199,26 +201,33 @@ fn answer(refs: &[TaskRef], tasks: &[Task], gateways: &[String], rules: usize) -
 }
 
 /// Reads a listing script's output (its sections: IPv4, then IPv6); nothing is concluded when a
-/// section is missing, its query failed or it has a line samgate cannot read (the error says
-/// which).
+/// section is missing, the IPv4 query failed or a line cannot be read (the error says which).
+/// When only the IPv6 query failed (`fw6` on a gateway with IPv6 turned off), the IPv4 rules
+/// are still judged: [`Listing::Ipv4Only`].
 pub fn parse_listing(mode: SamMode, output: &str) -> Result<Listing, String> {
-    let sections = sam::split_sections(output, 2);
-    let mut text = String::new();
-    for (section, family) in sections.into_iter().zip(["IPv4", "IPv6"]) {
-        match section {
-            Some((0, printed)) => text.push_str(&printed),
-            Some((status, _)) => {
-                return Err(format!(
-                    "the {family} listing failed with exit status {status}"
-                ))
-            }
-            None => return Err(format!("the {family} listing was cut")),
+    let mut sections = sam::split_sections(output, 2).into_iter();
+    let (ipv4, ipv6) = (sections.next().flatten(), sections.next().flatten());
+    let text = match (ipv4, &ipv6) {
+        (None, _) => return Err("the IPv4 listing was cut".into()),
+        (_, None) => return Err("the IPv6 listing was cut".into()),
+        (Some((0, ipv4)), Some((0, ipv6))) => ipv4 + ipv6,
+        (Some((0, ipv4)), Some(_)) => ipv4,
+        (Some((status, _)), _) => {
+            return Err(format!("the IPv4 listing failed with exit status {status}"))
         }
-    }
+    };
+    let listing = parse_listing_text(mode, &text)?;
+    Ok(match ipv6 {
+        Some((0, _)) => listing,
+        _ => Listing::Ipv4Only(Box::new(listing)),
+    })
+}
+
+fn parse_listing_text(mode: SamMode, text: &str) -> Result<Listing, String> {
     let unreadable = |u: sam::Unreadable| format!("the listing has {u}");
     Ok(match mode {
         SamMode::FwSamp => Listing::Samp(
-            sam::parse_samp_get(&text)
+            sam::parse_samp_get(text)
                 .map_err(unreadable)?
                 .into_iter()
                 .filter_map(|e| {
@@ -230,7 +239,7 @@ pub fn parse_listing(mode: SamMode, output: &str) -> Result<Listing, String> {
                 })
                 .collect(),
         ),
-        SamMode::FwSam => Listing::Sam(sam::parse_sam_monitor(&text).map_err(unreadable)?),
+        SamMode::FwSam => Listing::Sam(sam::parse_sam_monitor(text).map_err(unreadable)?),
     })
 }
 

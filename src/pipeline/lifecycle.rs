@@ -357,6 +357,10 @@ async fn reconcile_target(
             !state.tracks(key, now) && owned(shared, partition).is_some()
         })
     };
+    let mut errors = errors;
+    errors.extend(drift.unjudged.iter().map(|(gateway, blocks)| {
+        format!("{gateway}: its IPv6 rules could not be listed; {blocks} IPv6 block(s) not checked")
+    }));
     let missing: usize = drift.missing.iter().map(|(_, gws)| gws.len()).sum();
     let metrics = &shared.metrics;
     metrics
@@ -580,6 +584,9 @@ pub struct Drift<'a> {
     /// Active blocks and the gateways that lost their rule.
     pub missing: Vec<(&'a Ended, Vec<String>)>,
     pub orphans: Vec<Orphan>,
+    /// Per gateway, the blocks its listing could not tell about (IPv6 rules where only IPv4
+    /// could be listed).
+    pub unjudged: BTreeMap<String, usize>,
 }
 
 /// Compares the blocks a target's gateways must hold with what they list (pure). A gateway
@@ -595,21 +602,21 @@ pub fn compare<'a>(
     let mut drift = Drift::default();
     for block in expected {
         let rule = target.rule(block.subject.ip, Duration::from_secs(1), block.key);
-        let lost: Vec<String> = listings
-            .iter()
-            .filter(|(_, listing)| !listing.holds(&rule))
-            .map(|(g, _)| g.clone())
-            .collect();
+        let mut lost = Vec::new();
+        for (gateway, listing) in listings {
+            match listing.holds(&rule) {
+                Some(true) => {}
+                Some(false) => lost.push(gateway.clone()),
+                None => *drift.unjudged.entry(gateway.clone()).or_default() += 1,
+            }
+        }
         if !lost.is_empty() {
             drift.missing.push((block, lost));
         }
     }
     let mut orphans: BTreeMap<RuleKey, Orphan> = BTreeMap::new();
     for (gateway, listing) in listings {
-        let Listing::Samp(keys) = listing else {
-            continue;
-        };
-        for (key, ip) in keys {
+        for (key, ip) in listing.tagged() {
             let Some(ip) = ip else { continue };
             if expected.iter().any(|b| b.key == *key) || !unexplained(key, *ip) {
                 continue;
@@ -811,5 +818,34 @@ mod tests {
         for (output, why) in table {
             assert_eq!(parse_listing(SamMode::FwSamp, output), Err(why.into()));
         }
+    }
+
+    #[test]
+    fn a_gateway_without_ipv6_is_reconciled_for_its_ipv4_rules() {
+        let t = target("fw_samp");
+        let v4 = ended(&t, "198.51.100.1");
+        let orphan_ip: IpAddr = "198.51.100.3".parse().unwrap();
+        let orphan = super::super::policy::idempotency_key(&t, orphan_ip);
+        let (lost_v4, v6) = (ended(&t, "198.51.100.2"), ended(&t, "2001:db8::1"));
+        let expected = vec![v4.clone(), lost_v4.clone(), v6.clone()];
+        // `fw6 samp get` fails where IPv6 is turned off; the IPv4 listing still counts.
+        let output = format!(
+            "operation=add uid=<5ac3965f,00000000,3403a8c0,0000264a> comment=samgate:{} src_ip_addr=198.51.100.1\n\
+             operation=add uid=<5ac3965f,00000000,3403a8c0,0000264b> comment=samgate:{orphan} src_ip_addr=198.51.100.3\n\
+             samgate-rule 0 0\nsamgate-rule 1 1\n",
+            v4.key
+        );
+        let listing = parse_listing(SamMode::FwSamp, &output).unwrap();
+        assert!(matches!(listing, Listing::Ipv4Only(_)), "{listing:?}");
+        let listings = BTreeMap::from([("gw-1".to_string(), listing)]);
+        let drift = compare(&t, &expected, &listings, |_, _| true);
+        let missing: Vec<_> = drift.missing.iter().map(|(b, _)| b.key).collect();
+        assert_eq!(missing, vec![lost_v4.key], "the IPv4 rules are judged");
+        assert_eq!(drift.orphans.len(), 1, "and its tagged rules read");
+        assert_eq!(
+            drift.unjudged,
+            BTreeMap::from([("gw-1".to_string(), 1)]),
+            "the IPv6 block is neither held nor lost"
+        );
     }
 }

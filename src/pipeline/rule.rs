@@ -554,6 +554,7 @@ mod tests {
     fn task(id: &str, status: TaskStatus, output: &str) -> Task {
         Task {
             task_id: id.into(),
+            name: String::new(),
             status,
             progress: 100,
             details: vec![TaskDetail {

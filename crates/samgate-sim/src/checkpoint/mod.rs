@@ -187,6 +187,10 @@ pub struct Faults {
     pub stuck_tasks_next: u32,
     /// How long tasks take from now on, overriding `task_duration` (slow gateways).
     pub task_duration_ms: Option<u64>,
+    /// The next N `run-script` answers name no `target` and list their tasks in reverse order,
+    /// and those tasks' details name no gateway (as in the one published capture): only the
+    /// task's name (`<target> - <script-name>`) says whose it is.
+    pub unnamed_tasks_next: u32,
 }
 
 /// A partial update of [`Faults`] (`POST /sim/faults`); `expire_sessions` drops every session.
@@ -205,6 +209,7 @@ pub struct FaultsUpdate {
     pub show_task_errors_next: Option<u32>,
     pub stuck_tasks_next: Option<u32>,
     pub task_duration_ms: Option<Option<u64>>,
+    pub unnamed_tasks_next: Option<u32>,
     pub logins_per_minute: Option<u32>,
     pub expire_sessions: bool,
     /// Drop every rule of this gateway (a reinstall, a wiped table).
@@ -231,6 +236,10 @@ struct SimTask {
     status_override: Option<String>,
     /// Never finishes (a task-timeout fault).
     stuck: bool,
+    /// Its details name no gateway (the unnamed-tasks fault).
+    unnamed: bool,
+    /// The `script-name` it ran under.
+    script_name: String,
     transaction: u64,
 }
 
@@ -507,6 +516,9 @@ fn apply_faults(s: &mut SimState, update: FaultsUpdate) -> Faults {
     }
     if let Some(v) = update.task_duration_ms {
         f.task_duration_ms = v;
+    }
+    if let Some(v) = update.unnamed_tasks_next {
+        f.unnamed_tasks_next = v;
     }
     if let Some(v) = update.logins_per_minute {
         s.config.logins_per_minute = v;
@@ -859,6 +871,8 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
     let now = s.config.clock.now_ms();
     let stuck = s.faults.stuck_tasks_next > 0;
     s.faults.stuck_tasks_next = s.faults.stuck_tasks_next.saturating_sub(1);
+    let unnamed = s.faults.unnamed_tasks_next > 0;
+    s.faults.unnamed_tasks_next = s.faults.unnamed_tasks_next.saturating_sub(1);
     let duration = s
         .faults
         .task_duration_ms
@@ -896,10 +910,18 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
                 outcome,
                 status_override: s.faults.task_status.clone(),
                 stuck,
+                unnamed,
+                script_name: name.clone(),
                 transaction,
             },
         );
-        tasks.push(json!({"target": target, "task-id": task_id}));
+        tasks.push(match unnamed {
+            true => json!({"task-id": task_id}),
+            false => json!({"target": target, "task-id": task_id}),
+        });
+    }
+    if unnamed {
+        tasks.reverse();
     }
     Json(json!({"tasks": tasks})).into_response()
 }
@@ -945,7 +967,7 @@ fn show_task(s: &SimState, request: &Value) -> Response {
         } else {
             "failed".to_owned()
         };
-        let name = format!("{} - run-script", task.target);
+        let name = format!("{} - {}", task.target, task.script_name);
         let mut value = json!({"task-id": id, "task-name": name, "name": name, "status": status,
             "progress-percentage": progress, "suppressed": false, "type": "CdmTaskNotification",
             "comments": if done { "Completed" } else { "" }});
@@ -971,7 +993,8 @@ fn show_task(s: &SimState, request: &Value) -> Response {
             value["task-details"] = json!([{
                 "statusCode": code, "statusDescription": description,
                 "responseMessage": message, "responseError": err,
-                "gatewayId": task.gateway_uid, "gatewayName": task.target,
+                "gatewayId": task.gateway_uid,
+                "gatewayName": if task.unnamed { "" } else { task.target.as_str() },
                 "transactionId": task.transaction, "name": null, "display-name": "", "color": "black",
             }]);
         }
