@@ -102,12 +102,15 @@ pub fn settle_targets(refs: &mut [TaskRef], tasks: &[Task], script_name: &str, t
             continue;
         };
         let suffix = format!(" - {script_name}");
-        let named = task
-            .details
-            .first()
-            .and_then(|d| d.gateway.as_deref())
-            .or_else(|| task.name.strip_suffix(&suffix));
-        let Some(gateway) = named.filter(|g| targets.iter().any(|t| t == g)) else {
+        let named = [
+            task.details.first().and_then(|d| d.gateway.as_deref()),
+            task.name.strip_suffix(&suffix),
+        ];
+        let Some(gateway) = named
+            .into_iter()
+            .flatten()
+            .find(|g| targets.iter().any(|t| t == g))
+        else {
             continue;
         };
         if refs.iter().all(|r| r.target != gateway) {
@@ -764,6 +767,7 @@ mod tests {
             ("", task("a", "gw-2 - another script", None), ""),
             ("", task("a", "gw-9 - samgate block", None), ""),
             ("", task("a", "", Some("gw-9")), ""),
+            ("", task("a", "gw-1 - samgate block", Some("gw-9")), "gw-1"),
             ("", task("b", "gw-2 - samgate block", None), ""),
         ];
         for (answered, finished, expected) in table {

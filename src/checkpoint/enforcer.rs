@@ -1,7 +1,7 @@
 //! Check Point behind the [`Enforcer`] interface: every call is one `run-script` to a set of
 //! gateways (through the management server's one session), followed to the end with
 //! `show-task`. Block scripts are one `fw sam` per rule, each printing `samgate-rule <i>
-//! <status>`, or (`fw_samp`) one `fw samp batch` per address family followed by a listing of
+//! <status>`, or (`fw_samp`) one `fw samp batch` per address family between two listings of
 //! exactly the batch's rules, from which each rule's outcome is read; questions are
 //! `fw samp get` by samgate's comment or `fw sam -M` by the rule's criteria, removals are
 //! `fw sam -C` or `fw samp del` of the uids a question read back, and listings are `fw samp get`
@@ -42,7 +42,7 @@ impl Enforcer for CheckPointEnforcer {
                     .await?;
                 Ok(answer(&refs, &tasks, gateways, rules.len()))
             }
-            // One `fw samp batch` per family, then a listing of exactly these rules.
+            // One `fw samp batch` per family, between two listings of exactly these rules.
             SamMode::FwSamp => {
                 let script = sam::samp_batch_script(&rules).map_err(unrenderable)?;
                 let (refs, tasks) = self

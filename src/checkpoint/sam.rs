@@ -5,7 +5,7 @@
 //! to smuggle text through. Rendering follows the `fw sam` CLI reference and the `fw samp`
 //! (SAM policy, R80.20+) forms in `docs/checkpoint.md`; IPv6 rules use `fw6`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -336,11 +336,13 @@ pub fn fw_samp_batch(rules: &[SamRule], ipv6: bool) -> Result<String, RenderErro
 }
 
 /// A block script for `fw_samp` targets that starts a handful of processes however many rules
-/// it carries: one `fw samp batch` per address family, the flush rule, then one `fw samp get`
-/// per family asking for exactly the batch's rules by samgate's comment (several `-v` values).
-/// `fw samp batch` prints nothing documented per line, so each rule's outcome is read from that
-/// listing ([`samp_batch_listed`]): sections 0 and 1 are the batches' exit statuses, 2 and 3
-/// the listings. Four sections whatever the families, so the reader never guesses.
+/// it carries: per address family, a listing of the batch's keys (samgate's comment, several
+/// `-v` values) before and after one `fw samp batch`, with the flush rule between. `fw samp
+/// batch` prints nothing documented per line, so each rule's outcome is read from the listings
+/// ([`samp_batch_readback`]): a rule landed when a uid with its key is listed after the batch
+/// that was not before (an older rule with the same key, still in force, proves nothing about
+/// this send). Sections 0 and 1 are the listings before (IPv4, IPv6), 2 and 3 the batches' exit
+/// statuses, 4 and 5 the listings after: six whatever the families, so the reader never guesses.
 pub fn samp_batch_script(rules: &[SamRule]) -> Result<String, RenderError> {
     let mut script = format!("# samgate: {} rule(s) in fw samp batch\n", rules.len());
     let family = |ipv6: bool| -> Vec<SamRule> {
@@ -350,7 +352,25 @@ pub fn samp_batch_script(rules: &[SamRule]) -> Result<String, RenderError> {
             .copied()
             .collect()
     };
-    for (section, ipv6) in [(0, false), (1, true)] {
+    let listing = |script: &mut String, section: usize, ipv6: bool| {
+        let keys: Vec<String> = family(ipv6)
+            .iter()
+            .filter_map(|r| r.key)
+            .map(|k| format!(" -v samgate:{k}"))
+            .collect();
+        if keys.is_empty() {
+            script.push_str(&format!("echo \"{OUTCOME_MARKER} {section} 0\"\n"));
+            return;
+        }
+        let fw = if ipv6 { "fw6" } else { "fw" };
+        script.push_str(&format!(
+            "{fw} samp get -k comment -t in{}; echo \"{OUTCOME_MARKER} {section} $?\"\n",
+            keys.concat()
+        ));
+    };
+    listing(&mut script, 0, false);
+    listing(&mut script, 1, true);
+    for (section, ipv6) in [(2, false), (3, true)] {
         let these = family(ipv6);
         if these.is_empty() {
             script.push_str(&format!("echo \"{OUTCOME_MARKER} {section} 0\"\n"));
@@ -360,42 +380,64 @@ pub fn samp_batch_script(rules: &[SamRule]) -> Result<String, RenderError> {
         script.push_str(&format!("echo \"{OUTCOME_MARKER} {section} $?\"\n"));
     }
     script.push_str(&samp_flush(!family(true).is_empty()));
-    for (section, ipv6) in [(2, false), (3, true)] {
-        let keys: Vec<String> = family(ipv6)
-            .iter()
-            .filter_map(|r| r.key)
-            .map(|k| format!(" -v samgate:{k}"))
-            .collect();
-        if keys.is_empty() {
-            script.push_str(&format!("echo \"{OUTCOME_MARKER} {section} 0\"\n"));
-            continue;
-        }
-        let fw = if ipv6 { "fw6" } else { "fw" };
-        script.push_str(&format!(
-            "{fw} samp get -k comment -t in{}; echo \"{OUTCOME_MARKER} {section} $?\"\n",
-            keys.concat()
-        ));
-    }
+    listing(&mut script, 4, false);
+    listing(&mut script, 5, true);
     Ok(script)
 }
 
-/// The samgate keys a [`samp_batch_script`]'s output lists; `None` when a listing is missing,
-/// failed, was cut or cannot be read (nothing is concluded then).
-pub fn samp_batch_listed(output: &str) -> Option<std::collections::HashSet<RuleKey>> {
-    let sections = split_sections(output, 4);
-    let mut listed = std::collections::HashSet::new();
-    for section in &sections[2..] {
-        let Some((0, printed)) = section else {
-            return None;
-        };
-        listed.extend(
-            parse_samp_get(printed)
-                .ok()?
-                .iter()
-                .filter_map(SampEntry::samgate_key),
-        );
+/// What a [`samp_batch_script`]'s listings say of one rule's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landed {
+    /// A rule with the key is listed after the batch that was not before: this send's.
+    New,
+    /// Only rules listed before the batch carry the key: this send's line did not land.
+    OnlyOlder,
+    /// No rule carries the key.
+    Absent,
+}
+
+/// The uids listed per samgate key, before and after a [`samp_batch_script`]'s batches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchReadback {
+    before: HashMap<RuleKey, HashSet<SampUid>>,
+    after: HashMap<RuleKey, HashSet<SampUid>>,
+}
+
+impl BatchReadback {
+    pub fn landed(&self, key: RuleKey) -> Landed {
+        let before = self.before.get(&key);
+        match self.after.get(&key) {
+            None => Landed::Absent,
+            Some(after) if after.iter().any(|u| before.is_none_or(|b| !b.contains(u))) => {
+                Landed::New
+            }
+            Some(_) => Landed::OnlyOlder,
+        }
     }
-    Some(listed)
+}
+
+/// Reads a [`samp_batch_script`]'s listings; `None` when one is missing, failed, was cut or
+/// cannot be read (nothing is concluded then).
+pub fn samp_batch_readback(output: &str) -> Option<BatchReadback> {
+    let sections = split_sections(output, 6);
+    let read = |listings: &[Option<(i32, String)>]| {
+        let mut by_key: HashMap<RuleKey, HashSet<SampUid>> = HashMap::new();
+        for section in listings {
+            let Some((0, printed)) = section else {
+                return None;
+            };
+            for entry in parse_samp_get(printed).ok()? {
+                if let Some(key) = entry.samgate_key() {
+                    by_key.entry(key).or_default().insert(entry.uid);
+                }
+            }
+        }
+        Some(by_key)
+    };
+    Some(BatchReadback {
+        before: read(&sections[0..2])?,
+        after: read(&sections[4..6])?,
+    })
 }
 
 /// A `fw samp` rule uid: `<5ac3965f,00000000,3403a8c0,0000264a>` (four 8-digit hex words).
@@ -868,7 +910,7 @@ mod tests {
     }
 
     #[test]
-    fn a_samp_batch_script_starts_three_processes_per_family_and_its_listing_says_what_landed() {
+    fn a_samp_batch_script_starts_four_processes_per_family_and_its_listings_say_what_landed() {
         let mut rules: Vec<SamRule> = (1..=3)
             .map(|i| {
                 rule(
@@ -891,8 +933,8 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("fw ") || l.starts_with("fw6 "))
             .count();
-        // Per address family: the batch, the flush, the listing.
-        assert_eq!(processes, 6, "{script}");
+        // Per address family: the listing before, the batch, the flush, the listing after.
+        assert_eq!(processes, 8, "{script}");
         assert!(script.contains("\nfw6 samp add -t 2 quota flush true >/dev/null\n"));
         assert_eq!(
             script.matches("\nadd ").count(),
@@ -903,36 +945,53 @@ mod tests {
             script.contains("fw6 samp batch <<'SAMGATE_BATCH'\nadd "),
             "{script}"
         );
-        assert!(script.contains(&format!(
-            "fw samp get -k comment -t in -v samgate:{:032x} -v samgate:{:032x} -v samgate:{:032x}; echo \"samgate-rule 2 $?\"",
-            0, 1, 2
-        )));
+        let v4_listing = |section: usize| {
+            format!(
+                "fw samp get -k comment -t in -v samgate:{:032x} -v samgate:{:032x} -v samgate:{:032x}; echo \"samgate-rule {section} $?\"",
+                0, 1, 2
+            )
+        };
+        let (before, batch, after) = (
+            script.find(&v4_listing(0)).expect("listing before"),
+            script.find("\nfw samp batch").unwrap(),
+            script.find(&v4_listing(4)).expect("listing after"),
+        );
+        assert!(before < batch && batch < after, "{script}");
         // Only IPv4 rules: the IPv6 sections are there, and empty.
         let v4 = samp_batch_script(&rules[..1]).unwrap();
-        assert!(
-            v4.contains("echo \"samgate-rule 1 0\"\n")
-                && v4.contains("echo \"samgate-rule 3 0\"\n")
-                && !v4.contains("fw6 "),
-            "{v4}"
-        );
+        for section in [1, 3, 5] {
+            assert!(
+                v4.contains(&format!("echo \"samgate-rule {section} 0\"\n")),
+                "{v4}"
+            );
+        }
+        assert!(!v4.contains("fw6 "), "{v4}");
 
-        let listed = |key: usize| {
-            format!("operation=add uid=<5ac3965f,00000000,3403a8c0,0000264a> comment=samgate:{key:032x} src_ip_addr=192.0.2.1 req_tpe=ip\n")
+        let key = |i: usize| RuleKey::parse(&format!("{i:032x}")).unwrap();
+        let listed = |i: usize, uid: u32| {
+            format!("operation=add uid=<5ac3965f,00000000,3403a8c0,{uid:08x}> comment=samgate:{:032x} src_ip_addr=192.0.2.1 req_tpe=ip\n", i)
         };
+        // Before: key 1 has an older rule. After: key 0 new, key 1 only the older one, key 2
+        // an older one and a new one, key 3 nothing.
         let output = format!(
-            "samgate-rule 0 0\nsamgate-rule 1 0\n{}{}samgate-rule 2 0\nsamgate-rule 3 0\n",
-            listed(0),
-            listed(2)
+            "{}samgate-rule 0 0\nsamgate-rule 1 0\nsamgate-rule 2 0\nsamgate-rule 3 0\n{}{}{}{}samgate-rule 4 0\nsamgate-rule 5 0\n",
+            listed(1, 7) + &listed(2, 8),
+            listed(0, 9),
+            listed(1, 7),
+            listed(2, 8),
+            listed(2, 10),
         );
-        let found = samp_batch_listed(&output).unwrap();
-        assert_eq!(found.len(), 2);
-        assert!(found.contains(&RuleKey::parse(&format!("{:032x}", 2)).unwrap()));
-        // A listing that failed, or output cut before it, concludes nothing.
-        assert!(samp_batch_listed(
-            "samgate-rule 0 0\nsamgate-rule 1 0\nsamgate-rule 2 1\nsamgate-rule 3 0\n"
-        )
-        .is_none());
-        assert!(samp_batch_listed("samgate-rule 0 0\nsamgate-rule 1 0\n").is_none());
+        let readback = samp_batch_readback(&output).unwrap();
+        assert_eq!(
+            (0..4).map(|i| readback.landed(key(i))).collect::<Vec<_>>(),
+            vec![Landed::New, Landed::OnlyOlder, Landed::New, Landed::Absent]
+        );
+        // A listing that failed, or output cut before the last, concludes nothing.
+        let failed = "samgate-rule 0 0\nsamgate-rule 1 0\nsamgate-rule 2 0\nsamgate-rule 3 0\nsamgate-rule 4 1\nsamgate-rule 5 0\n";
+        assert!(samp_batch_readback(failed).is_none());
+        assert!(samp_batch_readback("samgate-rule 0 0\nsamgate-rule 1 0\n").is_none());
+        let before_failed = "samgate-rule 0 1\nsamgate-rule 1 0\nsamgate-rule 2 0\nsamgate-rule 3 0\nsamgate-rule 4 0\nsamgate-rule 5 0\n";
+        assert!(samp_batch_readback(before_failed).is_none());
     }
 
     #[test]
@@ -1027,8 +1086,8 @@ mod tests {
             .to_string();
         assert_eq!(why, "a line samgate cannot read: \"No rules were found\"");
         // After a batch, an unreadable listing leaves every rule's outcome unknown.
-        let output = "samgate-rule 0 0\nsamgate-rule 1 0\nNo rules were found\nsamgate-rule 2 0\nsamgate-rule 3 0\n";
-        assert!(samp_batch_listed(output).is_none());
+        let output = "samgate-rule 0 0\nsamgate-rule 1 0\nsamgate-rule 2 0\nsamgate-rule 3 0\nNo rules were found\nsamgate-rule 4 0\nsamgate-rule 5 0\n";
+        assert!(samp_batch_readback(output).is_none());
     }
 
     #[test]

@@ -388,9 +388,9 @@ pub fn samp_batch_verdicts(
     rules: &[SamRule],
 ) -> Vec<Vec<(String, Sent)>> {
     let by_gateway = task_by_gateway(refs, tasks);
-    let listed: HashMap<&str, Option<std::collections::HashSet<sam::RuleKey>>> = by_gateway
+    let readbacks: HashMap<&str, Option<sam::BatchReadback>> = by_gateway
         .iter()
-        .map(|(g, t)| (g.as_str(), sam::samp_batch_listed(output_of(t))))
+        .map(|(g, t)| (g.as_str(), sam::samp_batch_readback(output_of(t))))
         .collect();
     rules
         .iter()
@@ -398,22 +398,30 @@ pub fn samp_batch_verdicts(
             gateways
                 .iter()
                 .map(|gateway| {
-                    let verdict = match (by_gateway.get(gateway), listed.get(gateway.as_str())) {
-                        (None, _) => Sent::Unknown("no task for this gateway".into()),
-                        (Some(task), _) if !task.status.is_terminal() => {
+                    let readback = readbacks.get(gateway.as_str());
+                    let verdict = match (by_gateway.get(gateway), readback, rule.key) {
+                        (None, _, _) => Sent::Unknown("no task for this gateway".into()),
+                        (Some(task), _, _) if !task.status.is_terminal() => {
                             Sent::Unknown("task still in progress".into())
                         }
-                        (Some(_), Some(Some(keys)))
-                            if rule.key.is_some_and(|k| keys.contains(&k)) =>
-                        {
-                            Sent::Confirmed
+                        (Some(task), Some(Some(readback)), Some(key)) => {
+                            match readback.landed(key) {
+                                sam::Landed::New => Sent::Confirmed,
+                                sam::Landed::OnlyOlder => Sent::Refused(format!(
+                                    "only an older rule with this key is listed after fw samp batch: this send did not land ({})",
+                                    error_line(task)
+                                )),
+                                sam::Landed::Absent => Sent::Refused(format!(
+                                    "not listed after fw samp batch ({})",
+                                    error_line(task)
+                                )),
+                            }
                         }
-                        (Some(task), Some(Some(_))) => Sent::Refused(format!(
-                            "not listed after fw samp batch ({})",
-                            error_line(task)
-                        )),
-                        (Some(task), _) => Sent::Unknown(format!(
-                            "the listing after fw samp batch failed or was cut ({})",
+                        (Some(_), _, None) => {
+                            Sent::Unknown("the rule carries no samgate key to read back".into())
+                        }
+                        (Some(task), _, _) => Sent::Unknown(format!(
+                            "the listings around fw samp batch failed or were cut ({})",
                             error_line(task)
                         )),
                     };
@@ -424,8 +432,6 @@ pub fn samp_batch_verdicts(
         .collect()
 }
 
-/// Per rule, per gateway: what a verify script's tasks say. A failed query is `Unknown`, never
-/// "absent".
 pub fn verify_verdicts(
     refs: &[TaskRef],
     tasks: &[Task],
@@ -819,6 +825,57 @@ mod tests {
             log: LogType::Log,
             key: Some(RuleKey::from_bytes([key; 16])),
         }
+    }
+
+    #[test]
+    fn a_samp_batch_confirms_only_the_rules_this_send_made() {
+        let gateways = gws(&["gw-1", "gw-2"]);
+        let rules = [
+            rule("192.0.2.1", 1),
+            rule("192.0.2.2", 2),
+            rule("192.0.2.3", 3),
+        ];
+        let line = |key: u8, uid: u32| {
+            let key = RuleKey::from_bytes([key; 16]);
+            format!(
+                "uid=<5ac3965f,00000000,3403a8c0,{uid:08x}> action=drop comment=samgate:{key}\n"
+            )
+        };
+        // Rule 2's address was blocked before and its rule is still there; its line failed.
+        let output = format!(
+            "{}samgate-rule 0 0\nsamgate-rule 1 0\nsamgate-rule 2 1\nsamgate-rule 3 0\n{}{}samgate-rule 4 0\nsamgate-rule 5 0\n",
+            line(2, 5),
+            line(1, 6),
+            line(2, 5),
+        );
+        let tasks = [
+            task("a", TaskStatus::Failed, &output),
+            task("b", TaskStatus::Succeeded, "samgate-rule 0 0\n"),
+        ];
+        let v = samp_batch_verdicts(
+            &refs(&[("a", "gw-1"), ("b", "gw-2")]),
+            &tasks,
+            &gateways,
+            &rules,
+        );
+        let kind = |s: &Sent| match s {
+            Sent::Confirmed => "confirmed",
+            Sent::Refused(_) => "refused",
+            Sent::Unknown(_) => "unknown",
+        };
+        let table: Vec<Vec<&str>> = v
+            .iter()
+            .map(|r| r.iter().map(|(_, s)| kind(s)).collect())
+            .collect();
+        assert_eq!(
+            table,
+            vec![
+                vec!["confirmed", "unknown"],
+                vec!["refused", "unknown"], // an older rule proves nothing of this send
+                vec!["refused", "unknown"],
+            ],
+            "{v:?}"
+        );
     }
 
     #[test]
