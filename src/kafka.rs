@@ -2,7 +2,7 @@
 //! making sure the topics samgate needs exist.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -127,17 +127,27 @@ pub async fn producer_for(
     kafka: &KafkaConfig,
     topics: &[&str],
     delivery_timeout: Duration,
-    timeout: Duration,
+    deadline: Instant,
 ) -> Result<FutureProducer, KafkaSetupError> {
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100))
+    };
     let producer = producer(kafka, delivery_timeout)?;
     let client = producer.clone();
+    let timeout = left();
     let metadata = fetch_metadata(kafka, timeout, move || {
-        client.client().fetch_metadata(None, timeout)?;
-        client.client().fetch_metadata(None, timeout)
+        let metadata = client.client().fetch_metadata(None, timeout)?;
+        // Only a speed-up: its failure changes nothing, and it never waits long.
+        let again = client
+            .client()
+            .fetch_metadata(None, Duration::from_millis(500));
+        Ok(again.unwrap_or(metadata))
     })
     .await?;
     if !missing_topics(&metadata, topics).is_empty() {
-        ensure_topics(kafka, topics, timeout).await?;
+        ensure_topics(kafka, topics, left()).await?;
     }
     Ok(producer)
 }

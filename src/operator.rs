@@ -138,9 +138,13 @@ pub async fn send_commands(
     partitions.dedup();
     // Where the results partitions end now, before anything is sent: nothing is missed.
     let starts = ends(config, &topics.results, &partitions).await?;
-    let producer =
-        crate::kafka::producer_for(&config.kafka, &[&topics.events], timeout, METADATA_TIMEOUT)
-            .await?;
+    let producer = crate::kafka::producer_for(
+        &config.kafka,
+        &[&topics.events],
+        timeout,
+        std::time::Instant::now() + METADATA_TIMEOUT,
+    )
+    .await?;
     for command in &commands {
         let payload = serde_json::to_string(command).expect("commands serialize");
         let key = command.key();
@@ -245,9 +249,13 @@ pub async fn reconcile(
     partitions.sort_unstable();
     partitions.dedup();
     let starts = ends(config, &topics.results, &partitions).await?;
-    let producer =
-        crate::kafka::producer_for(&config.kafka, &[&topics.events], timeout, METADATA_TIMEOUT)
-            .await?;
+    let producer = crate::kafka::producer_for(
+        &config.kafka,
+        &[&topics.events],
+        timeout,
+        std::time::Instant::now() + METADATA_TIMEOUT,
+    )
+    .await?;
     let mut ids = Vec::new();
     for partition in 0..events {
         let mut command = Command::new(Action::Reconcile);

@@ -367,8 +367,15 @@ impl<'a> Delivery<'a> {
         }
         let o = self.options;
         let topics = [o.events_topic.as_str(), o.dlq_topic.as_str()];
-        let remaining = self.remaining();
-        match kafka::producer_for(&o.kafka, &topics, remaining, remaining).await {
+        // The topic check's time is taken from the deadline the deliveries have.
+        match kafka::producer_for(
+            &o.kafka,
+            &topics,
+            self.remaining(),
+            self.deadline.into_std(),
+        )
+        .await
+        {
             Ok(producer) => {
                 self.producer = Some(producer);
                 true

@@ -91,30 +91,38 @@ pub struct TaskRef {
 
 /// Names the gateway of each task whose `run-script` answer did not: from the finished task's
 /// `gatewayName`, or its name, which Check Point forms as `<target> - <script-name>`. Only a
-/// gateway the script was sent to, and not already another task's, is taken; a task still
+/// gateway the script was sent to, and claimed by no other task, is taken; a task still
 /// unnamed after this counts for no gateway (its gateway's outcome stays unknown).
 pub fn settle_targets(refs: &mut [TaskRef], tasks: &[Task], script_name: &str, targets: &[String]) {
-    for i in 0..refs.len() {
-        if !refs[i].target.is_empty() {
-            continue;
-        }
-        let Some(task) = tasks.iter().find(|t| t.task_id == refs[i].task_id) else {
-            continue;
-        };
-        let suffix = format!(" - {script_name}");
-        let named = [
-            task.details.first().and_then(|d| d.gateway.as_deref()),
-            task.name.strip_suffix(&suffix),
-        ];
-        let Some(gateway) = named
-            .into_iter()
-            .flatten()
-            .find(|g| targets.iter().any(|t| t == g))
-        else {
-            continue;
-        };
-        if refs.iter().all(|r| r.target != gateway) {
-            refs[i].target = gateway.to_owned();
+    let suffix = format!(" - {script_name}");
+    let claims: Vec<Option<String>> = refs
+        .iter()
+        .map(|r| {
+            if !r.target.is_empty() {
+                return Some(r.target.clone());
+            }
+            let task = tasks.iter().find(|t| t.task_id == r.task_id)?;
+            let named = [
+                task.details.first().and_then(|d| d.gateway.as_deref()),
+                task.name.strip_suffix(&suffix),
+            ];
+            named
+                .into_iter()
+                .flatten()
+                .find(|g| targets.iter().any(|t| t == g))
+                .map(str::to_owned)
+        })
+        .collect();
+    for (r, claim) in refs.iter_mut().zip(&claims) {
+        if let Some(gateway) = claim.as_ref().filter(|_| r.target.is_empty()) {
+            if claims
+                .iter()
+                .filter(|c| c.as_ref() == Some(gateway))
+                .count()
+                == 1
+            {
+                r.target = gateway.clone();
+            }
         }
     }
 }
@@ -783,7 +791,7 @@ mod tests {
             );
             assert_eq!(refs[0].target, expected, "{answered:?} {finished:?}");
         }
-        // Two tasks naming one gateway: the second is no gateway's.
+        // Two tasks naming one gateway: neither is taken for it.
         let mut refs = vec![
             TaskRef {
                 task_id: "a".into(),
@@ -799,10 +807,7 @@ mod tests {
             task("b", "gw-1 - samgate block", None),
         ];
         settle_targets(&mut refs, &tasks, "samgate block", &targets);
-        assert_eq!(
-            (refs[0].target.as_str(), refs[1].target.as_str()),
-            ("gw-1", "")
-        );
+        assert_eq!((refs[0].target.as_str(), refs[1].target.as_str()), ("", ""));
     }
 
     #[test]

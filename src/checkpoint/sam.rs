@@ -396,48 +396,57 @@ pub enum Landed {
     Absent,
 }
 
-/// The uids listed per samgate key, before and after a [`samp_batch_script`]'s batches.
+/// The uids listed per samgate key, before and after a [`samp_batch_script`]'s batch of one
+/// address family.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BatchReadback {
+struct FamilyReadback {
     before: HashMap<RuleKey, HashSet<SampUid>>,
     after: HashMap<RuleKey, HashSet<SampUid>>,
 }
 
+/// What a [`samp_batch_script`]'s listings say, per address family (IPv4, IPv6).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchReadback([Option<FamilyReadback>; 2]);
+
 impl BatchReadback {
-    pub fn landed(&self, key: RuleKey) -> Landed {
-        let before = self.before.get(&key);
-        match self.after.get(&key) {
+    /// Whether this send's rule with `key` landed; `None` when a listing of its address family
+    /// is missing, failed, was cut or cannot be read (nothing is concluded then).
+    pub fn landed(&self, key: RuleKey, ipv6: bool) -> Option<Landed> {
+        let family = self.0[usize::from(ipv6)].as_ref()?;
+        let before = family.before.get(&key);
+        Some(match family.after.get(&key) {
             None => Landed::Absent,
             Some(after) if after.iter().any(|u| before.is_none_or(|b| !b.contains(u))) => {
                 Landed::New
             }
             Some(_) => Landed::OnlyOlder,
-        }
+        })
     }
 }
 
-/// Reads a [`samp_batch_script`]'s listings; `None` when one is missing, failed, was cut or
-/// cannot be read (nothing is concluded then).
-pub fn samp_batch_readback(output: &str) -> Option<BatchReadback> {
+/// Reads a [`samp_batch_script`]'s listings, each address family on its own: a gateway with
+/// IPv6 turned off fails the `fw6` ones, which says nothing of the IPv4 rules.
+pub fn samp_batch_readback(output: &str) -> BatchReadback {
     let sections = split_sections(output, 6);
-    let read = |listings: &[Option<(i32, String)>]| {
+    let read = |section: &Option<(i32, String)>| {
+        let Some((0, printed)) = section else {
+            return None;
+        };
         let mut by_key: HashMap<RuleKey, HashSet<SampUid>> = HashMap::new();
-        for section in listings {
-            let Some((0, printed)) = section else {
-                return None;
-            };
-            for entry in parse_samp_get(printed).ok()? {
-                if let Some(key) = entry.samgate_key() {
-                    by_key.entry(key).or_default().insert(entry.uid);
-                }
+        for entry in parse_samp_get(printed).ok()? {
+            if let Some(key) = entry.samgate_key() {
+                by_key.entry(key).or_default().insert(entry.uid);
             }
         }
         Some(by_key)
     };
-    Some(BatchReadback {
-        before: read(&sections[0..2])?,
-        after: read(&sections[4..6])?,
-    })
+    let family = |before: usize, after: usize| {
+        Some(FamilyReadback {
+            before: read(&sections[before])?,
+            after: read(&sections[after])?,
+        })
+    };
+    BatchReadback([family(0, 4), family(1, 5)])
 }
 
 /// A `fw samp` rule uid: `<5ac3965f,00000000,3403a8c0,0000264a>` (four 8-digit hex words).
@@ -712,9 +721,37 @@ pub fn parse_sam_monitor(output: &str) -> Result<Vec<SamMonitorEntry>, Unreadabl
         .collect()
 }
 
+/// The criteria types of `fw sam` (CLI reference): the first field of a SAM record.
+const CRITERIA_TYPES: [&str; 21] = [
+    "src",
+    "dst",
+    "any",
+    "subsrc",
+    "subdst",
+    "subany",
+    "srv",
+    "subsrv",
+    "subsrvs",
+    "subsrvd",
+    "dstsrv",
+    "srcpr",
+    "dstpr",
+    "subsrcpr",
+    "subdstpr",
+    "subdstsrv",
+    "service",
+    "generic",
+    "apn",
+    "imsi",
+    "msisdn",
+];
+
+/// `<type>,<actions>,<expire>,<criteria…>`: any criteria type, each with its own number of
+/// fields (samgate matches only `src`/`dst`/`any` ones, but a foreign subnet or service rule must
+/// not make the whole listing unreadable).
 fn monitor_entry(line: &str) -> Option<SamMonitorEntry> {
     let parts: Vec<&str> = line.trim().split(',').map(str::trim).collect();
-    if parts.len() != 4 && parts.len() != 7 {
+    if parts.len() < 4 || !CRITERIA_TYPES.contains(&parts[0]) {
         return None;
     }
     let expires = match parts[2] {
@@ -981,17 +1018,32 @@ mod tests {
             listed(2, 8),
             listed(2, 10),
         );
-        let readback = samp_batch_readback(&output).unwrap();
+        let readback = samp_batch_readback(&output);
         assert_eq!(
-            (0..4).map(|i| readback.landed(key(i))).collect::<Vec<_>>(),
-            vec![Landed::New, Landed::OnlyOlder, Landed::New, Landed::Absent]
+            (0..4)
+                .map(|i| readback.landed(key(i), false))
+                .collect::<Vec<_>>(),
+            [Landed::New, Landed::OnlyOlder, Landed::New, Landed::Absent].map(Some)
         );
-        // A listing that failed, or output cut before the last, concludes nothing.
+        assert_eq!(readback.landed(key(9), true), Some(Landed::Absent));
+        // A listing that failed, or output cut before it, concludes nothing for its family only.
         let failed = "samgate-rule 0 0\nsamgate-rule 1 0\nsamgate-rule 2 0\nsamgate-rule 3 0\nsamgate-rule 4 1\nsamgate-rule 5 0\n";
-        assert!(samp_batch_readback(failed).is_none());
-        assert!(samp_batch_readback("samgate-rule 0 0\nsamgate-rule 1 0\n").is_none());
-        let before_failed = "samgate-rule 0 1\nsamgate-rule 1 0\nsamgate-rule 2 0\nsamgate-rule 3 0\nsamgate-rule 4 0\nsamgate-rule 5 0\n";
-        assert!(samp_batch_readback(before_failed).is_none());
+        let readback = samp_batch_readback(failed);
+        assert_eq!(readback.landed(key(0), false), None);
+        assert_eq!(readback.landed(key(0), true), Some(Landed::Absent));
+        let cut = samp_batch_readback("samgate-rule 0 0\nsamgate-rule 1 0\n");
+        assert_eq!(
+            (cut.landed(key(0), false), cut.landed(key(0), true)),
+            (None, None)
+        );
+        // IPv6 turned off: the fw6 listings fail; the IPv4 rules are still read.
+        let no_ipv6 = format!(
+            "samgate-rule 0 0\nsamgate-rule 1 1\nsamgate-rule 2 0\nsamgate-rule 3 1\n{}samgate-rule 4 0\nsamgate-rule 5 1\n",
+            listed(0, 9)
+        );
+        let readback = samp_batch_readback(&no_ipv6);
+        assert_eq!(readback.landed(key(0), false), Some(Landed::New));
+        assert_eq!(readback.landed(key(3), true), None);
     }
 
     #[test]
@@ -1055,7 +1107,7 @@ mod tests {
     fn a_listing_with_a_line_samgate_cannot_read_concludes_nothing() {
         let rule = "operation=add uid=<5ac3965f,00000000,3403a8c0,0000264a> comment=samgate:0123456789abcdef0123456789abcdef src_ip_addr=192.0.2.1 req_tpe=ip";
         // (listing, rules read by `fw samp get`'s parser or None, the same for `fw sam -M`'s)
-        let table: [(&str, Option<usize>, Option<usize>); 8] = [
+        let table: [(&str, Option<usize>, Option<usize>); 11] = [
             ("", Some(0), Some(0)),
             ("\n  \n", Some(0), Some(0)),
             (rule, Some(1), None),
@@ -1068,6 +1120,17 @@ mod tests {
                 None,
             ),
             ("src,drop,soon,192.0.2.1", None, None),
+            (
+                "subsrc,drop|close,never,192.0.2.0,255.255.255.0",
+                None,
+                Some(1),
+            ),
+            (
+                "subsrv,reject,0,192.0.2.0,255.255.255.0,192.0.2.9,255.255.255.255,22,6",
+                None,
+                Some(1),
+            ),
+            ("Total,1,never,rules", None, None),
         ];
         for (listing, samp, monitor) in table {
             assert_eq!(
@@ -1087,7 +1150,8 @@ mod tests {
         assert_eq!(why, "a line samgate cannot read: \"No rules were found\"");
         // After a batch, an unreadable listing leaves every rule's outcome unknown.
         let output = "samgate-rule 0 0\nsamgate-rule 1 0\nsamgate-rule 2 0\nsamgate-rule 3 0\nNo rules were found\nsamgate-rule 4 0\nsamgate-rule 5 0\n";
-        assert!(samp_batch_readback(output).is_none());
+        let key = RuleKey::parse("0123456789abcdef0123456789abcdef").unwrap();
+        assert_eq!(samp_batch_readback(output).landed(key, false), None);
     }
 
     #[test]

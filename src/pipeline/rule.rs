@@ -378,9 +378,10 @@ pub fn send_verdicts(
 }
 
 /// Per rule, per gateway (in `gateways` order): what a `fw samp batch` script's tasks say, read
-/// from the listing that ends it ([`sam::samp_batch_script`]): listed is confirmed; not listed in
-/// a whole listing is refused (known absent, so it may be sent again); no task, an unfinished
-/// task or a listing that failed or was cut is unknown.
+/// from the listings before and after the batch ([`sam::samp_batch_script`]): a uid with the
+/// rule's key that only the second lists is confirmed; the key with only older uids, or absent
+/// from a whole listing, is refused (this send did not land, so it may be sent again); no task,
+/// an unfinished task or a listing that failed, was cut or cannot be read is unknown.
 pub fn samp_batch_verdicts(
     refs: &[TaskRef],
     tasks: &[Task],
@@ -388,7 +389,7 @@ pub fn samp_batch_verdicts(
     rules: &[SamRule],
 ) -> Vec<Vec<(String, Sent)>> {
     let by_gateway = task_by_gateway(refs, tasks);
-    let readbacks: HashMap<&str, Option<sam::BatchReadback>> = by_gateway
+    let readbacks: HashMap<&str, sam::BatchReadback> = by_gateway
         .iter()
         .map(|(g, t)| (g.as_str(), sam::samp_batch_readback(output_of(t))))
         .collect();
@@ -398,30 +399,29 @@ pub fn samp_batch_verdicts(
             gateways
                 .iter()
                 .map(|gateway| {
-                    let readback = readbacks.get(gateway.as_str());
-                    let verdict = match (by_gateway.get(gateway), readback, rule.key) {
+                    let landed = readbacks
+                        .get(gateway.as_str())
+                        .zip(rule.key)
+                        .and_then(|(r, key)| r.landed(key, rule.criteria.is_ipv6()));
+                    let verdict = match (by_gateway.get(gateway), landed, rule.key) {
                         (None, _, _) => Sent::Unknown("no task for this gateway".into()),
                         (Some(task), _, _) if !task.status.is_terminal() => {
                             Sent::Unknown("task still in progress".into())
                         }
-                        (Some(task), Some(Some(readback)), Some(key)) => {
-                            match readback.landed(key) {
-                                sam::Landed::New => Sent::Confirmed,
-                                sam::Landed::OnlyOlder => Sent::Refused(format!(
-                                    "only an older rule with this key is listed after fw samp batch: this send did not land ({})",
-                                    error_line(task)
-                                )),
-                                sam::Landed::Absent => Sent::Refused(format!(
-                                    "not listed after fw samp batch ({})",
-                                    error_line(task)
-                                )),
-                            }
-                        }
+                        (Some(_), Some(sam::Landed::New), _) => Sent::Confirmed,
+                        (Some(task), Some(sam::Landed::OnlyOlder), _) => Sent::Refused(format!(
+                            "only an older rule with this key is listed after fw samp batch: this send did not land ({})",
+                            error_line(task)
+                        )),
+                        (Some(task), Some(sam::Landed::Absent), _) => Sent::Refused(format!(
+                            "not listed after fw samp batch ({})",
+                            error_line(task)
+                        )),
                         (Some(_), _, None) => {
                             Sent::Unknown("the rule carries no samgate key to read back".into())
                         }
                         (Some(task), _, _) => Sent::Unknown(format!(
-                            "the listings around fw samp batch failed or were cut ({})",
+                            "the listings around fw samp batch failed, were cut or cannot be read ({})",
                             error_line(task)
                         )),
                     };
@@ -432,6 +432,8 @@ pub fn samp_batch_verdicts(
         .collect()
 }
 
+/// Per rule, per gateway: what a verify script's tasks say. A failed query, or a listing with a
+/// line samgate cannot read, is `Unknown`, never "absent".
 pub fn verify_verdicts(
     refs: &[TaskRef],
     tasks: &[Task],
