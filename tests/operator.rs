@@ -422,6 +422,52 @@ async fn an_expired_block_is_reported_then_forgotten_after_the_window() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unblock_is_never_confirmed_from_a_listing_samgate_cannot_read() {
+    let lab = lab("").await;
+    let ip = "198.51.100.30";
+    let out = lab.cli(&["block", "--site", "prague", ip]).await;
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    // The gateways now print a line samgate does not know before every listing: read as "no
+    // rule", it would confirm the unblocks while every rule is still in place.
+    lab.sim.set_faults(FaultsUpdate {
+        listing_preamble: Some(Some("SAM rules currently enforced:".into())),
+        ..FaultsUpdate::default()
+    });
+    let out = lab
+        .cli(&["unblock", "--site", "prague", ip, "--json"])
+        .await;
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let results: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 2, "{results:#?}");
+    for r in &results {
+        assert_ne!(r["outcome"], "unblocked", "{r:#}");
+        assert!(
+            r["reason"]
+                .as_str()
+                .is_some_and(|d| d.contains("a line samgate cannot read")),
+            "{r:#}"
+        );
+    }
+    for gw in ["gw-1", "gw-2", "gw-3"] {
+        assert!(lab.holds(gw, ip), "{gw} lost the rule: {:?}", lab.held());
+    }
+    // Once the listings read again, the same unblock goes through.
+    lab.sim.set_faults(FaultsUpdate {
+        listing_preamble: Some(None),
+        ..FaultsUpdate::default()
+    });
+    let out = lab.cli(&["unblock", "--site", "prague", ip]).await;
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    for gw in ["gw-1", "gw-2", "gw-3"] {
+        assert!(!lab.holds(gw, ip), "{gw} still holds it");
+    }
+    lab.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_brings_back_what_a_wiped_gateway_lost() {
     let lab = lab("").await;
     let ips = ["198.51.100.41", "198.51.100.42"];

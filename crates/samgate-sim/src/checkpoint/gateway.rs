@@ -127,6 +127,10 @@ pub struct Gateway {
     /// repeated block stays O(1) with many rules (the storm benchmark adds 60,000).
     #[serde(skip)]
     blocked: Option<std::collections::HashSet<IpAddr>>,
+    /// A line printed before every `fw samp get` and `fw sam -M` listing (a fault: a gateway
+    /// whose listing format samgate does not know).
+    #[serde(skip)]
+    pub listing_preamble: Option<String>,
 }
 
 type CmdResult = Result<String, (i32, String)>;
@@ -182,6 +186,13 @@ impl Gateway {
     }
 
     /// Forgets every rule (a reinstalled gateway, a wiped table); the history stays.
+    fn preamble(&self) -> String {
+        self.listing_preamble
+            .as_ref()
+            .map(|line| format!("{line}\n"))
+            .unwrap_or_default()
+    }
+
     pub fn wipe(&mut self) {
         self.sam.clear();
         self.samp.clear();
@@ -343,7 +354,7 @@ impl Gateway {
                 Ok(String::new()).map(|s: String| s + &verbose("delete all"))
             }
             SamOperation::Monitor { class, criteria } => {
-                let mut listing = String::new();
+                let mut listing = self.preamble();
                 for rule in self.sam.iter().filter(|r| r.family == family) {
                     let wanted_class = match class {
                         'i' => rule.action == "reject",
@@ -670,7 +681,7 @@ impl Gateway {
         }
         // A set: samgate asks for a whole batch's rules (thousands of -v) of a table as large.
         let values: std::collections::HashSet<String> = values.into_iter().collect();
-        let mut out = String::new();
+        let mut out = self.preamble();
         for rule in self
             .samp
             .iter()

@@ -191,6 +191,9 @@ pub struct Faults {
     /// and those tasks' details name no gateway (as in the one published capture): only the
     /// task's name (`<target> - <script-name>`) says whose it is.
     pub unnamed_tasks_next: u32,
+    /// A line every `fw samp get` and `fw sam -M` prints before its rules (a listing format
+    /// samgate does not know).
+    pub listing_preamble: Option<String>,
 }
 
 /// A partial update of [`Faults`] (`POST /sim/faults`); `expire_sessions` drops every session.
@@ -210,6 +213,7 @@ pub struct FaultsUpdate {
     pub stuck_tasks_next: Option<u32>,
     pub task_duration_ms: Option<Option<u64>>,
     pub unnamed_tasks_next: Option<u32>,
+    pub listing_preamble: Option<Option<String>>,
     pub logins_per_minute: Option<u32>,
     pub expire_sessions: bool,
     /// Drop every rule of this gateway (a reinstall, a wiped table).
@@ -519,6 +523,9 @@ fn apply_faults(s: &mut SimState, update: FaultsUpdate) -> Faults {
     }
     if let Some(v) = update.unnamed_tasks_next {
         f.unnamed_tasks_next = v;
+    }
+    if let Some(v) = update.listing_preamble {
+        f.listing_preamble = v;
     }
     if let Some(v) = update.logins_per_minute {
         s.config.logins_per_minute = v;
@@ -877,6 +884,7 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
         .faults
         .task_duration_ms
         .map_or(s.config.task_duration, Duration::from_millis);
+    let preamble = s.faults.listing_preamble.clone();
     let mut tasks = Vec::new();
     for target in targets {
         let unreachable = s.faults.unreachable_gateways.contains(&target);
@@ -889,6 +897,7 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
                 ..Default::default()
             }
         } else {
+            gw.tables.listing_preamble = preamble.clone();
             gw.tables.run_script(&script, now)
         };
         // The base (the API, the agent's handover) first, then the gateway's work on a core.
