@@ -71,14 +71,14 @@ pub enum Listing {
 impl Listing {
     /// Whether the listing holds samgate's rule; `None` when it cannot tell.
     pub fn holds(&self, rule: &sam::SamRule) -> Option<bool> {
-        Some(match self {
-            Listing::Samp(keys) => keys.iter().any(|(k, _)| Some(*k) == rule.key),
-            Listing::Sam(lines) => lines.iter().any(|l| sam::monitor_entry_is(l, rule)),
-            Listing::Banned(ips) => ips.contains(&rule.criteria.address()),
-            Listing::Published => true,
-            Listing::Ipv4Only(_) if rule.criteria.is_ipv6() => return None,
-            Listing::Ipv4Only(ipv4) => return ipv4.holds(rule),
-        })
+        match self {
+            Listing::Samp(keys) => Some(keys.iter().any(|(k, _)| Some(*k) == rule.key)),
+            Listing::Sam(lines) => Some(lines.iter().any(|l| sam::monitor_entry_is(l, rule))),
+            Listing::Banned(ips) => Some(ips.contains(&rule.criteria.address())),
+            Listing::Published => Some(true),
+            Listing::Ipv4Only(_) if rule.criteria.is_ipv6() => None,
+            Listing::Ipv4Only(ipv4) => ipv4.holds(rule),
+        }
     }
 
     /// samgate's tagged rules, where the listing has tags (`fw samp get`).

@@ -83,18 +83,34 @@ pub async fn ensure_topics(
     topics: &[&str],
     timeout: Duration,
 ) -> Result<(), KafkaSetupError> {
-    let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
-        base_config(kafka)
-            .set("socket.timeout.ms", timeout.as_millis().max(10).to_string())
-            .create()
-            .map_err(KafkaSetupError::Client)?,
-    );
+    let admin = admin(kafka, timeout)?;
     let client = admin.clone();
     let metadata = fetch_metadata(kafka, timeout, move || {
         client.inner().fetch_metadata(None, timeout)
     })
     .await?;
-    let missing = missing_topics(&metadata, topics);
+    create_missing(&admin, kafka, &missing_topics(&metadata, topics), timeout).await
+}
+
+fn admin(
+    kafka: &KafkaConfig,
+    timeout: Duration,
+) -> Result<Arc<AdminClient<DefaultClientContext>>, KafkaSetupError> {
+    let admin = base_config(kafka)
+        .set("socket.timeout.ms", timeout.as_millis().max(10).to_string())
+        .create()
+        .map_err(KafkaSetupError::Client)?;
+    Ok(Arc::new(admin))
+}
+
+/// Creates the `missing` topics when `kafka.create_topics` allows it, and otherwise names the
+/// first one.
+async fn create_missing(
+    admin: &AdminClient<DefaultClientContext>,
+    kafka: &KafkaConfig,
+    missing: &[String],
+    timeout: Duration,
+) -> Result<(), KafkaSetupError> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -113,7 +129,7 @@ pub async fn ensure_topics(
             )
         })
         .collect();
-    create_topics(&admin, kafka, &new_topics, timeout).await
+    create_topics(admin, kafka, &new_topics, timeout).await
 }
 
 /// A [`producer`] for `topics`, made sure of like [`ensure_topics`] but asked through the
@@ -146,8 +162,10 @@ pub async fn producer_for(
         Ok(again.unwrap_or(metadata))
     })
     .await?;
-    if !missing_topics(&metadata, topics).is_empty() {
-        ensure_topics(kafka, topics, left()).await?;
+    let missing = missing_topics(&metadata, topics);
+    if !missing.is_empty() {
+        let timeout = left();
+        create_missing(&*admin(kafka, timeout)?, kafka, &missing, timeout).await?;
     }
     Ok(producer)
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -138,13 +138,7 @@ pub async fn send_commands(
     partitions.dedup();
     // Where the results partitions end now, before anything is sent: nothing is missed.
     let starts = ends(config, &topics.results, &partitions).await?;
-    let producer = crate::kafka::producer_for(
-        &config.kafka,
-        &[&topics.events],
-        timeout,
-        std::time::Instant::now() + METADATA_TIMEOUT,
-    )
-    .await?;
+    let producer = command_producer(config, timeout).await?;
     for command in &commands {
         let payload = serde_json::to_string(command).expect("commands serialize");
         let key = command.key();
@@ -249,13 +243,7 @@ pub async fn reconcile(
     partitions.sort_unstable();
     partitions.dedup();
     let starts = ends(config, &topics.results, &partitions).await?;
-    let producer = crate::kafka::producer_for(
-        &config.kafka,
-        &[&topics.events],
-        timeout,
-        std::time::Instant::now() + METADATA_TIMEOUT,
-    )
-    .await?;
+    let producer = command_producer(config, timeout).await?;
     let mut ids = Vec::new();
     for partition in 0..events {
         let mut command = Command::new(Action::Reconcile);
@@ -739,6 +727,13 @@ pub async fn state_view(config: &Config) -> anyhow::Result<StateView> {
 }
 
 /// A reader that joins no group.
+/// The producer operator commands go out on (into the events topic), ready to send at once.
+async fn command_producer(config: &Config, timeout: Duration) -> anyhow::Result<FutureProducer> {
+    let deadline = Instant::now() + METADATA_TIMEOUT;
+    let topics = [config.kafka.topics.events.as_str()];
+    Ok(crate::kafka::producer_for(&config.kafka, &topics, timeout, deadline).await?)
+}
+
 fn reader(config: &Config) -> anyhow::Result<BaseConsumer> {
     crate::kafka::base_config(&config.kafka)
         .set("group.id", format!("{}-operator", config.run.group_id))

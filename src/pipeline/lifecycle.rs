@@ -319,7 +319,7 @@ async fn reconcile_target(
         .filter(|b| owned(shared, b.partition).is_some())
         .collect();
     let listing = batcher.list_gateways().await;
-    let (listings, errors) = match listing {
+    let (listings, mut errors) = match listing {
         Ok(found) => found,
         Err(e) => {
             warn!(target = target.name, error = %e, "reconcile: cannot list the gateways");
@@ -357,7 +357,6 @@ async fn reconcile_target(
             !state.tracks(key, now) && owned(shared, partition).is_some()
         })
     };
-    let mut errors = errors;
     errors.extend(drift.unjudged.iter().map(|(gateway, blocks)| {
         format!("{gateway}: its IPv6 rules could not be listed; {blocks} IPv6 block(s) not checked")
     }));
