@@ -350,11 +350,18 @@ impl Batcher {
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 _ = sleep_until(next_due), if next_due.is_some() => {}
             }
+            // Due retries join the batch up to its size; the rest stay due for the next one.
             let now = Instant::now();
-            let (due, later): (Vec<Work>, Vec<Work>) =
-                waiting.drain(..).partition(|w| w.next_try <= now);
+            let most = self.most();
+            let mut later = Vec::with_capacity(waiting.len());
+            for work in waiting.drain(..) {
+                if work.next_try <= now && batch.len() < most {
+                    batch.push(work);
+                } else {
+                    later.push(work);
+                }
+            }
             waiting = later;
-            batch.extend(due);
             if batch.is_empty() {
                 continue;
             }
@@ -399,13 +406,18 @@ impl Batcher {
             .observe(since.elapsed().as_secs_f64());
     }
 
+    /// The most rules the next batch may carry: the adaptive size, within the enforcer's limit.
+    fn most(&self) -> usize {
+        let now = self.limits.batch();
+        self.enforcer.max_batch().map_or(now, |m| m.min(now))
+    }
+
     /// Adds queued rules until the batch is full or its first rule waited `batch_max_delay`.
     /// Returns false when the queue closed.
     async fn fill(&self, batch: &mut Vec<Work>, queue: &mut mpsc::Receiver<Work>) -> bool {
         let run = &self.shared.config.run;
         let flush_at = Instant::now() + run.batch_max_delay;
-        let now = self.limits.batch();
-        let most = (self.enforcer.max_batch()).map_or(now, |m| m.min(now));
+        let most = self.most();
         if batch.len() >= most {
             self.limits.full();
         }
@@ -613,10 +625,12 @@ impl Batcher {
         state.expects(&work.enforce.key, block.expires_at, Utc::now())
     }
 
-    /// Whether a block of `work`'s key is being enforced right now (an unblock waits for it).
+    /// Whether a block of `work`'s key is being enforced right now, first sent or re-asserted
+    /// by reconcile (an unblock waits for it: removed before it landed, it would stay).
     fn block_in_flight(&self, work: &Work) -> bool {
+        let key = &work.enforce.key;
         let state = self.shared.state.lock().expect("state");
-        state.check(&work.enforce.key, Utc::now()) == super::dedupe::Check::Pending
+        state.check(key, Utc::now()) == super::dedupe::Check::Pending || state.reasserting(key)
     }
 
     /// Removes the rules from `gateways`, where the last question found them (Check Point:
