@@ -666,9 +666,10 @@ pub async fn explain(
     let servers = crate::pipeline::server_addresses(config).await?;
     let policy = Policy::new(config, &servers);
     let now = Utc::now();
-    let state_partitions =
-        crate::kafka::partition_count(&config.kafka, &topics.state, METADATA_TIMEOUT).await?;
-    let partition = partition_for(&event_key(ip), state_partitions);
+    // State records go to their event's partition number (the state topic may have more).
+    let events_partitions =
+        crate::kafka::partition_count(&config.kafka, &topics.events, METADATA_TIMEOUT).await?;
+    let partition = partition_for(&event_key(ip), events_partitions);
     let starts = beginnings(config, &topics.state, &[partition]).await?;
     let messages = read_to_end(config, &topics.state, starts).await?;
     let view = StateView::fold(&messages);

@@ -652,6 +652,14 @@ impl BlockState {
         })
     }
 
+    /// Whether `key` is still the settled block that ended at `expires_at` (no new block of
+    /// the key began since the sweep reported it): what its `expired` record may describe.
+    pub fn still_ended(&self, key: &RuleKey, expires_at: DateTime<Utc>) -> bool {
+        self.entries.get(key).is_some_and(|e| {
+            e.known && e.status == Status::Settled && e.expires_ms == expires_at.timestamp_millis()
+        })
+    }
+
     /// Whether `key` is tracked in any status (a rule with its tag is explained).
     pub fn tracks(&self, key: &RuleKey, now: DateTime<Utc>) -> bool {
         let now = now.timestamp_millis();
@@ -1001,11 +1009,25 @@ mod tests {
         assert_eq!(sweep.expired[0].subject, subject());
         assert_eq!(sweep.expired[0].partition, 3);
         assert!(sweep.forgotten.is_empty());
+        let ended = sweep.expired[0].block.expires_at;
+        assert!(
+            s.still_ended(&key(1), ended),
+            "its expired record may follow"
+        );
         assert_eq!(s.sweep(after, |_| true), Sweep::default(), "reported once");
         assert_eq!(
             s.check(&key(1), after),
             Check::Repeat { level: 1 },
             "kept for escalation"
+        );
+        // A new block of the key began while the expiry's result was being written: the old
+        // block's `expired` record must not follow the new block's records.
+        s.begin(key(1), 3, &subject(), after).unwrap();
+        assert!(!s.still_ended(&key(1), ended));
+        s.abort(&key(1));
+        assert!(
+            s.still_ended(&key(1), ended),
+            "aborted: the old block stands"
         );
         let sweep = s.sweep(now + chrono::Duration::hours(11), |_| true);
         assert_eq!(sweep.forgotten, vec![(key(1), 3)]);

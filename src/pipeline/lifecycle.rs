@@ -94,6 +94,16 @@ pub fn sweep(shared: &Arc<Shared>, policy: &Policy) {
             if !finish(&shared, &Completion::own(claim, 1), result).await {
                 return;
             }
+            // The result's write can take a while: a new block of the key decided meanwhile
+            // has its own records, which this one must not follow.
+            let unchanged = shared
+                .state
+                .lock()
+                .expect("state")
+                .still_ended(&record.key, record.expires_at);
+            if !unchanged {
+                return;
+            }
             let payload = serde_json::to_string(&record).expect("records serialize");
             let topic = &shared.config.kafka.topics.state;
             let key = record.key.to_string();
