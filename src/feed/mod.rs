@@ -221,13 +221,16 @@ fn follow(
         std::thread::sleep(Duration::from_secs(2));
     };
     let mut assignment = TopicPartitionList::new();
+    let mut at_end = vec![false; partitions as usize];
     for p in 0..partitions {
         assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+        // An empty partition is read already (a broker may never report its end).
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        at_end[p as usize] = high <= low;
     }
     consumer.assign(&assignment)?;
     let names: Vec<String> = feeds.access.keys().cloned().collect();
     let mut store = FeedStore::new(names);
-    let mut at_end = vec![false; partitions as usize];
     let delay = config.feed.rebuild_delay;
     let (mut dirty_since, mut next_change): (Option<Instant>, Option<i64>) = (None, None);
     let started = Instant::now();
@@ -307,13 +310,22 @@ fn publish(feeds: &Feeds, rendered: Vec<Rendered>) {
         m.feed_bytes
             .with_label_values(&[&name, "text"])
             .set(feed.text.bytes.len() as i64);
+        // A new date alone replaces the feed too (its CSV kept): every server that read the
+        // same log then answers with the same date, whenever it started.
+        let feed = match published.get(&name) {
+            None => feed,
+            Some(old)
+                if old.text.etag == feed.text.etag
+                    && old.last_modified_ms == feed.last_modified_ms =>
+            {
+                continue
+            }
+            Some(old) => feed.reusing(old),
+        };
         m.feed_last_change
             .with_label_values(&[&name])
             .set(feed.last_modified_ms / 1000);
-        let same = (published.get(&name)).is_some_and(|p| p.text.etag == feed.text.etag);
-        if !same {
-            published.insert(name, Arc::new(feed));
-        }
+        published.insert(name, Arc::new(feed));
     }
 }
 

@@ -4,12 +4,15 @@
 //!
 //! An address is listed in a feed while a *confirmed* block of that feed's target names it
 //! (not a pending record: its block may not be in place; not an `expired` one), its time has
-//! not run out, no exemption of its site covers it, and no never-block rule protects it. Every
+//! not run out, no exemption of its site covers it (an exemption stops automatic blocks: an
+//! operator's block made since it began is listed, as it is pushed), and no never-block rule
+//! protects it. Every
 //! filter runs at render time, so a block expires from a feed on the second, and a
 //! never-block network added to the configuration after the block keeps it out too.
 //!
 //! Memory: one fixed-size entry per block of a feed target (the 16-byte key, the address,
-//! interned site and feed, the expiry), about 60 bytes with the map's overhead; blocks of
+//! interned site and feed, the expiry, a manual block's start), about 70 bytes with the map's
+//! overhead; blocks of
 //! pushed targets are not kept.
 
 use std::collections::HashMap;
@@ -18,7 +21,7 @@ use std::net::IpAddr;
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::sam::RuleKey;
-use crate::pipeline::dedupe::{BlockRecord, ExemptionRecord};
+use crate::pipeline::dedupe::{BlockRecord, ExemptionRecord, Origin};
 use crate::pipeline::rebuild::StateMessage;
 
 /// A block of a feed target.
@@ -28,6 +31,8 @@ struct Entry {
     feed: u16,
     site: u16,
     expires_ms: i64,
+    /// An operator's block: when it was made (unix ms); 0 for an automatic one.
+    manual_ms: i64,
 }
 
 /// Everything the feeds are built from.
@@ -39,7 +44,8 @@ pub struct FeedStore {
     site_ids: HashMap<String, u16>,
     blocks: HashMap<RuleKey, Entry>,
     /// Exemptions by (site, address): until when (unix ms).
-    exemptions: HashMap<(u16, IpAddr), i64>,
+    /// Exemptions by site and address: (since, until), unix ms.
+    exemptions: HashMap<(u16, IpAddr), (i64, i64)>,
     /// Per feed, the newest state record (its Kafka timestamp, unix ms) that touched it.
     touched_ms: Vec<i64>,
 }
@@ -56,8 +62,23 @@ pub struct Rendered {
     /// Check Point's IoC CSV (sk132193), built from `text` when first asked for.
     csv: std::sync::OnceLock<Body>,
     /// When the content was last known to change (unix ms): the newest record or expiry or
-    /// exemption end behind it. The same log gives the same value in every process.
+    /// exemption end behind it, never later than the build (a writer's clock may run ahead).
+    /// The same log gives the same value in every process.
     pub last_modified_ms: i64,
+}
+
+impl Rendered {
+    /// This rendering, with `older`'s CSV when both list the same addresses (built only once).
+    pub fn reusing(self, older: &Rendered) -> Self {
+        if let Some(csv) = older
+            .csv
+            .get()
+            .filter(|_| self.text.etag == older.text.etag)
+        {
+            let _ = self.csv.set(csv.clone());
+        }
+        self
+    }
 }
 
 /// A response body and its strong validator.
@@ -184,6 +205,10 @@ impl FeedStore {
             feed,
             site,
             expires_ms: record.expires_at.timestamp_millis(),
+            manual_ms: match record.origin {
+                Origin::Manual => record.blocked_at.timestamp_millis().max(1),
+                _ => 0,
+            },
         };
         self.blocks.insert(record.key, entry);
         true
@@ -193,7 +218,10 @@ impl FeedStore {
         let site = self.site_id(&record.site);
         self.exemptions.insert(
             (site, record.ip.to_canonical()),
-            record.until.timestamp_millis(),
+            (
+                record.since.timestamp_millis(),
+                record.until.timestamp_millis(),
+            ),
         );
         self.touch_all(at_ms);
         true
@@ -212,12 +240,14 @@ impl FeedStore {
                 last_modified[feed] = last_modified[feed].max(entry.expires_ms);
                 continue;
             }
-            if let Some(&until) = self.exemptions.get(&(entry.site, entry.ip)) {
-                if until > now_ms {
+            if let Some(&(since, until)) = self.exemptions.get(&(entry.site, entry.ip)) {
+                let overruled = entry.manual_ms != 0 && entry.manual_ms >= since;
+                if until <= now_ms {
+                    last_modified[feed] = last_modified[feed].max(until);
+                } else if !overruled {
                     later(until.min(entry.expires_ms));
                     continue;
                 }
-                last_modified[feed] = last_modified[feed].max(until);
             }
             if protected(&self.sites[entry.site as usize], entry.ip) {
                 continue;
@@ -234,7 +264,7 @@ impl FeedStore {
                     entries: ips.len(),
                     text: Body::new(text_of(&ips)),
                     csv: std::sync::OnceLock::new(),
-                    last_modified_ms,
+                    last_modified_ms: last_modified_ms.min(now_ms),
                 }
             })
             .collect();
@@ -282,7 +312,7 @@ fn etag(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::dedupe::{Origin, STATE_SCHEMA};
+    use crate::pipeline::dedupe::STATE_SCHEMA;
     use chrono::{DateTime, TimeZone, Utc};
 
     const NOW: i64 = 1_800_000_000_000;
@@ -402,6 +432,24 @@ mod tests {
                 ],
                 "203.0.113.9\n",
             ),
+            // An exemption stops automatic blocks: an operator's block made since it began is
+            // listed, one made before it is not.
+            (
+                vec![
+                    StateMessage::Exemption(exemption("prague", "203.0.113.9", NOW + hour)),
+                    StateMessage::Block(BlockRecord {
+                        origin: Origin::Manual,
+                        blocked_at: at(NOW - 500),
+                        ..record(1, "edge", "prague", "203.0.113.9", NOW + hour)
+                    }),
+                    StateMessage::Block(BlockRecord {
+                        origin: Origin::Manual,
+                        ..record(2, "edge", "prague", "203.0.113.10", NOW + hour)
+                    }),
+                    StateMessage::Exemption(exemption("prague", "203.0.113.10", NOW + hour)),
+                ],
+                "203.0.113.9\n",
+            ),
             // An exemption that ended, or ran out: listed again.
             (
                 vec![
@@ -496,6 +544,14 @@ mod tests {
         let r = store.render(NOW + 9_000, unprotected);
         assert_eq!(text(&r, "edge"), "");
         assert_eq!(r.next_change_ms, None);
+        // A record stamped by a clock that runs ahead: the date is never later than the build.
+        store.fold(
+            StateMessage::Block(record(3, "edge", "prague", "203.0.113.11", NOW + 90_000)),
+            NOW + 60_000,
+        );
+        let r = store.render(NOW + 10_000, unprotected);
+        assert_eq!(text(&r, "edge"), "203.0.113.11\n");
+        assert_eq!(r.feeds[0].last_modified_ms, NOW + 10_000);
     }
 
     #[test]

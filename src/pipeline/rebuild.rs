@@ -179,9 +179,13 @@ pub fn decode(message: &impl Message) -> StateMessage {
     if let Some((site, ip)) = raw_key.and_then(parse_exemption_key) {
         return match message.payload() {
             None => StateMessage::ExemptionEnded(site, ip),
-            Some(p) => {
-                serde_json::from_slice(p).map_or(StateMessage::Other, StateMessage::Exemption)
-            }
+            Some(p) => match serde_json::from_slice(p) {
+                Ok(record) => StateMessage::Exemption(record),
+                Err(e) => {
+                    warn!(partition = message.partition(), offset = message.offset(), error = %e, "skipping an undecodable exemption record");
+                    StateMessage::Other
+                }
+            },
         };
     }
     match (raw_key.and_then(RuleKey::parse), message.payload()) {
