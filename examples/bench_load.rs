@@ -142,11 +142,9 @@ impl Lab {
     /// can take a rebalance timeout, a minute, before a new group's first real assignment).
     async fn warm_up(&self, results: &Mutex<Vec<Value>>) -> anyhow::Result<()> {
         self.shim(&ads_line(usize::MAX / 2, "172.31.255.254"))?;
-        wait_for(results, 1, Duration::from_secs(300)).await;
-        anyhow::ensure!(
-            !results.lock().unwrap().is_empty(),
-            "the pipeline never answered"
-        );
+        wait_for(results, 1, Duration::from_secs(300))
+            .await
+            .map_err(|e| e.context("the pipeline never answered"))?;
         results.lock().unwrap().clear();
         Ok(())
     }
@@ -192,19 +190,32 @@ impl Lab {
 }
 
 /// Waits until `count` results arrived (or `limit`); returns the seconds waited.
-async fn wait_for(results: &Mutex<Vec<Value>>, count: usize, limit: Duration) -> f64 {
+/// Waits for `count` results; the seconds it took. An error when they do not come within
+/// `limit` (a figure over results not seen would not be measured).
+async fn wait_for(
+    results: &Mutex<Vec<Value>>,
+    count: usize,
+    limit: Duration,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
-    while results.lock().unwrap().len() < count && started.elapsed() < limit {
+    let seen = || results.lock().unwrap().len();
+    while seen() < count && started.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    started.elapsed().as_secs_f64()
+    anyhow::ensure!(
+        seen() >= count,
+        "only {} of {count} results within {limit:?}",
+        seen()
+    );
+    Ok(started.elapsed().as_secs_f64())
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    match sorted.is_empty() {
-        true => 0.0,
-        false => sorted[((sorted.len() - 1) as f64 * p).round() as usize],
-    }
+    assert!(
+        !sorted.is_empty(),
+        "no samples: nothing to take a percentile of"
+    );
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// The vendor script, per event, as fast as the server lets it, for `seconds`.
@@ -268,8 +279,8 @@ async fn bench_vendor(lab: Lab, events: usize, seconds: u64) -> anyhow::Result<(
     let started = Instant::now();
     lab.shim(&lines)?;
     let first_s =
-        started.elapsed().as_secs_f64() + wait_for(&results, 1, Duration::from_secs(600)).await;
-    wait_for(&results, events, Duration::from_secs(1800)).await;
+        started.elapsed().as_secs_f64() + wait_for(&results, 1, Duration::from_secs(600)).await?;
+    wait_for(&results, events, Duration::from_secs(1800)).await?;
     let samgate_s = started.elapsed().as_secs_f64();
     let scripts = lab.sim.state()["scripts"]
         .as_array()
@@ -334,7 +345,7 @@ async fn bench_latency(
         let lab = &lab;
         tokio::task::block_in_place(|| lab.shim(&lines))?;
     }
-    wait_for(&results, sent, Duration::from_secs(120)).await;
+    wait_for(&results, sent, Duration::from_secs(120)).await?;
     cancel.cancel();
     task.await?;
     // Per block: shim read → enforced, and its two parts: shim read → decided (the shim's run,

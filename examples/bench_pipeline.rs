@@ -29,7 +29,8 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> T {
 }
 
 /// Reads `topic` from the start until `count` messages, handing each payload to `on_message`;
-/// returns the seconds it took and the seconds until the first message.
+/// returns the seconds it took and the seconds until the first message. Panics when fewer
+/// than `count` arrive within `limit`.
 fn drain(
     brokers: &str,
     topic: &str,
@@ -70,14 +71,20 @@ fn drain(
             seen += 1;
         }
     }
+    // A rate over messages not seen would be a figure not measured.
+    assert_eq!(
+        seen, count,
+        "{topic}: only {seen} of {count} messages within {limit:?}"
+    );
     let total = started.elapsed().as_secs_f64();
     (total, first.unwrap_or(total))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
+    assert!(
+        !sorted.is_empty(),
+        "no samples: nothing to take a percentile of"
+    );
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 

@@ -15,6 +15,9 @@
 //! - `secrets_in_logs`: passwords, API keys or session ids in any log, result or dead letter;
 //! - `commands_unanswered`: operator commands (block, unblock, exempt, unexempt of addresses,
 //!   mixed into the stream at seeded moments) without a result for each of their targets;
+//! - `failed`: results `failed` (every fault is transient, so retries must get through);
+//! - and the run must have proved something: at least one block `held` at the end, and at
+//!   least one SIGKILL landed when kills were planned.
 //!
 //! One gateway is wiped mid-run (a reinstall); the replicas reconcile every 20 s and the drain
 //! runs `samgate reconcile`, so `lost_blocks` holds only if reconcile repaired it. A source's
@@ -169,6 +172,8 @@ struct Summary {
     duplicate_rule_sends: usize,
     never_block_rules: usize,
     lost_blocks: usize,
+    /// (gateway, source) pairs reported `blocked` and held by the gateway at the end.
+    held: usize,
     failed: usize,
     secrets_in_logs: usize,
     commands: usize,
@@ -176,6 +181,8 @@ struct Summary {
     reconcile_ok: bool,
     seconds: u64,
     seed: u64,
+    /// SIGKILLs the plan asked for (a run where none landed proved nothing about them).
+    kills_planned: usize,
 }
 
 impl Summary {
@@ -190,6 +197,14 @@ impl Summary {
             ("shim_failures", self.shim_failures),
             ("commands_unanswered", self.commands_unanswered),
             ("reconcile_failed", usize::from(!self.reconcile_ok)),
+            // Every fault is transient: a block that still failed was given up on too early.
+            ("failed", self.failed),
+            // A run that blocked nothing, or killed nothing, proved nothing.
+            ("nothing_held", usize::from(self.held == 0)),
+            (
+                "no_kill_landed",
+                usize::from(self.kills_planned > 0 && self.kills == 0),
+            ),
         ]
         .into_iter()
         .filter(|(_, n)| *n > 0)
@@ -201,7 +216,7 @@ impl Summary {
         format!(
             "events={} valid={} results={} kills={} terms={} broker_restarts={} faults={} \
              shim_runs={} shim_failures={} results_missing={} duplicate_rule_sends={} \
-             never_block_rules={} lost_blocks={} failed={} secrets_in_logs={} commands={} \
+             never_block_rules={} lost_blocks={} held={} failed={} secrets_in_logs={} commands={} \
              commands_unanswered={} reconcile_ok={} seconds={} seed={}",
             self.events,
             self.valid,
@@ -216,6 +231,7 @@ impl Summary {
             self.duplicate_rule_sends,
             self.never_block_rules,
             self.lost_blocks,
+            self.held,
             self.failed,
             self.secrets_in_logs,
             self.commands,
@@ -728,6 +744,7 @@ async fn chaos(plan: Plan) -> Summary {
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let mut summary = Summary {
         seed: plan.seed,
+        kills_planned: plan.kills,
         ..Summary::default()
     };
     eprintln!("chaos: {plan:?}");
@@ -1170,7 +1187,12 @@ async fn chaos(plan: Plan) -> Summary {
     }
     let mut lost = BTreeSet::new();
     for ((gw, ip), (_, expected)) in latest {
-        if expected && !blocked_now.get(&gw).is_some_and(|set| set.contains(&ip)) {
+        if !expected {
+            continue;
+        }
+        if blocked_now.get(&gw).is_some_and(|set| set.contains(&ip)) {
+            summary.held += 1;
+        } else {
             lost.insert((gw, ip));
         }
     }

@@ -168,10 +168,6 @@ impl Lab {
     }
 }
 
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn json_lines(out: &Output) -> Vec<Value> {
     stdout(out)
         .lines()

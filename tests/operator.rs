@@ -120,10 +120,6 @@ impl Lab {
     }
 }
 
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Table rows (after the header) as their cells.
 fn rows(out: &Output) -> Vec<Vec<String>> {
     stdout(out)
@@ -359,7 +355,14 @@ async fn an_expired_block_is_reported_then_forgotten_after_the_window() {
         .cli(&["block", "--site", "brno", ip, "--duration", "2s"])
         .await;
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    assert!(lab.holds("gw-3", ip));
+    // The rule reached the gateway (it may already have run out: 2 s is short on a busy machine).
+    let ip_addr: IpAddr = ip.parse().unwrap();
+    assert!(
+        lab.sim.history()["gw-3"]
+            .iter()
+            .any(|add| add.source == Some(ip_addr)),
+        "no rule was added for {ip}"
+    );
 
     // The owner reports the expiry once (its sweep runs every 5 s) and keeps the history.
     let started = Instant::now();

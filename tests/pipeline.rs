@@ -847,7 +847,18 @@ async fn a_gateway_that_fails_is_retried_alone() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // gw-2 asked again at least twice (the first send, then two rounds for gw-2 alone).
+    while sim_state(&sim).await["calls"]["run-script"]
+        .as_u64()
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "gw-2 never retried"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     sim_faults(&sim.url, json!({"unreachable_gateways": []})).await;
     let r = result_of(&read_topic(&t.results, 1), "1").clone();
     assert_eq!(r["outcome"], "blocked", "{r}");

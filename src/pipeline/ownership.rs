@@ -235,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn a_revoke_waits_for_sends_in_progress_and_no_longer() {
+    fn a_revoke_waits_for_sends_in_progress_and_gives_up_at_its_limit() {
         let o = Arc::new(Ownership::default());
         let claims = o.assign(&[3]);
         let (guard, current) = o.begin_send(&claims);
@@ -252,9 +252,12 @@ mod tests {
         );
         let waiter = {
             let o = o.clone();
-            std::thread::spawn(move || o.wait_idle(&[3], Duration::from_secs(60)))
+            std::thread::spawn(move || o.wait_idle(&[3], Duration::from_secs(3600)))
         };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "waits while the send is in progress");
         drop(guard);
+        // Only the send's end wakes it (a missed wake-up would hang here for an hour).
         assert_eq!(waiter.join().unwrap(), 0, "woken when the send ended");
     }
 }

@@ -260,6 +260,10 @@ pub fn demo_metrics_address(line: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
