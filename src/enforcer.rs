@@ -171,4 +171,10 @@ pub trait Enforcer: Send + Sync {
     fn max_batch(&self) -> Option<usize> {
         None
     }
+
+    /// How many server calls one [`Enforcer::unblock`] of `gateways` makes (each takes a token
+    /// of the server's rate limit).
+    fn unblock_calls(&self, _gateways: usize) -> u32 {
+        1
+    }
 }

@@ -340,6 +340,11 @@ impl ManagementClient {
         &self.name
     }
 
+    /// The longest wait for a run-script task to finish.
+    pub fn task_timeout(&self) -> Duration {
+        self.task_timeout
+    }
+
     /// Successful logins so far.
     pub fn logins(&self) -> u64 {
         self.login_count.load(Ordering::Relaxed)

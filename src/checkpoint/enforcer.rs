@@ -7,25 +7,30 @@
 //! `fw sam -C` or `fw samp del` of the uids a question read back, and listings are `fw samp get`
 //! or `fw sam -M … all`, IPv4 then IPv6.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use async_trait::async_trait;
 
 use super::client::settle_targets;
 use super::sam::{self, Operation, SamAction, SamMode, SamRule};
+use super::unsettled::Unsettled;
 use super::{ManagementClient, RunScript, Task, TaskRef};
 use crate::enforcer::{
     Answer, BackendError, Enforcer, Failed, Handle, Listing, Listings, Removal, Verified,
 };
 use crate::pipeline::decide::Enforce;
-use crate::pipeline::rule;
+use crate::pipeline::rule::{self, Delivery, Presence};
 
 /// One Check Point target: its server's client, and how its rules are issued.
 pub struct CheckPointEnforcer {
-    pub client: Arc<ManagementClient>,
-    pub mode: SamMode,
-    pub action: SamAction,
+    client: Arc<ManagementClient>,
+    mode: SamMode,
+    action: SamAction,
+    /// Block sends that may still be queued on the server: a listing that misses their rules
+    /// is not believed until they ran.
+    unsettled: Mutex<Unsettled>,
 }
 
 #[async_trait]
@@ -37,17 +42,13 @@ impl Enforcer for CheckPointEnforcer {
             SamMode::FwSam => {
                 let script =
                     sam::batch_script(&rules, self.mode, Operation::Block).map_err(unrenderable)?;
-                let (refs, tasks) = self
-                    .run_script("samgate block", &script, gateways, rules.len())
-                    .await?;
+                let (refs, tasks) = self.send(&script, gateways, &rules).await?;
                 Ok(answer(&refs, &tasks, gateways, rules.len()))
             }
             // One `fw samp batch` per family, between two listings of exactly these rules.
             SamMode::FwSamp => {
                 let script = sam::samp_batch_script(&rules).map_err(unrenderable)?;
-                let (refs, tasks) = self
-                    .run_script("samgate block", &script, gateways, rules.len())
-                    .await?;
+                let (refs, tasks) = self.send(&script, gateways, &rules).await?;
                 Ok(Answer {
                     verdicts: rule::samp_batch_verdicts(&refs, &tasks, gateways, &rules),
                     references: refs.iter().map(|r| r.task_id.clone()).collect(),
@@ -59,10 +60,26 @@ impl Enforcer for CheckPointEnforcer {
     async fn verify(&self, rules: &[&Enforce], gateways: &[String]) -> Result<Verified, Failed> {
         let rules: Vec<SamRule> = rules.iter().map(|e| e.rule).collect();
         let script = sam::verify_script(&rules, self.mode);
+        self.settle().await;
         let (refs, tasks) = self
             .run_script("samgate verify", &script, gateways, rules.len())
             .await?;
-        let verdicts = rule::verify_verdicts(&refs, &tasks, gateways, &rules, self.mode);
+        let mut verdicts = rule::verify_verdicts(&refs, &tasks, gateways, &rules, self.mode);
+        // Absent, while an earlier send of the rule may still run there, proves nothing yet.
+        let unsettled = self.unsettled.lock().expect("unsettled");
+        for (rule, per_gateway) in rules.iter().zip(&mut verdicts) {
+            let Some(key) = rule.key else { continue };
+            for (gateway, presence) in per_gateway {
+                if *presence == Presence::Absent && unsettled.may_land(gateway, &key) {
+                    *presence = Presence::Unknown(
+                        "not listed yet, but an earlier send of it may still be queued on the \
+                         server (its answer was lost or its task unfinished)"
+                            .into(),
+                    );
+                }
+            }
+        }
+        drop(unsettled);
         let handles = match self.mode {
             SamMode::FwSamp => rule::listed_uids(&refs, &tasks, &rules)
                 .into_iter()
@@ -153,12 +170,74 @@ impl Enforcer for CheckPointEnforcer {
             .map_err(|f| f.error)?;
         Ok(listings(self.mode, gateways, &refs, &tasks))
     }
+
+    /// `fw samp del` names each gateway's own uids: one `run-script` per gateway.
+    fn unblock_calls(&self, gateways: usize) -> u32 {
+        match self.mode {
+            SamMode::FwSam => 1,
+            SamMode::FwSamp => u32::try_from(gateways).unwrap_or(u32::MAX).max(1),
+        }
+    }
 }
 
 impl CheckPointEnforcer {
-    /// `run-script` to `gateways`, then its tasks to the end. A `run-script` refused before
-    /// anything ran leaves the rules as they were; once it was accepted, its script may have run
-    /// whatever became of its tasks.
+    pub fn new(client: Arc<ManagementClient>, mode: SamMode, action: SamAction) -> Self {
+        Self {
+            client,
+            mode,
+            action,
+            unsettled: Mutex::default(),
+        }
+    }
+
+    /// A block script that adds `rules`: a send that may have been carried out without an
+    /// answer (lost, or its tasks unfinished) is remembered until it surely ran.
+    async fn send(
+        &self,
+        script: &str,
+        gateways: &[String],
+        rules: &[SamRule],
+    ) -> Result<(Vec<TaskRef>, Vec<Task>), Failed> {
+        let at = Instant::now();
+        let (answer, tasks) = self
+            .run_script_naming_tasks("samgate block", script, gateways, rules.len())
+            .await;
+        if let Err(failed) = &answer {
+            if failed.delivery == Delivery::MaybeSent {
+                let keys = rules.iter().filter_map(|r| r.key);
+                let mut unsettled = self.unsettled.lock().expect("unsettled");
+                unsettled.record(gateways, keys, tasks, at);
+            }
+        }
+        answer
+    }
+
+    /// Forgets the unsettled sends that ran: their tasks ended (asked with one `show-task`),
+    /// or, without tasks to ask about, `task_timeout` passed.
+    async fn settle(&self) {
+        let follow = {
+            let unsettled = self.unsettled.lock().expect("unsettled");
+            if unsettled.is_empty() {
+                return;
+            }
+            unsettled.tasks()
+        };
+        let ended: HashSet<String> = match follow.is_empty() {
+            true => HashSet::new(),
+            // A failed question leaves them unsettled, until their time runs out.
+            false => (self.client.show_tasks(&follow).await)
+                .map(|tasks| {
+                    (tasks.into_iter())
+                        .filter(|t| t.status.is_terminal())
+                        .map(|t| t.task_id)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let mut unsettled = self.unsettled.lock().expect("unsettled");
+        unsettled.settle(Instant::now(), self.client.task_timeout(), &ended);
+    }
+
     async fn run_script(
         &self,
         name: &str,
@@ -166,6 +245,23 @@ impl CheckPointEnforcer {
         gateways: &[String],
         rules: usize,
     ) -> Result<(Vec<TaskRef>, Vec<Task>), Failed> {
+        let (answer, _) = self
+            .run_script_naming_tasks(name, script, gateways, rules)
+            .await;
+        answer
+    }
+
+    /// `run-script` to `gateways`, then its tasks to the end. A `run-script` refused before
+    /// anything ran leaves the rules as they were; once it was accepted, its script may have run
+    /// whatever became of its tasks.
+    /// Also returns the ids of the tasks the server named (none when the `run-script` failed).
+    async fn run_script_naming_tasks(
+        &self,
+        name: &str,
+        script: &str,
+        gateways: &[String],
+        rules: usize,
+    ) -> (Result<(Vec<TaskRef>, Vec<Task>), Failed>, Vec<String>) {
         let comments = format!("samgate: {rules} rule(s)");
         let request = RunScript {
             name,
@@ -173,18 +269,24 @@ impl CheckPointEnforcer {
             targets: gateways,
             comments: &comments,
         };
-        let mut refs = self.client.run_script(&request).await.map_err(|e| Failed {
-            delivery: rule::delivery(&e),
-            error: e.into(),
-        })?;
+        let mut refs = match self.client.run_script(&request).await {
+            Ok(refs) => refs,
+            Err(e) => {
+                let failed = Failed {
+                    delivery: rule::delivery(&e),
+                    error: e.into(),
+                };
+                return (Err(failed), Vec::new());
+            }
+        };
         let ids: Vec<String> = refs.iter().map(|r| r.task_id.clone()).collect();
-        let tasks = self
-            .client
-            .wait_tasks(&ids)
-            .await
-            .map_err(Failed::maybe_sent)?;
-        settle_targets(&mut refs, &tasks, name, gateways);
-        Ok((refs, tasks))
+        match self.client.wait_tasks(&ids).await {
+            Ok(tasks) => {
+                settle_targets(&mut refs, &tasks, name, gateways);
+                (Ok((refs, tasks)), ids)
+            }
+            Err(e) => (Err(Failed::maybe_sent(e)), ids),
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod enforcer;
 pub mod error;
 pub mod sam;
 pub mod tls;
+pub mod unsettled;
 
 pub use client::{ManagementClient, RunScript, Task, TaskDetail, TaskRef, TaskStatus};
 pub use error::{classify, ApiError, ErrorClass};

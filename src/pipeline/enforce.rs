@@ -642,7 +642,9 @@ impl Batcher {
             return works;
         }
         let step = Step::Send(gateways.to_vec());
-        self.limits.calls.until_ready().await;
+        for _ in 0..self.enforcer.unblock_calls(gateways.len()) {
+            self.limits.calls.until_ready().await;
+        }
         let removals: Vec<Removal<'_>> = works
             .iter()
             .map(|w| Removal {

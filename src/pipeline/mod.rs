@@ -211,11 +211,11 @@ impl Firewalls {
     fn enforcer(&self, target: &Target, shared: &Arc<Shared>) -> Arc<dyn Enforcer> {
         match &target.mode {
             Mode::Feed => Arc::new(crate::feed::enforcer::FeedEnforcer::new(shared.clone())),
-            Mode::Sam(mode) => Arc::new(CheckPointEnforcer {
-                client: self.checkpoint[&target.server].clone(),
-                mode: *mode,
-                action: target.action,
-            }),
+            Mode::Sam(mode) => Arc::new(CheckPointEnforcer::new(
+                self.checkpoint[&target.server].clone(),
+                *mode,
+                target.action,
+            )),
             Mode::Forti(mode) => Arc::new(FortiGateEnforcer {
                 client: self.fortigate[&target.server].clone(),
                 mode: mode.clone(),

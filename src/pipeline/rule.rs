@@ -12,8 +12,9 @@
 //!
 //! Per gateway. An outcome that is not known is settled by asking the gateway (`fw samp get` by
 //! samgate's comment, or `fw sam -M` matched to samgate's own rule), never by sending again: a
-//! rule is only ever sent to a gateway where it is known not to be. A gateway that confirmed is
-//! never sent to again, whatever the others answer.
+//! rule is only ever sent to a gateway where it is known not to be (a listing taken while an
+//! earlier send may still be queued on the server proves nothing: `checkpoint::unsettled`). A
+//! gateway that confirmed is never sent to again, whatever the others answer.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -177,8 +177,9 @@ pub struct Faults {
     pub no_tasks_next: u32,
     /// Gateways that answer as unknown targets (404 `generic_err_object_not_found`).
     pub unknown_targets: Vec<String>,
-    /// The next N `run-script` calls are carried out on the gateways, then their answer is lost
-    /// (the connection is cut mid-response): the caller cannot know the rules are in place.
+    /// The next N `run-script` calls are accepted, then their answer is lost (the connection
+    /// is cut mid-response); their scripts run a task's base time later, as a server that queued
+    /// them would: the caller cannot know whether, or when, the rules are in place.
     pub lost_answers_next: u32,
     /// Answer the next N `show-task` calls with an nginx-style HTML 502.
     pub show_task_errors_next: u32,
@@ -282,6 +283,42 @@ struct SimState {
     faults: Faults,
     /// Every session id handed out (newest last, bounded), so tests can look for them in logs.
     issued_sids: VecDeque<String>,
+    /// Scripts accepted whose answer was lost, waiting for their time to run.
+    deferred: Vec<Deferred>,
+}
+
+/// A script that runs on `target` at `due`.
+#[derive(Debug)]
+struct Deferred {
+    due: Instant,
+    target: String,
+    script: String,
+}
+
+impl SimState {
+    /// Runs the deferred scripts whose time came, in order.
+    fn run_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        self.deferred.sort_by_key(|d| d.due);
+        let ready = self.deferred.partition_point(|d| d.due <= now);
+        for d in self.deferred.drain(..ready).collect::<Vec<_>>() {
+            let at = self.config.clock.now_ms();
+            if let Some(gw) = self.gateways.get_mut(&d.target) {
+                gw.tables.run_script(&d.script, at);
+            }
+        }
+    }
+}
+
+/// Locks the simulator's state, after running the deferred scripts whose time came: whatever
+/// reads or changes the gateways sees them.
+fn lock(state: &Shared) -> std::sync::MutexGuard<'_, SimState> {
+    let mut s = state.lock().expect("sim state");
+    s.run_deferred();
+    s
 }
 
 /// Session ids kept for [`RunningSimulator::issued_session_ids`].
@@ -304,19 +341,19 @@ pub struct RunningSimulator {
 impl RunningSimulator {
     /// What `GET /sim/state` answers, without a request.
     pub fn state(&self) -> Value {
-        snapshot(&mut self.state.lock().expect("sim state"))
+        snapshot(&mut lock(&self.state))
     }
 
     /// Every rule add each gateway received, oldest first (`GET /sim/history`).
     pub fn history(&self) -> BTreeMap<String, Vec<gateway::RuleAdd>> {
-        history(&self.state.lock().expect("sim state"))
+        history(&lock(&self.state))
     }
 
     /// The source addresses each gateway blocks right now (drop or reject rules).
     pub fn blocked_sources(
         &self,
     ) -> BTreeMap<String, std::collections::BTreeSet<std::net::IpAddr>> {
-        let mut s = self.state.lock().expect("sim state");
+        let mut s = lock(&self.state);
         let now = s.config.clock.now_ms();
         s.gateways
             .iter_mut()
@@ -329,13 +366,13 @@ impl RunningSimulator {
 
     /// Every session id this server handed out (the newest 10,000): secrets a log must not show.
     pub fn issued_session_ids(&self) -> Vec<String> {
-        let s = self.state.lock().expect("sim state");
+        let s = lock(&self.state);
         s.issued_sids.iter().cloned().collect()
     }
 
     /// Switches faults, as `POST /sim/faults` does.
     pub fn set_faults(&self, update: FaultsUpdate) -> Faults {
-        apply_faults(&mut self.state.lock().expect("sim state"), update)
+        apply_faults(&mut lock(&self.state), update)
     }
 
     /// Stops serving and waits for the server to end.
@@ -375,6 +412,7 @@ pub async fn start(config: SimulatorConfig) -> anyhow::Result<RunningSimulator> 
         scripts: VecDeque::new(),
         scripts_total: 0,
         issued_sids: VecDeque::new(),
+        deferred: Vec::new(),
     }));
     let app = Router::new()
         .route("/sim/state", get(sim_state))
@@ -424,7 +462,7 @@ fn error(status: u16, code: &str, message: impl Into<String>) -> Response {
 }
 
 async fn sim_state(State(state): State<Shared>) -> Json<Value> {
-    Json(snapshot(&mut state.lock().expect("sim state")))
+    Json(snapshot(&mut lock(&state)))
 }
 
 /// Everything the firewall was asked and what it holds (rules past their expiry dropped).
@@ -463,11 +501,11 @@ fn history(s: &SimState) -> BTreeMap<String, Vec<gateway::RuleAdd>> {
 
 /// Every rule add per gateway, with whether an active rule already blocked its source.
 async fn sim_history(State(state): State<Shared>) -> Json<Value> {
-    Json(json!({"gateways": history(&state.lock().expect("sim state"))}))
+    Json(json!({"gateways": history(&lock(&state))}))
 }
 
 async fn sim_faults(State(state): State<Shared>, Json(update): Json<FaultsUpdate>) -> Response {
-    let mut s = state.lock().expect("sim state");
+    let mut s = lock(&state);
     if let Some(name) = &update.wipe_gateway {
         if !s.gateways.contains_key(name) {
             return error(
@@ -549,11 +587,11 @@ async fn api(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let latency = state.lock().expect("sim state").faults.latency_ms;
+    let latency = lock(&state).faults.latency_ms;
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
-    let mut s = state.lock().expect("sim state");
+    let mut s = lock(&state);
     if s.faults.html_502_next > 0 {
         s.faults.html_502_next -= 1;
         return html(StatusCode::BAD_GATEWAY, "502 Bad Gateway");
@@ -696,8 +734,9 @@ async fn api(
                 .into_response()
         }
         "run-script" => {
-            let answer = run_script(&mut s, &request);
-            if answer.status().is_success() && s.faults.lost_answers_next > 0 {
+            let lose = s.faults.lost_answers_next > 0;
+            let answer = run_script(&mut s, &request, lose);
+            if answer.status().is_success() && lose {
                 s.faults.lost_answers_next -= 1;
                 return cut_connection();
             }
@@ -811,7 +850,9 @@ fn login(s: &mut SimState, request: &Value) -> Response {
     .into_response()
 }
 
-fn run_script(s: &mut SimState, request: &Value) -> Response {
+/// `run-script`; `deferred`: its answer will be lost, and its script runs a task's base time
+/// later (no task is kept: nobody will ever ask for it).
+fn run_script(s: &mut SimState, request: &Value, deferred: bool) -> Response {
     let script = match (
         request["script"].as_str(),
         request["script-base64"].as_str(),
@@ -887,6 +928,14 @@ fn run_script(s: &mut SimState, request: &Value) -> Response {
     let preamble = s.faults.listing_preamble.clone();
     let mut tasks = Vec::new();
     for target in targets {
+        if deferred {
+            s.deferred.push(Deferred {
+                due: Instant::now() + duration,
+                target,
+                script: script.clone(),
+            });
+            continue;
+        }
         let unreachable = s.faults.unreachable_gateways.contains(&target);
         let gw = s.gateways.get_mut(&target).expect("checked above");
         let outcome = if unreachable {
