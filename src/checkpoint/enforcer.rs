@@ -57,20 +57,19 @@ impl Enforcer for CheckPointEnforcer {
         }
     }
 
-    async fn verify(&self, rules: &[&Enforce], gateways: &[String]) -> Result<Verified, Failed> {
-        let rules: Vec<SamRule> = rules.iter().map(|e| e.rule).collect();
+    async fn verify(&self, enforces: &[&Enforce], gateways: &[String]) -> Result<Verified, Failed> {
+        // Taken before the listing: what may still land while it is taken.
+        let queued = self.may_still_land(enforces, gateways).await;
+        let rules: Vec<SamRule> = enforces.iter().map(|e| e.rule).collect();
         let script = sam::verify_script(&rules, self.mode);
-        self.settle().await;
         let (refs, tasks) = self
             .run_script("samgate verify", &script, gateways, rules.len())
             .await?;
         let mut verdicts = rule::verify_verdicts(&refs, &tasks, gateways, &rules, self.mode);
         // Absent, while an earlier send of the rule may still run there, proves nothing yet.
-        let unsettled = self.unsettled.lock().expect("unsettled");
-        for (rule, per_gateway) in rules.iter().zip(&mut verdicts) {
-            let Some(key) = rule.key else { continue };
+        for (i, per_gateway) in verdicts.iter_mut().enumerate() {
             for (gateway, presence) in per_gateway {
-                if *presence == Presence::Absent && unsettled.may_land(gateway, &key) {
+                if *presence == Presence::Absent && queued.contains(&(i, gateway.clone())) {
                     *presence = Presence::Unknown(
                         "not listed yet, but an earlier send of it may still be queued on the \
                          server (its answer was lost or its task unfinished)"
@@ -79,7 +78,6 @@ impl Enforcer for CheckPointEnforcer {
                 }
             }
         }
-        drop(unsettled);
         let handles = match self.mode {
             SamMode::FwSamp => rule::listed_uids(&refs, &tasks, &rules)
                 .into_iter()
@@ -212,8 +210,32 @@ impl CheckPointEnforcer {
         answer
     }
 
-    /// Forgets the unsettled sends that ran: their tasks ended (asked with one `show-task`),
-    /// or, without tasks to ask about, `task_timeout` passed.
+    /// Which (rule, gateway) pairs an earlier send of this process's may still reach (its
+    /// answer lost or its tasks unfinished), once the unsettled sends that ran are forgotten.
+    async fn may_still_land(
+        &self,
+        enforces: &[&Enforce],
+        gateways: &[String],
+    ) -> HashSet<(usize, String)> {
+        self.settle().await;
+        let unsettled = self.unsettled.lock().expect("unsettled");
+        let mut queued = HashSet::new();
+        for (i, enforce) in enforces.iter().enumerate() {
+            let Some(key) = enforce.rule.key else {
+                continue;
+            };
+            for gateway in gateways {
+                if unsettled.may_land(gateway, &key) {
+                    queued.insert((i, gateway.clone()));
+                }
+            }
+        }
+        queued
+    }
+
+    /// Forgets the unsettled sends that ran: their tasks ended (asked with `show-task`; a task
+    /// the server no longer knows counts as ended), or, without tasks to ask about,
+    /// `task_timeout` passed.
     async fn settle(&self) {
         let follow = {
             let unsettled = self.unsettled.lock().expect("unsettled");
@@ -222,18 +244,30 @@ impl CheckPointEnforcer {
             }
             unsettled.tasks()
         };
-        let ended: HashSet<String> = match follow.is_empty() {
-            true => HashSet::new(),
-            // A failed question leaves them unsettled, until their time runs out.
-            false => (self.client.show_tasks(&follow).await)
-                .map(|tasks| {
-                    (tasks.into_iter())
-                        .filter(|t| t.status.is_terminal())
-                        .map(|t| t.task_id)
-                        .collect()
-                })
-                .unwrap_or_default(),
-        };
+        let mut ended = HashSet::new();
+        if let Ok(tasks) = self.client.show_tasks(&follow).await {
+            ended.extend(
+                tasks
+                    .into_iter()
+                    .filter(|t| t.status.is_terminal())
+                    .map(|t| t.task_id),
+            );
+        } else {
+            // One id the server forgot fails the whole question: ask one by one.
+            for id in follow {
+                match self.client.show_tasks(std::slice::from_ref(&id)).await {
+                    Ok(tasks) if tasks.iter().all(|t| !t.status.is_terminal()) => {}
+                    Ok(_) => {
+                        ended.insert(id);
+                    }
+                    Err(e) if e.is_not_found() => {
+                        ended.insert(id);
+                    }
+                    // Unknown: unsettled until its time runs out.
+                    Err(_) => {}
+                }
+            }
+        }
         let mut unsettled = self.unsettled.lock().expect("unsettled");
         unsettled.settle(Instant::now(), self.client.task_timeout(), &ended);
     }

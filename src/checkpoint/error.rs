@@ -84,6 +84,12 @@ impl ApiError {
     }
 
     /// The server (or a proxy in front of it, answering in HTML) said too many requests.
+    /// The server does not know the object asked about (a task id it forgot, for one).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Api { status: 404, .. })
+            || matches!(self, Self::Api { code, .. } if code == "generic_err_object_not_found")
+    }
+
     pub fn is_too_many_requests(&self) -> bool {
         match self {
             Self::Api { status, code, .. } => code == "err_too_many_requests" || *status == 429,
@@ -180,6 +186,14 @@ mod tests {
             code: code.into(),
             message: "m".into(),
         }
+    }
+
+    #[test]
+    fn an_object_the_server_does_not_know_is_not_found() {
+        assert!(api(404, "generic_err_object_not_found").is_not_found());
+        assert!(api(400, "generic_err_object_not_found").is_not_found());
+        assert!(!api(500, "generic_error").is_not_found());
+        assert!(!api(401, "generic_err_wrong_session_id").is_not_found());
     }
 
     #[test]

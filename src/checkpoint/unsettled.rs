@@ -11,7 +11,7 @@ use super::sam::RuleKey;
 
 /// How much longer than `task_timeout` a send whose tasks are known is followed: a task the
 /// server still reports unfinished by then is taken as never to run.
-const FOLLOW_TASKS_FOR: u32 = 4;
+const FOLLOW_TASKS_FOR: u32 = 2;
 
 /// The sends not known to have run, oldest first.
 #[derive(Debug, Default)]
@@ -120,13 +120,13 @@ mod tests {
         );
         assert_eq!(u.tasks(), ["a", "b"]);
         let a: HashSet<String> = ["a".to_owned()].into();
-        u.settle(t0 + Duration::from_secs(10), timeout, &a);
+        u.settle(t0 + Duration::from_secs(7), timeout, &a);
         assert!(
             u.may_land("gw-1", &key(2)),
             "b still runs, past the task timeout"
         );
         let both: HashSet<String> = ["a".to_owned(), "b".to_owned()].into();
-        u.settle(t0 + Duration::from_secs(10), timeout, &both);
+        u.settle(t0 + Duration::from_secs(7), timeout, &both);
         assert!(u.is_empty(), "both ended");
         u.record(&["gw-1".into()], [key(3)], vec!["c".into()], t0);
         u.settle(t0 + timeout * FOLLOW_TASKS_FOR, timeout, &HashSet::new());

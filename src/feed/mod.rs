@@ -224,9 +224,14 @@ fn follow(
     let mut at_end = vec![false; partitions as usize];
     for p in 0..partitions {
         assignment.add_partition_offset(topic, p, Offset::Beginning)?;
-        // An empty partition is read already (a broker may never report its end).
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        at_end[p as usize] = high <= low;
+        // An empty partition is read already (a broker may never report its end); one whose
+        // offsets cannot be had yet waits for its end as any other.
+        match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+            Ok((low, high)) => at_end[p as usize] = high <= low,
+            Err(e) => {
+                warn!(topic, partition = p, error = %e, "cannot read the partition's offsets yet")
+            }
+        }
     }
     consumer.assign(&assignment)?;
     let names: Vec<String> = feeds.access.keys().cloned().collect();

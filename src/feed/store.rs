@@ -5,7 +5,7 @@
 //! An address is listed in a feed while a *confirmed* block of that feed's target names it
 //! (not a pending record: its block may not be in place; not an `expired` one), its time has
 //! not run out, no exemption of its site covers it (an exemption stops automatic blocks: an
-//! operator's block made since it began is listed, as it is pushed), and no never-block rule
+//! operator's block made since it began is listed), and no never-block rule
 //! protects it. Every
 //! filter runs at render time, so a block expires from a feed on the second, and a
 //! never-block network added to the configuration after the block keeps it out too.
@@ -254,6 +254,13 @@ impl FeedStore {
             }
             later(entry.expires_ms);
             listed[feed].push(entry.ip);
+        }
+        for &at in &last_modified {
+            if at > now_ms {
+                // A writer's clock runs ahead: built again when the date comes, so every
+                // server that read the same log then says the same.
+                later(at);
+            }
         }
         let feeds = (self.feeds.iter().zip(listed).zip(last_modified))
             .map(|((name, mut ips), last_modified_ms)| {
@@ -552,6 +559,13 @@ mod tests {
         let r = store.render(NOW + 10_000, unprotected);
         assert_eq!(text(&r, "edge"), "203.0.113.11\n");
         assert_eq!(r.feeds[0].last_modified_ms, NOW + 10_000);
+        assert_eq!(
+            r.next_change_ms,
+            Some(NOW + 60_000),
+            "built again at the record's date"
+        );
+        let r = store.render(NOW + 60_000, unprotected);
+        assert_eq!(r.feeds[0].last_modified_ms, NOW + 60_000);
     }
 
     #[test]

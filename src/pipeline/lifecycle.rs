@@ -94,27 +94,24 @@ pub fn sweep(shared: &Arc<Shared>, policy: &Policy) {
             if !finish(&shared, &Completion::own(claim, 1), result).await {
                 return;
             }
-            // The result's write can take a while: a new block of the key decided meanwhile
-            // has its own records, which this one must not follow.
-            let unchanged = shared
-                .state
-                .lock()
-                .expect("state")
-                .still_ended(&record.key, record.expires_at);
-            if !unchanged {
-                return;
-            }
+            // The writes can take a while: a new block of the key decided meanwhile has its own
+            // records, which this one must not follow (asked before every attempt).
+            let unchanged = || {
+                let state = shared.state.lock().expect("state");
+                state.still_ended(&record.key, record.expires_at)
+            };
             let payload = serde_json::to_string(&record).expect("records serialize");
             let topic = &shared.config.kafka.topics.state;
             let key = record.key.to_string();
             let stop = &shared.stopping;
-            let written = report::write(
+            let written = report::write_while_current(
                 &shared.producer,
                 topic,
                 &key,
                 &payload,
                 Some(claim.partition),
                 stop,
+                &unchanged,
             );
             if let Err(e @ WriteError::Refused(_)) = written.await {
                 error!(error = %e, "an expired block's record was refused");

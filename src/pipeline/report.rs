@@ -607,7 +607,39 @@ pub async fn write(
     partition: Option<i32>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<i64, WriteError> {
-    write_record(producer, topic, key, Some(payload), partition, stop).await
+    let written = write_record(
+        producer,
+        topic,
+        key,
+        Some(payload),
+        partition,
+        stop,
+        &|| true,
+    );
+    Ok(written.await?.expect("always current"))
+}
+
+/// [`write`], while `current()` says the record still describes its key (asked before every
+/// attempt): `None` when it no longer does and was not written.
+pub async fn write_while_current(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &str,
+    partition: Option<i32>,
+    stop: &tokio_util::sync::CancellationToken,
+    current: &(dyn Fn() -> bool + Sync),
+) -> Result<Option<i64>, WriteError> {
+    write_record(
+        producer,
+        topic,
+        key,
+        Some(payload),
+        partition,
+        stop,
+        current,
+    )
+    .await
 }
 
 /// [`write`] of a tombstone (no payload): compaction forgets the key.
@@ -618,7 +650,8 @@ pub async fn write_tombstone(
     partition: i32,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<i64, WriteError> {
-    write_record(producer, topic, key, None, Some(partition), stop).await
+    let written = write_record(producer, topic, key, None, Some(partition), stop, &|| true);
+    Ok(written.await?.expect("always current"))
 }
 
 async fn write_record(
@@ -628,9 +661,13 @@ async fn write_record(
     payload: Option<&str>,
     partition: Option<i32>,
     stop: &tokio_util::sync::CancellationToken,
-) -> Result<i64, WriteError> {
+    current: &(dyn Fn() -> bool + Sync),
+) -> Result<Option<i64>, WriteError> {
     let mut delay = Duration::from_millis(100);
     loop {
+        if !current() {
+            return Ok(None);
+        }
         let mut record = FutureRecord::<str, str>::to(topic).key(key);
         if let Some(payload) = payload {
             record = record.payload(payload);
@@ -639,7 +676,7 @@ async fn write_record(
             record = record.partition(p);
         }
         match producer.send(record, Duration::from_secs(30)).await {
-            Ok(delivery) => return Ok(delivery.offset),
+            Ok(delivery) => return Ok(Some(delivery.offset)),
             Err((e, _)) if refused_for_good(&e) => return Err(WriteError::Refused(e)),
             Err((e, _)) => {
                 warn!(topic, error = %e, "cannot write to Kafka; retrying");

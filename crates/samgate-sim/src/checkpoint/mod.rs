@@ -929,6 +929,9 @@ fn run_script(s: &mut SimState, request: &Value, deferred: bool) -> Response {
     let mut tasks = Vec::new();
     for target in targets {
         if deferred {
+            if s.faults.unreachable_gateways.contains(&target) {
+                continue; // its task would fail: the script never runs there
+            }
             s.deferred.push(Deferred {
                 due: Instant::now() + duration,
                 target,
