@@ -55,6 +55,9 @@ use store::{FeedStore, Rendered};
 /// Client addresses remembered per feed for `/feeds/<name>/clients` (the oldest go first).
 const CLIENTS_KEPT: usize = 10_000;
 
+/// TLS handshakes in progress at once (each bounded by a 10 s timeout).
+const MAX_HANDSHAKES: usize = 256;
+
 /// Who may fetch a feed, and who is expected to.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
@@ -568,14 +571,11 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 /// in the same second or carry an older time (a record read late), so a date could call a
 /// changed feed unchanged and keep an unblocked address on the gateways.
 fn not_modified(headers: &HeaderMap, etag: &str) -> bool {
-    let Some(tags) = headers.get(header::IF_NONE_MATCH) else {
-        return false;
-    };
-    let Ok(tags) = tags.to_str() else {
-        return false;
-    };
     let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-    tags.split(',')
+    // A list may come in one header line or several (RFC 9110 §5.3).
+    (headers.get_all(header::IF_NONE_MATCH).iter())
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|line| line.split(','))
         .any(|t| t.trim() == "*" || bare(t) == bare(etag))
 }
 
@@ -637,7 +637,8 @@ fn tls_config(tls: &crate::config::FeedTlsConfig) -> anyhow::Result<Arc<rustls::
 }
 
 /// Accepts TCP connections and hands on those whose TLS handshake completed (each handshake
-/// in a task of its own, bounded in time, so a slow client holds up no one).
+/// in a task of its own, bounded in time, so a slow client holds up no one; at most
+/// [`MAX_HANDSHAKES`] at once).
 pub struct TlsListener {
     handshaken: tokio::sync::mpsc::Receiver<(
         tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
@@ -655,8 +656,13 @@ impl TlsListener {
         let local = listener.local_addr().expect("bound");
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        // Handshakes cost CPU: a flood of slow or bogus clients waits in the kernel's backlog.
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                    return;
+                };
                 let accepted = tokio::select! {
                     _ = cancel.cancelled() => return,
                     accepted = listener.accept() => accepted,
@@ -673,7 +679,9 @@ impl TlsListener {
                 tokio::spawn(async move {
                     let handshake =
                         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
-                    match handshake.await {
+                    let handshake = handshake.await;
+                    drop(permit);
+                    match handshake {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
@@ -715,7 +723,7 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.insert(
+            h.append(
                 axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
                 HeaderValue::from_str(v).unwrap(),
             );
@@ -758,6 +766,11 @@ mod tests {
             (vec![("if-none-match", "\"x\", \"abc\"")], true),
             (vec![("if-none-match", "*")], true),
             (vec![("if-none-match", "\"x\"")], false),
+            // A list over several header lines.
+            (
+                vec![("if-none-match", "\"x\""), ("if-none-match", "\"abc\"")],
+                true,
+            ),
             // If-None-Match decides when present, whatever the date says.
             (
                 vec![
