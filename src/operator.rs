@@ -727,7 +727,6 @@ pub async fn state_view(config: &Config) -> anyhow::Result<StateView> {
     Ok(StateView::fold(&messages))
 }
 
-/// A reader that joins no group.
 /// The producer operator commands go out on (into the events topic), ready to send at once.
 async fn command_producer(config: &Config, timeout: Duration) -> anyhow::Result<FutureProducer> {
     let deadline = Instant::now() + METADATA_TIMEOUT;
@@ -735,6 +734,7 @@ async fn command_producer(config: &Config, timeout: Duration) -> anyhow::Result<
     Ok(crate::kafka::producer_for(&config.kafka, &topics, timeout, deadline).await?)
 }
 
+/// A reader that joins no group.
 fn reader(config: &Config) -> anyhow::Result<BaseConsumer> {
     crate::kafka::base_config(&config.kafka)
         .set("group.id", format!("{}-operator", config.run.group_id))

@@ -5,15 +5,13 @@
 //! An address is listed in a feed while a *confirmed* block of that feed's target names it
 //! (not a pending record: its block may not be in place; not an `expired` one), its time has
 //! not run out, no exemption of its site covers it (an exemption stops automatic blocks: an
-//! operator's block made since it began is listed), and no never-block rule
-//! protects it. Every
+//! operator's block made since it began is listed), and no never-block rule protects it. Every
 //! filter runs at render time, so a block expires from a feed on the second, and a
 //! never-block network added to the configuration after the block keeps it out too.
 //!
 //! Memory: one fixed-size entry per block of a feed target (the 16-byte key, the address,
 //! interned site and feed, the expiry, a manual block's start), about 70 bytes with the map's
-//! overhead; blocks of
-//! pushed targets are not kept.
+//! overhead; blocks of pushed targets are not kept.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -43,8 +41,7 @@ pub struct FeedStore {
     sites: Vec<String>,
     site_ids: HashMap<String, u16>,
     blocks: HashMap<RuleKey, Entry>,
-    /// Exemptions by (site, address): until when (unix ms).
-    /// Exemptions by site and address: (since, until), unix ms.
+    /// Exemptions by (site, address): since and until when (unix ms).
     exemptions: HashMap<(u16, IpAddr), (i64, i64)>,
     /// Per feed, the newest state record (its Kafka timestamp, unix ms) that touched it.
     touched_ms: Vec<i64>,

@@ -607,15 +607,7 @@ pub async fn write(
     partition: Option<i32>,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Result<i64, WriteError> {
-    let written = write_record(
-        producer,
-        topic,
-        key,
-        Some(payload),
-        partition,
-        stop,
-        &|| true,
-    );
+    let written = write_while_current(producer, topic, key, payload, partition, stop, &|| true);
     Ok(written.await?.expect("always current"))
 }
 
