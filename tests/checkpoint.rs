@@ -533,3 +533,88 @@ async fn keepalive_holds_the_session_and_shutdown_logs_out() {
     assert_eq!(s["calls"]["logout"], 1);
     assert_eq!(s["active_sessions"], 0);
 }
+
+/// Each mode's unblock takes as many tokens of the server's rate limit as it makes calls:
+/// `fw sam -C` reaches every gateway in one run-script, `fw samp del` names each gateway's own
+/// uids in a run-script of its own.
+#[tokio::test]
+async fn an_unblock_takes_a_rate_limit_token_per_server_call() {
+    use samgate::checkpoint::enforcer::CheckPointEnforcer;
+    use samgate::enforcer::{Enforcer, Removal};
+    use samgate::pipeline::decide::Enforce;
+    use samgate::pipeline::dedupe::Origin;
+    use samgate::pipeline::policy::{idempotency_key, Policy};
+
+    let gateways: Vec<String> = ["gw-1", "gw-2", "gw-3"].map(String::from).to_vec();
+    for (mode, sam_mode, calls) in [
+        ("fw_sam", SamMode::FwSam, 1),
+        ("fw_samp", SamMode::FwSamp, 3),
+    ] {
+        let sim = simulator(|c| c.gateways = gateways.clone()).await;
+        let config = samgate::config::Config::from_toml(&format!(
+            r#"
+            [checkpoint.servers.hq]
+            url = "https://192.0.2.250"
+            api_key = "k"
+            [targets.edge]
+            server = "hq"
+            gateways = ["gw-1", "gw-2", "gw-3"]
+            mode = "{mode}"
+            [sites.s]
+            targets = ["edge"]
+            "#
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        let target = Arc::new(Policy::new(&config, &[]).target("edge").unwrap().clone());
+        let enforces: Vec<Enforce> = ["198.51.100.1", "2001:db8::2"]
+            .into_iter()
+            .map(|ip| {
+                let ip = ip.parse().unwrap();
+                let key = idempotency_key(&target, ip);
+                Enforce {
+                    target: target.clone(),
+                    key,
+                    rule: target.rule(ip, Duration::from_secs(3600), key),
+                    level: 0,
+                    duration: Duration::from_secs(3600),
+                    verify_first: None,
+                    origin: Origin::Manual,
+                    mac: None,
+                }
+            })
+            .collect();
+        let all: Vec<&Enforce> = enforces.iter().collect();
+        let enforcer = CheckPointEnforcer::new(
+            Arc::new(client(&server_config(&sim))),
+            sam_mode,
+            SamAction::Drop,
+        );
+        enforcer.block(&all, &gateways).await.unwrap();
+        let found = enforcer.verify(&all, &gateways).await.unwrap().handles;
+        let removals: Vec<Removal> = enforces
+            .iter()
+            .zip(&found)
+            .map(|(enforce, found)| Removal { enforce, found })
+            .collect();
+        let before = state(&sim).await["calls"]["run-script"].as_u64().unwrap();
+        enforcer.unblock(&removals, &gateways).await.unwrap();
+        let s = state(&sim).await;
+        let made = s["calls"]["run-script"].as_u64().unwrap() - before;
+        assert_eq!(made, calls, "{mode}: run-scripts of one unblock");
+        assert_eq!(
+            u64::from(enforcer.unblock_calls(gateways.len())),
+            made,
+            "{mode}: tokens taken"
+        );
+        for gateway in &gateways {
+            let held = |table: &str| s["gateways"][gateway][table].as_array().map_or(0, Vec::len);
+            assert_eq!(
+                (held("sam"), held("samp")),
+                (0, 0),
+                "{mode}: {gateway} {s:#}"
+            );
+        }
+    }
+}

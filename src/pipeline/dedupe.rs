@@ -581,6 +581,12 @@ impl BlockState {
         self.entries.get(key).is_some_and(|e| e.reasserting)
     }
 
+    /// Whether a block of `key` is being enforced now: first sent (pending) or re-asserted by
+    /// reconcile. An unblock waits for it: removed before it landed, the rule would stay.
+    pub fn block_in_flight(&self, key: &RuleKey, now: DateTime<Utc>) -> bool {
+        self.check(key, now) == Check::Pending || self.reasserting(key)
+    }
+
     /// The address is exempted at the site until `until`.
     pub fn exempt(&mut self, site: &str, ip: IpAddr, partition: i32, until: DateTime<Utc>) {
         self.exemptions.insert(
@@ -807,11 +813,17 @@ mod tests {
         let now = now_ms();
         let mut s = BlockState::new(100, Duration::from_secs(30 * 86400));
         assert_eq!(s.check(&key(1), now), Check::New);
+        assert!(!s.block_in_flight(&key(1), now));
         s.begin(key(1), 0, &subject(), now).unwrap();
         assert_eq!(s.check(&key(1), now), Check::Pending);
+        assert!(
+            s.block_in_flight(&key(1), now),
+            "an unblock waits for the first send"
+        );
         let b = block(now, 1, 0);
         s.confirm(key(1), 0, &subject(), &b);
         assert_eq!(s.check(&key(1), now), Check::Active(b.clone()));
+        assert!(!s.block_in_flight(&key(1), now));
         let later = now + chrono::Duration::hours(2);
         assert_eq!(s.check(&key(1), later), Check::Repeat { level: 1 });
         s.begin(key(1), 0, &subject(), later).unwrap();
@@ -973,8 +985,16 @@ mod tests {
         assert_eq!(keys(&s), vec![key(1)]);
         s.set_removing(&key(2), false);
         assert_eq!(keys(&s), vec![key(1), key(2)]);
+        assert!(
+            !s.block_in_flight(&key(1), now),
+            "settled, nothing on its way"
+        );
         s.set_reasserting(&key(1), true);
         assert!(s.reasserting(&key(1)));
+        assert!(
+            s.block_in_flight(&key(1), now),
+            "an unblock waits for the re-assert"
+        );
         assert_eq!(
             keys(&s),
             vec![key(1), key(2)],

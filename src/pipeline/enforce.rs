@@ -352,16 +352,7 @@ impl Batcher {
             }
             // Due retries join the batch up to its size; the rest stay due for the next one.
             let now = Instant::now();
-            let most = self.most();
-            let mut later = Vec::with_capacity(waiting.len());
-            for work in waiting.drain(..) {
-                if work.next_try <= now && batch.len() < most {
-                    batch.push(work);
-                } else {
-                    later.push(work);
-                }
-            }
-            waiting = later;
+            waiting = join_due(&mut batch, waiting, self.most(), |w| w.next_try <= now);
             if batch.is_empty() {
                 continue;
             }
@@ -628,9 +619,8 @@ impl Batcher {
     /// Whether a block of `work`'s key is being enforced right now, first sent or re-asserted
     /// by reconcile (an unblock waits for it: removed before it landed, it would stay).
     fn block_in_flight(&self, work: &Work) -> bool {
-        let key = &work.enforce.key;
         let state = self.shared.state.lock().expect("state");
-        state.check(key, Utc::now()) == super::dedupe::Check::Pending || state.reasserting(key)
+        state.block_in_flight(&work.enforce.key, Utc::now())
     }
 
     /// Removes the rules from `gateways`, where the last question found them (Check Point:
@@ -971,6 +961,25 @@ fn forget_or_keep(shared: &Shared, work: &Work) {
     }
 }
 
+/// Moves the `due` items of `waiting` into `batch` while it holds fewer than `most`, in their
+/// order; returns the rest (not due, or no room left), still in order.
+fn join_due<T>(
+    batch: &mut Vec<T>,
+    waiting: Vec<T>,
+    most: usize,
+    due: impl Fn(&T) -> bool,
+) -> Vec<T> {
+    let mut later = Vec::with_capacity(waiting.len());
+    for item in waiting {
+        if batch.len() < most && due(&item) {
+            batch.push(item);
+        } else {
+            later.push(item);
+        }
+    }
+    later
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -994,6 +1003,42 @@ mod tests {
             metrics.server_concurrency.with_label_values(&["hq"]).get(),
             metrics.server_batch_rules.with_label_values(&["hq"]).get(),
         )
+    }
+
+    #[test]
+    fn due_retries_join_a_batch_only_up_to_its_size() {
+        // (batch before, waiting (value, due), most) -> (batch after, still waiting)
+        type Case = (Vec<u32>, Vec<(u32, bool)>, usize, Vec<u32>, Vec<u32>);
+        let cases: Vec<Case> = vec![
+            (vec![], vec![], 4, vec![], vec![]),
+            (
+                vec![],
+                vec![(1, true), (2, false), (3, true)],
+                4,
+                vec![1, 3],
+                vec![2],
+            ),
+            (
+                vec![9],
+                vec![(1, true), (2, true), (3, true)],
+                3,
+                vec![9, 1, 2],
+                vec![3],
+            ),
+            (vec![9, 8], vec![(1, true)], 2, vec![9, 8], vec![1]),
+            (vec![9, 8, 7], vec![(1, true)], 2, vec![9, 8, 7], vec![1]),
+            (vec![], vec![(1, false), (2, true)], 1, vec![2], vec![1]),
+        ];
+        for (mut batch, waiting, most, joined, left) in cases {
+            let due: Vec<u32> = waiting.iter().filter(|w| w.1).map(|w| w.0).collect();
+            let waiting: Vec<u32> = waiting.iter().map(|w| w.0).collect();
+            let rest = join_due(&mut batch, waiting.clone(), most, |v| due.contains(v));
+            assert_eq!(
+                (&batch, &rest),
+                (&joined, &left),
+                "{waiting:?} into at most {most}"
+            );
+        }
     }
 
     #[tokio::test]
