@@ -25,6 +25,12 @@ struct Lab {
 /// Two sites: prague routes to `edge` (fw_samp, gw-1 and gw-2) and `branch` (fw_sam, gw-3);
 /// brno routes to `branch` only. `policy` is added to the `[policy]` section.
 async fn lab(policy: &str) -> Lab {
+    lab_with(policy, None).await
+}
+
+/// As [`lab`], with the state topic made beforehand with `state_partitions` (the events topic
+/// has 3; an operator may give the state topic more).
+async fn lab_with(policy: &str, state_partitions: Option<i32>) -> Lab {
     let sim = simulator::start(SimulatorConfig {
         task_duration: Duration::from_millis(100),
         gateways: vec!["gw-1".into(), "gw-2".into(), "gw-3".into()],
@@ -38,6 +44,9 @@ async fn lab(policy: &str) -> Lab {
         unique("dlq"),
         unique("state"),
     );
+    if let Some(partitions) = state_partitions {
+        create_topic(&state, partitions).await;
+    }
     let text = format!(
         r#"
 {kafka}[run]
@@ -188,8 +197,15 @@ fn triple(target: &str, outcome: &str, code: &str) -> (String, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_unblock_exempt_and_explain_through_the_pipeline() {
-    let lab = lab("").await;
+    // The state topic has more partitions than the events topic: state records go to their
+    // event's partition number, and `explain` must look there.
+    let lab = lab_with("", Some(5)).await;
     let ip = "198.51.100.20";
+    assert_ne!(
+        samgate::kafka::partition_for(ip, 3),
+        samgate::kafka::partition_for(ip, 5),
+        "an address whose partition differs between the two counts"
+    );
 
     // A manual block reaches every gateway of every target of the site, with a result each.
     let out = lab
