@@ -35,19 +35,22 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// See samgate work: in-process Kafka, a Check Point simulator and ADS events for two sites.
+    /// See samgate work: in-process Kafka, Check Point and FortiGate simulators, ADS events from
+    /// three sites, and a feed.
     #[cfg(feature = "simulators")]
     Demo(DemoArgs),
     /// Read Flowmon ADS events on stdin and publish them to Kafka (install this in ADS).
     Shim(ShimArgs),
-    /// The enforcement pipeline: consume events, decide, block on Check Point, report.
+    /// The enforcement pipeline: consume events, decide, block (Check Point, FortiGate, feeds),
+    /// report.
     Run(RunArgs),
     /// Serve the block-list feeds (targets of kind = "feed") that gateways fetch, built from
     /// the whole state topic.
     Feed(ConfigArgs),
     /// Load and validate a configuration, then print it (secret values hidden).
     CheckConfig(CheckConfigArgs),
-    /// Create the topics samgate uses, if missing, with the configured partitions.
+    /// Create the topics samgate uses (events, results, dead letters, the compacted state), if
+    /// missing, with the configured partitions.
     CreateTopics(ConfigArgs),
     /// Block an address at a site's targets now (through the pipeline and its safety checks).
     Block(BlockArgs),
@@ -390,13 +393,12 @@ async fn dispatch(cli: Cli, warnings: Vec<String>) -> ExitCode {
             if let Err(e) = logging::init(cli.log_format, log, None) {
                 return fail(&e.to_string());
             }
-            let t = &config.kafka.topics;
-            let topics = [t.events.as_str(), t.results.as_str(), t.dlq.as_str()];
-            let mut kafka = config.kafka.clone();
-            kafka.create_topics = true;
-            match crate::kafka::ensure_topics(&kafka, &topics, Duration::from_secs(30)).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&e.to_string()),
+            // Every topic `samgate run` reads or writes, the compacted state topic included.
+            let mut config = config;
+            config.kafka.create_topics = true;
+            match crate::pipeline::ensure_topics(&config).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("{e:#}")),
             }
         }
     }

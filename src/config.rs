@@ -185,9 +185,9 @@ pub struct PolicyConfig {
     /// Networks never blocked, at any site (a `suppressed` result). The collectors' addresses
     /// are always added.
     pub never_block: Vec<ipnet::IpNet>,
-    /// Ranges no rule may ever name (a `not_blockable` result): unspecified, loopback,
-    /// link-local, multicast and reserved addresses by default. The management servers' own
-    /// addresses and 255.255.255.255 are always not blockable.
+    /// More ranges no rule may ever name (a `not_blockable` result), beside those that always
+    /// are: [`SPECIAL_RANGES`] (unspecified, loopback, link-local, multicast, reserved), the
+    /// management servers' and FortiGates' own addresses, and 255.255.255.255.
     pub not_blockable: Vec<ipnet::IpNet>,
     /// Block durations: the first block of a source takes the first step, each repeat within
     /// `escalation_window` the next one, up to the last.
@@ -221,10 +221,7 @@ impl Default for PolicyConfig {
             act_on_unknown_priority: false,
             perspectives: Vec::new(),
             never_block: Vec::new(),
-            not_blockable: SPECIAL_RANGES
-                .iter()
-                .map(|net| net.parse().expect("a valid network"))
-                .collect(),
+            not_blockable: Vec::new(),
             durations: vec![hours(1), hours(6), hours(24), hours(24 * 7)],
             critical_skips_a_step: true,
             escalation_window: Duration::from_secs(30 * 24 * 3600),
@@ -232,7 +229,8 @@ impl Default for PolicyConfig {
     }
 }
 
-/// The default `policy.not_blockable`: addresses that never name one attacking host.
+/// Addresses that never name one attacking host: not blockable whatever `policy.not_blockable`
+/// adds (a list that replaced them would make loopback blockable by an oversight).
 pub const SPECIAL_RANGES: &[&str] = &[
     "0.0.0.0/8",      // "this network", unspecified
     "127.0.0.0/8",    // loopback
@@ -257,6 +255,11 @@ pub struct SiteConfig {
     /// Addresses of this site's Flowmon collectors: never blocked.
     #[serde(default)]
     pub collectors: Vec<std::net::IpAddr>,
+    /// Networks whose hosts this site's probes see at layer 2 (no router between): only a
+    /// source in one of them has its MAC address passed on (a FortiGate stitch quarantines
+    /// it). Beyond a router the MAC Flowmon saw is the router's own. Empty: no MAC is passed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mac_networks: Vec<ipnet::IpNet>,
 }
 
 /// Where and how a block is enforced: a Check Point management server and its gateways, or a
@@ -836,13 +839,33 @@ fn validate_kafka(k: &KafkaConfig) -> Result<(), ConfigError> {
             "use -1 (broker default) or a positive number",
         ));
     }
-    for key in k.properties.keys() {
+    for (key, value) in &k.properties {
         if let Some((_, fix)) = OWNED_PROPERTIES.iter().find(|(owned, _)| owned == key) {
             return Err(ConfigError::Invalid {
                 field: "kafka.properties",
                 problem: format!("`{key}` is set by samgate"),
                 fix,
             });
+        }
+        // Checked here, where the error can leave the value out: librdkafka's own error (when
+        // a client is made) shows it, and it may be a password under a mistyped key.
+        let mut one = rdkafka::ClientConfig::new();
+        one.set(key, value);
+        if let Err(e) = one.create_native_config() {
+            let problem = match e {
+                rdkafka::error::KafkaError::ClientConfig(_, description, _, _) => description,
+                other => other.to_string(),
+            };
+            let problem = if value.is_empty() {
+                problem
+            } else {
+                problem.replace(value.as_str(), "***")
+            };
+            return Err(invalid(
+                "kafka.properties",
+                format!("`{key}`: {problem}"),
+                "use a property of librdkafka's CONFIGURATION.md with a value it accepts",
+            ));
         }
     }
     Ok(())
@@ -882,8 +905,21 @@ fn validate_shim(s: &ShimConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Whether a URL names a user or a password (`https://user:pass@host`), which would reach
+/// every log line and error that shows the URL.
+fn carries_credentials(url: &url::Url) -> bool {
+    !url.username().is_empty() || url.password().is_some()
+}
+
 fn validate_flowmon_api(api: &FlowmonApiConfig, delivery: Duration) -> Result<(), ConfigError> {
     match url::Url::parse(&api.url) {
+        Ok(u) if carries_credentials(&u) => {
+            return Err(invalid(
+                "shim.flowmon_api.url",
+                "carries a user or password in the URL (not shown): URLs reach logs and errors",
+                "use https://localhost, with the REST user in shim.flowmon_api.credentials_file",
+            ))
+        }
         Ok(u) if u.scheme() == "https" && u.query().is_none() => {}
         _ => {
             return Err(invalid(
@@ -1325,6 +1361,13 @@ fn validate_device(
         ));
     }
     match url::Url::parse(&d.url) {
+        Ok(u) if carries_credentials(&u) => {
+            return Err(invalid(
+                "fortigate.devices.url",
+                named("carries a user or password in the URL (not shown): URLs reach logs and errors".into()),
+                "use https://host[:port], and set token = \"...\"",
+            ))
+        }
         Ok(u) if u.query_pairs().any(|(k, _)| k == "access_token") => {
             return Err(invalid(
                 "fortigate.devices.url",
@@ -1445,6 +1488,13 @@ fn validate_server(name: &str, s: &ManagementServerConfig) -> Result<(), ConfigE
         ));
     }
     match url::Url::parse(&s.url) {
+        Ok(u) if carries_credentials(&u) => {
+            return Err(invalid(
+                "checkpoint.servers.url",
+                named("carries a user or password in the URL (not shown): URLs reach logs and errors".into()),
+                "use https://host[:port], and set user and password (or api_key) as their own keys",
+            ))
+        }
         Ok(u) if u.scheme() == "https" => {}
         Ok(u) if u.scheme() == "http" && !s.allow_plaintext => {
             return Err(invalid(
@@ -1683,6 +1733,8 @@ mod tests {
             ("[checkpoint.servers.a]\nurl = \"ftp://x\"\napi_key = \"k\"", "checkpoint.servers.url"),
             ("[checkpoint.servers.a]\nurl = \"http://x\"\napi_key = \"k\"", "checkpoint.servers.url"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"", "checkpoint.servers.api_key"),
+            ("[checkpoint.servers.a]\nurl = \"https://admin:pw@x\"\napi_key = \"k\"", "checkpoint.servers.url"),
+            ("[fortigate.devices.a]\nurl = \"https://admin@x\"\ntoken = \"t\"", "fortigate.devices.url"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\nuser = \"u\"\npassword = \"p\"\napi_key = \"k\"", "checkpoint.servers.api_key"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nlogins_per_minute = 0", "checkpoint.servers.logins_per_minute"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nlogin_share = 4", "checkpoint.servers.login_share"),
@@ -1694,6 +1746,7 @@ mod tests {
             let text = err.to_string();
             assert_eq!(field_of(err), field, "{toml}");
             assert!(text.contains(field), "{text}");
+            assert!(!text.contains("admin:pw"), "a URL's password shown: {text}");
         }
     }
 
@@ -1885,6 +1938,26 @@ mod tests {
         .validate()
         .unwrap();
         assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+    }
+
+    #[test]
+    fn a_property_librdkafka_refuses_is_named_without_its_value() {
+        for (toml, shown) in [
+            // A mistyped key: its value may be the password it was meant for.
+            ("\"sasl.pasword\" = \"Tr0ub4dor-3\"", "`sasl.pasword`"),
+            ("\"acks\" = \"Tr0ub4dor-3\"", "`acks`"),
+        ] {
+            let err = Config::from_toml(&format!("[kafka.properties]\n{toml}\n"))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("kafka.properties") && err.contains(shown),
+                "{err}"
+            );
+            assert!(!err.contains("Tr0ub4dor"), "the value leaked: {err}");
+        }
     }
 
     #[test]

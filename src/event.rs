@@ -74,6 +74,14 @@ impl std::str::FromStr for MacAddr {
     }
 }
 
+impl MacAddr {
+    /// Whether it can name one host's interface: not a group (multicast, broadcast) address,
+    /// not all zeros.
+    pub fn is_unicast_host(&self) -> bool {
+        self.0[0] & 1 == 0 && self.0 != [0; 6]
+    }
+}
+
 impl std::fmt::Display for MacAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let [a, b, c, d, e, g] = self.0;
@@ -290,6 +298,20 @@ impl DeadLetter {
             raw_truncated: raw_len > kept.len(),
         }
     }
+
+    /// The same dead letter with `raw` cut to at most `limit` bytes (at a character boundary):
+    /// what is written when the topic refused the whole one as too large.
+    pub fn shortened(mut self, limit: usize) -> Self {
+        if self.raw.len() > limit {
+            let mut end = limit;
+            while !self.raw.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.raw.truncate(end);
+            self.raw_truncated = true;
+        }
+        self
+    }
 }
 
 /// RFC 3339 with milliseconds and a `Z`, the one timestamp format of every samgate message.
@@ -315,6 +337,23 @@ mod tests {
 
     use super::*;
     use crate::flowmon::LineReader;
+
+    #[test]
+    fn a_shortened_dead_letter_cuts_its_input_at_a_character() {
+        let raw = "é".repeat(10); // two bytes each
+        let dead = DeadLetter::new(
+            DeadLetterStage::Decode,
+            "invalid_event",
+            "r".into(),
+            raw.as_bytes(),
+            raw.len(),
+        );
+        assert!(!dead.raw_truncated);
+        let short = dead.clone().shortened(5);
+        assert_eq!((short.raw.as_str(), short.raw_truncated), ("éé", true));
+        assert_eq!(short.raw_len, 20, "the input's own length stays");
+        assert_eq!(dead.clone().shortened(20), dead, "short enough already");
+    }
 
     #[test]
     fn a_stage_is_spelt_the_same_in_dead_letters_and_metrics() {

@@ -31,6 +31,12 @@ pub enum KafkaSetupError {
     TopicMissing { topic: String },
     #[error("cannot create topic {topic:?}: {reason}")]
     CreateTopic { topic: String, reason: String },
+    #[error("topic {topic:?} has {has} partitions but the events topic has {events}; give it at least as many")]
+    TooFewPartitions {
+        topic: String,
+        has: i32,
+        events: i32,
+    },
 }
 
 /// The settings every client shares: brokers, client id, and the operator's properties.
@@ -283,9 +289,10 @@ pub async fn ensure_state_topic(
     match partition_count(kafka, topic, timeout).await {
         Ok(n) if n >= partitions => return Ok(()),
         Ok(n) => {
-            return Err(KafkaSetupError::CreateTopic {
+            return Err(KafkaSetupError::TooFewPartitions {
                 topic: topic.to_owned(),
-                reason: format!("it has {n} partitions but the events topic has {partitions}; give it at least as many"),
+                has: n,
+                events: partitions,
             })
         }
         Err(KafkaSetupError::TopicMissing { .. }) if kafka.create_topics => {}

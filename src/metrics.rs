@@ -21,6 +21,7 @@ pub struct Metrics {
     pub decisions: IntCounterVec,
     /// Dead-letter messages written, by stage.
     pub dead_letters: IntCounterVec,
+    pub dead_letters_refused: IntCounterVec,
     /// Management API requests, by server, command and status (`ok` or an error kind).
     pub api_requests: IntCounterVec,
     /// Management API request latency, by server and command.
@@ -131,6 +132,11 @@ impl Metrics {
             "Messages written to the dead-letter topic, by stage.",
             &["stage"],
         );
+        let dead_letters_refused = counter(
+            "samgate_dead_letters_refused_total",
+            "Dead letters the dead-letter topic refused for good (their input was skipped), by stage.",
+            &["stage"],
+        );
         let api_requests = counter(
             "samgate_firewall_api_requests_total",
             "Check Point Management API requests.",
@@ -204,6 +210,7 @@ impl Metrics {
             events_consumed,
             decisions,
             dead_letters,
+            dead_letters_refused,
             api_requests,
             api_latency,
             logins,
@@ -345,11 +352,12 @@ impl Metrics {
     /// Every metric's name with its label names: what a dashboard or an alert may select on.
     pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 31] = [
+        let collectors: [&dyn Collector; 32] = [
             &self.build_info,
             &self.events_consumed,
             &self.decisions,
             &self.dead_letters,
+            &self.dead_letters_refused,
             &self.api_requests,
             &self.api_latency,
             &self.logins,
@@ -413,6 +421,8 @@ impl Metrics {
         }
         for stage in [DeadLetterStage::Decode, DeadLetterStage::Enforce] {
             self.dead_letters.with_label_values(&[stage.as_str()]);
+            self.dead_letters_refused
+                .with_label_values(&[stage.as_str()]);
         }
         for site in sites {
             for format in InputFormat::iter() {
@@ -469,6 +479,7 @@ mod tests {
             r#"samgate_decisions_total{outcome="dry_run"} 0"#,
             r#"samgate_dead_letters_total{stage="decode"} 0"#,
             r#"samgate_dead_letters_total{stage="enforce"} 0"#,
+            r#"samgate_dead_letters_refused_total{stage="decode"} 0"#,
             r#"samgate_events_consumed_total{format="ads_standard",site="prague"} 0"#,
             r#"samgate_events_consumed_total{format="ids_json",site="prague"} 0"#,
             r#"samgate_firewall_logins_total{server="hq"} 0"#,

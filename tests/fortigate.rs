@@ -400,7 +400,12 @@ async fn a_fortigate_429_backs_off_before_the_ban_lands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_mode_calls_the_stitch_with_the_mac_flowmon_knows() {
-    let lab = lab("mode = \"webhook\"\nstitch = \"Flowmon ADS\"", "").await;
+    // The site's probes see 192.0.2.0/25 at layer 2: beyond it, the MAC is a router's.
+    let lab = lab(
+        "mode = \"webhook\"\nstitch = \"Flowmon ADS\"",
+        "mac_networks = [\"192.0.2.0/25\"]",
+    )
+    .await;
     let flowmon: RunningFlowmon = flowmonsim::start(FlowmonConfig {
         users: vec![("flowmon-api".into(), "Api-Passw0rd".into())],
         ..FlowmonConfig::default()
@@ -408,6 +413,7 @@ async fn webhook_mode_calls_the_stitch_with_the_mac_flowmon_knows() {
     .await
     .unwrap();
     flowmon.set_mac("501", "00:1A:2b:3c:4d:5e");
+    flowmon.set_mac("503", "00:00:5e:00:53:01");
     let dir = tempfile::tempdir().unwrap();
     let credentials = dir.path().join("flowmon-api");
     std::fs::write(&credentials, "flowmon-api\nApi-Passw0rd\n").unwrap();
@@ -428,13 +434,18 @@ fingerprint_sha256 = "{fp}"
         ),
     )
     .unwrap();
-    // Event 501 has a MAC in Flowmon; event 502 has none: it is quarantined by address alone.
+    // Event 501 has a MAC in Flowmon; event 502 has none: it is quarantined by address alone;
+    // event 503's source is beyond the router, so its MAC (the router's) is not passed on.
     lab.shim(
-        &[ads(501, "192.0.2.61"), ads(502, "192.0.2.62")],
+        &[
+            ads(501, "192.0.2.61"),
+            ads(502, "192.0.2.62"),
+            ads(503, "198.51.100.63"),
+        ],
         Some(&shim_config),
     )
     .await;
-    let events = read_topic(&lab.events, 2);
+    let events = read_topic(&lab.events, 3);
     let macs: Vec<&Value> = events.iter().map(|e| &e.value["source_mac"]).collect();
     assert!(
         macs.contains(&&Value::from("00:1a:2b:3c:4d:5e")),
@@ -444,12 +455,17 @@ fingerprint_sha256 = "{fp}"
         assert_schema("samgate.event.v1.json", &e.value);
     }
 
-    let results = read_topic(&lab.results, 4);
+    assert!(
+        macs.contains(&&Value::from("00:00:5e:00:53:01")),
+        "the event carries what Flowmon knows: {macs:?}"
+    );
+
+    let results = read_topic(&lab.results, 6);
     let branch: Vec<&Received> = results
         .iter()
         .filter(|r| r.value["target"] == "branch")
         .collect();
-    assert_eq!(branch.len(), 2);
+    assert_eq!(branch.len(), 3);
     for r in &branch {
         assert_eq!(r.value["outcome"], "blocked", "{:#}", r.value);
         assert_eq!(r.value["mode"], "webhook");
@@ -470,12 +486,17 @@ fingerprint_sha256 = "{fp}"
                 "00:1a:2b:3c:4d:5e".into()
             ),
             ("Flowmon ADS".into(), "192.0.2.62".into(), Value::Null),
+            ("Flowmon ADS".into(), "198.51.100.63".into(), Value::Null),
         ]
     );
     // The stitch's IP Ban put them on the banned list, which is how samgate verifies them.
     assert_eq!(
         lab.banned(),
-        ips(&["192.0.2.61".into(), "192.0.2.62".into()])
+        ips(&[
+            "192.0.2.61".into(),
+            "192.0.2.62".into(),
+            "198.51.100.63".into()
+        ])
     );
     assert!(flowmon.requests().iter().any(|r| r == "event 501"));
     // The Flowmon password and token never reach a message.

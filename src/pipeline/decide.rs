@@ -56,6 +56,8 @@ pub enum Code {
     SpecialAddress,
     /// A management server's own address.
     ManagementServer,
+    /// A gateway that fetches a feed (`targets.<feed>.pollers`).
+    FeedPoller,
     // dry_run
     DryRun,
     // blocked
@@ -306,6 +308,11 @@ fn guarded(
             detail,
         };
     }
+    // The source's MAC only where it is surely the source's own.
+    let mut enforce = enforce;
+    enforce.mac = enforce
+        .mac
+        .filter(|mac| policy.mac_usable(site, source, *mac));
     if dry_run {
         Decision::DryRun(enforce)
     } else {

@@ -9,7 +9,8 @@
 //! one after it means the previous owner may have sent the rule: the key is *unconfirmed*, and
 //! the gateways are asked before anything is sent.
 //!
-//! Memory: one fixed-size entry per key (about 60 bytes with the map's overhead), at most
+//! Memory: one fixed-size entry per key (a 16-byte key and at most 80 bytes; about 100 with
+//! the map's overhead), at most
 //! `run.max_tracked_blocks`. Past that, history whose block has expired goes first, oldest first;
 //! an active, in-flight or unconfirmed block is never dropped. When only those are left, a new
 //! key is refused ([`Full`]), which the pipeline reports as a `failed` result (`state_full`).

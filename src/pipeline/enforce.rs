@@ -902,25 +902,8 @@ async fn failed(shared: &Arc<Shared>, mut work: Work, code: Code) {
         json.len(),
     );
     dead.site = Some(work.result.site.clone());
-    let payload = serde_json::to_string(&dead).expect("dead letters serialize");
-    let topic = &shared.config.kafka.topics.dlq;
-    match report::write(
-        &shared.producer,
-        topic,
-        &work.enforce.key.to_string(),
-        &payload,
-        None,
-        &shared.stopping,
-    )
-    .await
-    {
-        Ok(_) => shared
-            .metrics
-            .dead_letters
-            .with_label_values(&[DeadLetterStage::Enforce.as_str()])
-            .inc(),
-        Err(WriteError::Stopping) => return,
-        Err(e) => error!(error = %e, "a dead letter was refused"),
+    if !super::write_dead_letter(shared, &work.enforce.key.to_string(), dead).await {
+        return; // stopping
     }
     super::finish(shared, &work.completion, work.result).await;
 }

@@ -304,8 +304,9 @@ async fn resolve(field: &str, url: &str) -> anyhow::Result<Vec<IpAddr>> {
     }
 }
 
-/// Creates what is missing; returns the events topic's partition count.
-async fn ensure_topics(config: &Config) -> anyhow::Result<i32> {
+/// Creates what is missing (as `kafka.create_topics` allows); returns the events topic's
+/// partition count.
+pub async fn ensure_topics(config: &Config) -> anyhow::Result<i32> {
     let topics = &config.kafka.topics;
     let timeout = Duration::from_secs(30);
     crate::kafka::ensure_topics(
@@ -1201,27 +1202,54 @@ fn dead_letter(shared: &Arc<Shared>, completion: Arc<Completion>, payload: &[u8]
         payload,
         payload.len(),
     );
-    let json = serde_json::to_string(&dead).expect("dead letters serialize");
     let key = format!("{}/{partition}/{offset}", shared.config.kafka.topics.events);
     let shared = shared.clone();
     tokio::spawn(async move {
-        let topic = &shared.config.kafka.topics.dlq;
-        match report::write(&shared.producer, topic, &key, &json, None, &shared.stopping).await {
-            Ok(_) => {}
-            Err(WriteError::Stopping) => return,
-            Err(e) => {
-                error!(error = %e, partition, offset, "a dead letter was refused; the message is skipped")
-            }
+        if write_dead_letter(&shared, &key, dead).await {
+            completion.done(&shared);
         }
-        let stage = DeadLetterStage::Decode.as_str();
-        shared
-            .metrics
-            .dead_letters
-            .with_label_values(&[stage])
-            .inc();
-        completion.done(&shared);
     });
 }
+
+/// Writes a dead letter until Kafka acknowledges it; false only when stopping (its input goes
+/// back to the partition's next owner). A refusal for good is tried once more with the input
+/// cut to [`SHORT_DEAD_LETTER`] bytes (the topic's size limit may be small); refused again (not
+/// authorised, say), the input is skipped, loudly: an error naming it, and
+/// `samgate_dead_letters_refused_total`.
+pub(crate) async fn write_dead_letter(shared: &Shared, key: &str, mut dead: DeadLetter) -> bool {
+    let topic = &shared.config.kafka.topics.dlq;
+    let stage = dead.stage.as_str();
+    loop {
+        let json = serde_json::to_string(&dead).expect("dead letters serialize");
+        match report::write(&shared.producer, topic, key, &json, None, &shared.stopping).await {
+            Ok(_) => {
+                shared
+                    .metrics
+                    .dead_letters
+                    .with_label_values(&[stage])
+                    .inc();
+                return true;
+            }
+            Err(WriteError::Stopping) => return false,
+            Err(e) if dead.raw.len() > SHORT_DEAD_LETTER => {
+                warn!(error = %e, key, stage, "a dead letter was refused; writing it again with its input cut short");
+                dead = dead.shortened(SHORT_DEAD_LETTER);
+            }
+            Err(e) => {
+                error!(error = %e, key, stage, reason = dead.reason, "the dead-letter topic refused a dead letter; its input is skipped");
+                shared
+                    .metrics
+                    .dead_letters_refused
+                    .with_label_values(&[stage])
+                    .inc();
+                return true;
+            }
+        }
+    }
+}
+
+/// How much of the input a dead letter keeps when the whole one was refused.
+const SHORT_DEAD_LETTER: usize = 1024;
 
 /// Report: writes `result`, and finishes the event's offset once its last result is durable.
 /// The result of a revoked claim is not written: its next owner answers the event. Returns

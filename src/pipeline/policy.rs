@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::decide::Code;
 use crate::checkpoint::sam::{Criteria, LogType, RuleKey, SamAction, SamMode, SamRule};
 use crate::config::{Config, CriteriaKind, TargetConfig, TargetKind, TargetMode};
-use crate::event::Event;
+use crate::event::{Event, MacAddr};
 use crate::flowmon::Priority;
 use crate::fortigate::enforcer::FortiMode;
 
@@ -148,10 +148,14 @@ pub struct Policy {
     perspectives: HashSet<String>,
     global_never_block: Vec<IpNet>,
     site_never_block: BTreeMap<String, Vec<IpNet>>,
-    /// Ranges no rule may name (`policy.not_blockable`).
+    /// Per site, the networks whose sources' MAC addresses may be passed on.
+    mac_networks: BTreeMap<String, Vec<IpNet>>,
+    /// Ranges no rule may name: the special ranges, then `policy.not_blockable`.
     special: Vec<IpNet>,
     /// The management servers' own addresses, by server name.
     servers: Vec<(String, IpAddr)>,
+    /// The gateways that fetch feeds, as `<feed>/<poller>`.
+    pollers: Vec<(String, IpAddr)>,
     routes: BTreeMap<String, Vec<Arc<Target>>>,
     targets: BTreeMap<String, Arc<Target>>,
     durations: Vec<Duration>,
@@ -172,7 +176,9 @@ impl Policy {
             .collect();
         let mut site_never_block = BTreeMap::new();
         let mut routes = BTreeMap::new();
+        let mut mac_networks = BTreeMap::new();
         for (site, s) in &config.sites {
+            mac_networks.insert(site.clone(), s.mac_networks.clone());
             let mut nets = s.never_block.clone();
             nets.extend(s.collectors.iter().map(|ip| IpNet::from(*ip)));
             site_never_block.insert(site.clone(), nets);
@@ -189,10 +195,24 @@ impl Policy {
             perspectives: p.perspectives.iter().cloned().collect(),
             global_never_block,
             site_never_block,
-            special: p.not_blockable.clone(),
+            mac_networks,
+            special: crate::config::SPECIAL_RANGES
+                .iter()
+                .map(|net| net.parse().expect("a valid network"))
+                .chain(p.not_blockable.iter().copied())
+                .collect(),
             servers: servers
                 .iter()
                 .map(|(name, ip)| (name.clone(), ip.to_canonical()))
+                .collect(),
+            pollers: config
+                .targets
+                .iter()
+                .flat_map(|(feed, t)| {
+                    t.pollers
+                        .iter()
+                        .map(move |(name, ip)| (format!("{feed}/{name}"), ip.to_canonical()))
+                })
                 .collect(),
             routes,
             targets,
@@ -300,6 +320,7 @@ impl Policy {
     /// The never-block network that covers `ip` at `site`, if any. Called immediately before a
     /// command is built, for every block.
     pub fn never_block(&self, site: &str, ip: IpAddr) -> Option<IpNet> {
+        let ip = ip.to_canonical(); // ::ffff:10.0.0.1 is 10.0.0.1
         let site_nets = self
             .site_never_block
             .get(site)
@@ -312,14 +333,32 @@ impl Policy {
             .copied()
     }
 
-    /// Why no rule may name `ip`, if so: a special range (loopback, multicast, …) or a
-    /// management server's own address.
+    /// Whether `mac`, seen by `site`'s probes for `source`, may be passed on to a firewall: a
+    /// host's own (unicast) address, for a source in one of the site's `mac_networks` (beyond
+    /// a router, the MAC Flowmon saw is the router's, which must never be quarantined).
+    pub fn mac_usable(&self, site: &str, source: IpAddr, mac: MacAddr) -> bool {
+        let source = source.to_canonical();
+        mac.is_unicast_host()
+            && self
+                .mac_networks
+                .get(site)
+                .is_some_and(|nets| nets.iter().any(|net| net.contains(&source)))
+    }
+
+    /// Why no rule may name `ip`, if so: a special range (loopback, multicast, …), a
+    /// management server's own address, or a gateway that fetches a feed.
     pub fn not_blockable(&self, ip: IpAddr) -> Option<(Code, String)> {
         let ip = ip.to_canonical();
         if let Some((name, _)) = self.servers.iter().find(|(_, server)| *server == ip) {
             return Some((
                 Code::ManagementServer,
                 format!("{ip} is the address of management server {name}"),
+            ));
+        }
+        if let Some((name, _)) = self.pollers.iter().find(|(_, poller)| *poller == ip) {
+            return Some((
+                Code::FeedPoller,
+                format!("{ip} is the address of feed poller {name}"),
             ));
         }
         if let IpAddr::V4(v4) = ip {
@@ -336,7 +375,7 @@ impl Policy {
             .map(|net| {
                 (
                     Code::SpecialAddress,
-                    format!("{ip} is in {net}, which no rule may name (policy.not_blockable)"),
+                    format!("{ip} is in {net}, which no rule may name"),
                 )
             })
     }
@@ -525,6 +564,85 @@ mod tests {
             "site lists stay per site"
         );
         assert_eq!(p.never_block("prague", ip("198.51.100.1")), None);
+        assert_eq!(
+            p.never_block("prague", ip("::ffff:10.99.3.4")),
+            Some("10.99.0.0/16".parse().unwrap()),
+            "an IPv4-mapped address is its IPv4 address"
+        );
+    }
+
+    #[test]
+    fn a_mac_is_passed_on_only_for_a_host_on_the_sites_own_segments() {
+        let mut c = config();
+        c.sites.get_mut("prague").unwrap().mac_networks = vec!["192.0.2.0/25".parse().unwrap()];
+        let p = Policy::new(&c, &[]);
+        let host: MacAddr = "00:1a:2b:3c:4d:5e".parse().unwrap();
+        let usable = |site: &str, ip: &str, mac: &str| {
+            p.mac_usable(site, ip.parse().unwrap(), mac.parse().unwrap())
+        };
+        assert!(p.mac_usable("prague", "192.0.2.61".parse().unwrap(), host));
+        assert!(usable("prague", "::ffff:192.0.2.61", "00:1a:2b:3c:4d:5e"));
+        // Beyond a router: the MAC Flowmon saw is the router's.
+        assert!(!usable("prague", "198.51.100.7", "00:1a:2b:3c:4d:5e"));
+        assert!(
+            !usable("brno", "192.0.2.61", "00:1a:2b:3c:4d:5e"),
+            "per site"
+        );
+        // Never a host's: broadcast, multicast, all zeros.
+        for group in [
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "33:33:00:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
+            assert!(!usable("prague", "192.0.2.61", group), "{group}");
+        }
+    }
+
+    #[test]
+    fn not_blockable_adds_to_the_special_ranges_never_replaces_them() {
+        let mut c = config();
+        c.policy.not_blockable = vec!["100.64.0.0/10".parse().unwrap()];
+        let p = Policy::new(&c, &[]);
+        let code = |s: &str| p.not_blockable(s.parse().unwrap()).map(|(code, _)| code);
+        for special in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "169.254.1.1",
+            "255.255.255.255",
+            "::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert_eq!(code(special), Some(Code::SpecialAddress), "{special}");
+        }
+        assert_eq!(code("100.64.1.2"), Some(Code::SpecialAddress), "added");
+        assert_eq!(code("198.51.100.1"), None);
+    }
+
+    #[test]
+    fn a_gateway_that_fetches_a_feed_is_not_blockable() {
+        let c = Config::from_toml(
+            r#"
+            [targets.blocklist]
+            kind = "feed"
+            [targets.blocklist.pollers]
+            prague-gw = "192.0.2.10"
+            [sites.prague]
+            targets = ["blocklist"]
+            "#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let p = Policy::new(&c, &[]);
+        let (code, detail) = p
+            .not_blockable("::ffff:192.0.2.10".parse().unwrap())
+            .unwrap();
+        assert_eq!(code, Code::FeedPoller);
+        assert!(detail.contains("blocklist/prague-gw"), "{detail}");
+        assert_eq!(p.not_blockable("192.0.2.11".parse().unwrap()), None);
     }
 
     #[test]
