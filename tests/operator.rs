@@ -620,3 +620,48 @@ fn the_computed_partition_is_the_one_the_producer_picks() {
         );
     }
 }
+
+/// `samgate create-topics` makes every topic `samgate run` needs, the state topic included,
+/// whatever `kafka.create_topics` says.
+#[test]
+fn create_topics_makes_all_four() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::ClientConfig;
+    let names = [
+        unique("events"),
+        unique("results"),
+        unique("dlq"),
+        unique("state"),
+    ];
+    let kafka = kafka_toml(&names[0], &names[1], &names[2], &names[3]).replacen(
+        "partitions = 3\n",
+        "partitions = 3\ncreate_topics = false\n",
+        1,
+    );
+    let text = format!(
+        "{kafka}[checkpoint.servers.hq]\nurl = \"https://192.0.2.250\"\napi_key = \"k\"\n\
+         [targets.edge]\nserver = \"hq\"\ngateways = [\"gw-1\"]\n[sites.prague]\ntargets = [\"edge\"]\n"
+    );
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+    let out = samgate(
+        &["create-topics", "--config", file.path().to_str().unwrap()],
+        b"",
+    );
+    assert!(out.status.success(), "{}\n{text}", stderr(&out));
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap();
+    for name in &names {
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == name)
+            .map(|t| t.partitions().len());
+        assert_eq!(partitions, Some(3), "{name}");
+    }
+}
