@@ -292,9 +292,6 @@ pub async fn run(
     }
 }
 
-/// One target: list its gateways, compare with the active blocks of the partitions we own,
-/// re-assert what is missing, report (and, if configured, remove) orphans, then write the
-/// report.
 /// Where reconcile's repairs go: the target's batcher, under the policy's safety checks, each
 /// holding one of the pipeline's in-flight permits (so repairs never crowd out the events).
 struct Repairs<'a> {
@@ -303,6 +300,9 @@ struct Repairs<'a> {
     permits: &'a Arc<Semaphore>,
 }
 
+/// One target: list its gateways, compare with the active blocks of the partitions we own,
+/// re-assert what is missing, report (and, if configured, remove) orphans, then write the
+/// report.
 async fn reconcile_target(
     shared: &Arc<Shared>,
     batcher: &Batcher,
@@ -317,7 +317,7 @@ async fn reconcile_target(
     let started_at = Utc::now();
     // What the gateways must hold, taken *before* they are listed: a block confirmed later may
     // have been sent after the listing.
-    let expected: Vec<Ended> = shared
+    let active: Vec<Ended> = shared
         .state
         .lock()
         .expect("state")
@@ -325,6 +325,15 @@ async fn reconcile_target(
         .into_iter()
         .filter(|b| owned(shared, b.partition).is_some())
         .collect();
+    let (expected, protected) = unprotected(to.policy, active);
+    if protected > 0 {
+        warn!(
+            target = target.name,
+            blocks = protected,
+            "reconcile: blocks of addresses protected since they were made (never-block, not \
+             blockable) are not expected at the gateways, nor re-asserted; they run out there"
+        );
+    }
     let listing = batcher.list_gateways().await;
     let (listings, mut errors) = match listing {
         Ok(found) => found,
@@ -584,6 +593,23 @@ pub struct Orphan {
     pub gateways: Vec<String>,
 }
 
+/// The blocks whose addresses are still blockable, and how many are not: an address protected
+/// since its block was made (a never-block network or an address no rule may name, added to
+/// the configuration) is not expected at the gateways. Re-asserting it would break the
+/// protection; counting it missing would raise drift until it runs out.
+fn unprotected(policy: &Policy, blocks: Vec<Ended>) -> (Vec<Ended>, usize) {
+    let all = blocks.len();
+    let kept: Vec<Ended> = blocks
+        .into_iter()
+        .filter(|b| {
+            let (site, ip) = (&b.subject.site, b.subject.ip);
+            policy.never_block(site, ip).is_none() && policy.not_blockable(ip).is_none()
+        })
+        .collect();
+    let protected = all - kept.len();
+    (kept, protected)
+}
+
 /// What reconcile found at one target.
 #[derive(Debug, Default)]
 pub struct Drift<'a> {
@@ -690,6 +716,45 @@ mod tests {
                 actor: None,
             },
         }
+    }
+
+    #[test]
+    fn blocks_of_addresses_protected_since_are_not_expected() {
+        let t = target("fw_sam");
+        let config = Config::from_toml(
+            r#"
+            [policy]
+            never_block = ["198.51.100.0/28"]
+            [checkpoint.servers.hq]
+            url = "https://192.0.2.250"
+            api_key = "k"
+            [targets.edge]
+            server = "hq"
+            gateways = ["gw-1", "gw-2"]
+            [sites.s]
+            targets = ["edge"]
+            never_block = ["203.0.113.0/24"]
+            "#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let policy = Policy::new(&config, &[("hq".into(), "192.0.2.250".parse().unwrap())]);
+        let blocks = [
+            "198.51.100.1",
+            "198.51.100.77",
+            "203.0.113.9",
+            "192.0.2.250",
+        ]
+        .map(|ip| ended(&t, ip))
+        .to_vec();
+        let (kept, protected) = unprotected(&policy, blocks);
+        let kept: Vec<String> = kept.iter().map(|b| b.subject.ip.to_string()).collect();
+        assert_eq!(kept, vec!["198.51.100.77"]);
+        assert_eq!(
+            protected, 3,
+            "global, the site's, and a management server's address"
+        );
     }
 
     #[test]
