@@ -690,26 +690,22 @@ async fn run_shim(
         }
     };
     let memory = memory.map(|bytes| (header, bytes));
-    match shim::deliver(&options, memory).await {
-        Ok(report) => {
-            tracing::info!(
-                site = options.site,
-                lines = report.lines,
-                events = report.events,
-                dead_letters = report.dead_letters,
-                cut = report.cut,
-                delivered = report.delivered,
-                refused = report.refused,
-                spooled = report.spooled,
-                lost = report.lost,
-                "shim run finished"
-            );
-            match report.lost {
-                0 => ExitCode::SUCCESS,
-                _ => ExitCode::FAILURE,
-            }
-        }
-        Err(e) => fail(&e.to_string()),
+    let report = shim::deliver(&options, memory).await;
+    tracing::info!(
+        site = options.site,
+        lines = report.lines,
+        events = report.events,
+        dead_letters = report.dead_letters,
+        cut = report.cut,
+        delivered = report.delivered,
+        refused = report.refused,
+        spooled = report.spooled,
+        lost = report.lost,
+        "shim run finished"
+    );
+    match report.lost {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
     }
 }
 

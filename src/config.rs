@@ -1125,15 +1125,16 @@ impl Config {
         match t.kind {
             TargetKind::Feed => {
                 // The name is the feed's URL path segment, and its limits' and metrics' name.
-                if !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-                    || name.starts_with('.')
+                // No '.': `/feeds/<name>.txt` and `.csv` pick the format.
+                if name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
                 {
                     return refuse(
                         "targets",
-                        "is a feed, whose name is its URL (/feeds/<name>)",
-                        "name it with letters, digits, '.', '_' and '-' only",
+                        "is a feed, whose name is its URL (/feeds/<name>, <name>.txt, <name>.csv)",
+                        "name it with letters, digits, '_' and '-' only",
                     );
                 }
                 if self.checkpoint.servers.contains_key(name)
@@ -1199,6 +1200,16 @@ impl Config {
                     .is_some_and(|t| t.expose().trim().is_empty())
                 {
                     return refuse("targets.token", "is empty", "set a token, or remove it");
+                }
+                let mut addresses = std::collections::BTreeMap::new();
+                for (poller, ip) in &t.pollers {
+                    if let Some(other) = addresses.insert(ip.to_canonical(), poller) {
+                        return refuse(
+                            "targets.pollers",
+                            &format!("pollers {other:?} and {poller:?} have one address, {ip}"),
+                            "give each poller its own address (gateways behind one NAT address are one poller)",
+                        );
+                    }
                 }
                 for poller in t.pollers.keys() {
                     if poller.is_empty()
@@ -1773,6 +1784,8 @@ mod tests {
             (feed("[targets.f.pollers]\n\"a b\" = \"192.0.2.1\""), "targets.pollers"),
             (format!("{cp}[targets.\"a/b\"]\nkind = \"feed\"\n"), "targets"),
             (format!("{cp}[targets.hq]\nkind = \"feed\"\n"), "targets"),
+            (format!("{cp}[targets.\"edge.txt\"]\nkind = \"feed\"\n"), "targets"),
+            (feed("[targets.f.pollers]\na = \"192.0.2.1\"\nb = \"::ffff:192.0.2.1\""), "targets.pollers"),
             // Feed settings on a pushed target.
             (format!("{cp}[targets.t]\nserver = \"hq\"\ngateways = [\"gw\"]\ntoken = \"t\"\n"), "targets.token"),
             (format!("{cp}[targets.t]\nserver = \"hq\"\ngateways = [\"gw\"]\n[targets.t.pollers]\na = \"192.0.2.1\"\n"), "targets.pollers"),

@@ -497,27 +497,26 @@ async fn generate(
         }
         round += 1;
         // Each site's ADS runs its own shim, at the same time as the others.
-        let runs = round_lines(round, &mut next_id)
-            .into_iter()
-            .map(|(site, lines)| {
-                let options = ShimOptions {
-                    kafka: config.kafka.clone(),
-                    site: site.to_owned(),
-                    collector: format!("ads-{site}"),
-                    events_topic: config.kafka.topics.events.clone(),
-                    dlq_topic: config.kafka.topics.dlq.clone(),
-                    spool_dirs: vec![spool.join(site)],
-                    delivery_timeout: Duration::from_secs(5),
-                    max_line_bytes: config.shim.max_line_bytes,
-                    flowmon_api: None,
-                };
-                async move {
-                    crate::shim::run(&options, std::io::Cursor::new(lines.into_bytes()))
-                        .await
-                        .with_context(|| format!("shim for {site}"))
-                }
-            });
-        for report in futures_util::future::try_join_all(runs).await? {
+        let runs =
+            round_lines(round, &mut next_id)
+                .into_iter()
+                .map(|(site, lines)| {
+                    let options = ShimOptions {
+                        kafka: config.kafka.clone(),
+                        site: site.to_owned(),
+                        collector: format!("ads-{site}"),
+                        events_topic: config.kafka.topics.events.clone(),
+                        dlq_topic: config.kafka.topics.dlq.clone(),
+                        spool_dirs: vec![spool.join(site)],
+                        delivery_timeout: Duration::from_secs(5),
+                        max_line_bytes: config.shim.max_line_bytes,
+                        flowmon_api: None,
+                    };
+                    async move {
+                        crate::shim::run(&options, std::io::Cursor::new(lines.into_bytes())).await
+                    }
+                });
+        for report in futures_util::future::join_all(runs).await {
             sent += report.events;
         }
         if round == 2 {

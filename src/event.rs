@@ -113,6 +113,9 @@ pub struct Cut {
     /// The detail's full length in bytes, when it was shortened too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail_len: Option<usize>,
+    /// Other text fields of `flowmon` shortened as a last resort (`ports`, `description`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<String>,
 }
 
 impl Event {
@@ -151,6 +154,7 @@ impl Event {
             raw_len: self.raw.len(),
             targets_omitted: 0,
             detail_len: None,
+            fields: Vec::new(),
         };
         truncate_utf8(&mut self.raw, max / 4);
         self.cut = Some(cut.clone());
@@ -176,8 +180,26 @@ impl Event {
             if let Some(detail) = &mut self.flowmon.detail {
                 cut.detail_len = Some(detail.len());
                 truncate_utf8(detail, max / 8);
-                self.cut = Some(cut);
+                self.cut = Some(cut.clone());
             }
+        }
+        // Last: the other free-text fields (a port list of a wide scan can be longer than the
+        // message), each to a sixteenth, largest first. Never the method: it is decided on.
+        let mut texts: Vec<(&'static str, usize)> = CUTTABLE_FIELDS
+            .iter()
+            .filter_map(|name| Some((*name, text_field(&mut self.flowmon, name)?.len())))
+            .filter(|(_, len)| *len > max / 16)
+            .collect();
+        texts.sort_by_key(|(_, len)| std::cmp::Reverse(*len));
+        for (name, _) in texts {
+            if size(&self) <= max {
+                break;
+            }
+            if let Some(text) = text_field(&mut self.flowmon, name) {
+                truncate_utf8(text, max / 16);
+            }
+            cut.fields.push(name.to_owned());
+            self.cut = Some(cut.clone());
         }
         match size(&self) <= max {
             true => Ok((self, true)),
@@ -189,6 +211,34 @@ impl Event {
     /// whichever sites report it: two sites that route to the same target make one rule there.
     pub fn key(&self) -> String {
         event_key(self.flowmon.source)
+    }
+}
+
+/// The free-text fields [`Event::fit`] may shorten last (never the method, the source or the
+/// priority).
+const CUTTABLE_FIELDS: [&str; 8] = [
+    "ports",
+    "description",
+    "source_name",
+    "user_identity",
+    "mitre",
+    "data_feed",
+    "perspective",
+    "protocol",
+];
+
+/// One of [`CUTTABLE_FIELDS`] of `f`, when it is set.
+fn text_field<'a>(f: &'a mut FlowmonEvent, name: &str) -> Option<&'a mut String> {
+    match name {
+        "ports" => f.ports.as_mut(),
+        "description" => f.description.as_mut(),
+        "source_name" => f.source_name.as_mut(),
+        "user_identity" => f.user_identity.as_mut(),
+        "mitre" => f.mitre.as_mut(),
+        "data_feed" => f.data_feed.as_mut(),
+        "perspective" => f.perspective.as_mut(),
+        "protocol" => f.protocol.as_mut(),
+        _ => None,
     }
 }
 
@@ -447,5 +497,25 @@ mod tests {
         assert!(fitted.flowmon.targets.len() > 100, "as many as fit");
         assert_eq!(fitted.flowmon.source.to_string(), "2001:db8::1");
         assert_eq!(fitted.key(), "2001:db8::1");
+    }
+
+    #[test]
+    fn a_port_list_longer_than_a_message_is_cut_too() {
+        let raw = LineReader::new(LINE.as_bytes(), 1 << 24)
+            .next_line()
+            .unwrap()
+            .unwrap();
+        let parsed = raw.parse(1 << 24).unwrap().unwrap();
+        let mut event = Event::new("prague", "fm1", Utc::now(), &raw, parsed);
+        let ports: Vec<String> = (1..=20_000).map(|p| p.to_string()).collect();
+        event.flowmon.ports = Some(ports.join(","));
+        let method = event.flowmon.method.clone();
+        let (fitted, cut) = event.fit(16 * 1024).unwrap();
+        assert!(cut);
+        assert!(serde_json::to_vec(&fitted).unwrap().len() <= 16 * 1024);
+        assert_eq!(fitted.cut.unwrap().fields, vec!["ports".to_string()]);
+        assert_eq!(fitted.flowmon.ports.unwrap().len(), 1024);
+        assert_eq!(fitted.flowmon.method, method, "never the method");
+        assert_eq!(fitted.flowmon.source.to_string(), "2001:db8::1");
     }
 }

@@ -81,6 +81,11 @@ pub struct Metrics {
     /// `samgate feed`: when a configured poller last fetched a feed (unix seconds), by feed and
     /// poller (a configured gateway's name, or `other`).
     pub feed_last_poll: IntGaugeVec,
+    /// `samgate feed`: records of the state topic not read yet, at the last check, by topic.
+    pub feed_state_lag: IntGaugeVec,
+    /// `samgate feed`: when the state reader last reached Kafka and measured its lag (unix
+    /// seconds), by topic: a feed server cut off from Kafka serves what it last read.
+    pub feed_state_checked: IntGaugeVec,
 }
 
 impl Metrics {
@@ -340,6 +345,16 @@ impl Metrics {
                 "When a configured gateway (or any other client: poller=\"other\") last fetched a feed (unix seconds).",
                 &["feed", "poller"],
             ),
+            feed_state_lag: gauge_vec(
+                "samgate_feed_state_lag_records",
+                "Records of the state topic the feed server has not read yet (at the last check).",
+                &["topic"],
+            ),
+            feed_state_checked: gauge_vec(
+                "samgate_feed_state_checked_timestamp_seconds",
+                "When the feed server last reached Kafka and measured how far behind the state topic it is (unix seconds).",
+                &["topic"],
+            ),
             registry,
         }
     }
@@ -352,7 +367,7 @@ impl Metrics {
     /// Every metric's name with its label names: what a dashboard or an alert may select on.
     pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 32] = [
+        let collectors: [&dyn Collector; 34] = [
             &self.build_info,
             &self.events_consumed,
             &self.decisions,
@@ -385,6 +400,8 @@ impl Metrics {
             &self.feed_requests,
             &self.feed_last_change,
             &self.feed_last_poll,
+            &self.feed_state_lag,
+            &self.feed_state_checked,
         ];
         collectors
             .iter()

@@ -85,24 +85,33 @@ fn spool_err(dir: &Path) -> impl Fn(std::io::Error) -> ShimError + '_ {
     }
 }
 
-/// Turns spooled input into messages and delivers the spool, all within `delivery_timeout`;
-/// then `memory`, input no spool could keep (its undelivered messages are lost, and counted).
-pub async fn deliver(
-    options: &ShimOptions,
-    memory: Option<(RawHeader, Vec<u8>)>,
-) -> Result<ShimReport, ShimError> {
+/// Delivers `memory` (input no spool could keep: its undelivered messages are lost, and
+/// counted), then turns spooled input into messages and delivers the spool, oldest first, all
+/// within `delivery_timeout`. A spool that fails is said so and left for a later run; it never
+/// holds back the rest.
+pub async fn deliver(options: &ShimOptions, memory: Option<(RawHeader, Vec<u8>)>) -> ShimReport {
     let deadline = Instant::now() + options.delivery_timeout;
     let mut report = ShimReport::default();
-    let held = lock_spools(options, deadline).await;
     let mut delivery = Delivery::new(options, deadline);
+    // First: it is the only copy (and the newest input; the spool's order is kept on disk).
+    if let Some((header, bytes)) = memory {
+        delivery.memory(&header, &bytes, &mut report).await;
+    }
+    let held = lock_spools(options, deadline).await;
     let mut attempted = HashSet::new();
     // Segments written meanwhile by concurrent runs are picked up while time remains.
     while Instant::now() < deadline {
         let mut segments = Vec::new();
         for (spool, lock) in &held {
-            convert_raw(options, spool, lock, &mut report, deadline).await?;
-            let listed = spool.segments(lock).map_err(spool_err(spool.dir()))?;
-            segments.extend(listed.into_iter().filter(|s| !attempted.contains(s)));
+            convert_raw(options, spool, lock, &mut report, deadline).await;
+            match spool.segments(lock) {
+                Ok(listed) => {
+                    segments.extend(listed.into_iter().filter(|s| !attempted.contains(s)))
+                }
+                Err(e) => {
+                    error!(spool = %spool.dir().display(), error = %e, "cannot list the spool; what it holds waits for a later run")
+                }
+            }
         }
         if segments.is_empty() {
             break;
@@ -111,14 +120,18 @@ pub async fn deliver(
         attempted.extend(segments.iter().cloned());
         if !delivery.ready(&mut report).await {
             report.spooled += count_records(&segments);
-            return Ok(report);
+            return report;
         }
         for segment in &segments {
             let spool = held
                 .iter()
                 .find(|(s, _)| segment.parent() == Some(s.dir()))
                 .expect("a segment of a held spool");
-            delivery.segment(spool, segment, &mut report).await?;
+            if let Err(e) = delivery.segment(spool, segment, &mut report).await {
+                // Whatever it holds stays (sent again by a later run: bounded duplicates).
+                error!(segment = %segment.display(), error = %e, "cannot deliver this spool segment; it stays for a later run");
+                report.spooled += count_records(std::slice::from_ref(segment));
+            }
         }
     }
     let unattempted: Vec<PathBuf> = held
@@ -127,13 +140,10 @@ pub async fn deliver(
         .filter(|s| !attempted.contains(s))
         .collect();
     report.spooled += count_records(&unattempted);
-    if let Some((header, bytes)) = memory {
-        delivery.memory(&header, &bytes, &mut report).await?;
-    }
     if report.spooled > 0 {
         error!(spooled = report.spooled, delivered = report.delivered, "Kafka did not acknowledge every message in time; the rest stays spooled for the next run");
     }
-    Ok(report)
+    report
 }
 
 /// The lock of every spool directory that exists (the fallback only once it was needed). A
@@ -170,15 +180,23 @@ async fn lock_spools(options: &ShimOptions, deadline: Instant) -> Vec<(Spool, Sp
     held
 }
 
-/// Converts every raw segment of `spool` into a message segment.
+/// Converts every raw segment of `spool` into a message segment (one that cannot be converted
+/// stays raw, said so).
 async fn convert_raw(
     options: &ShimOptions,
     spool: &Spool,
     lock: &SpoolLock,
     report: &mut ShimReport,
     deadline: Instant,
-) -> Result<(), ShimError> {
-    for raw in spool.raw_segments(lock).map_err(spool_err(spool.dir()))? {
+) {
+    let raws = match spool.raw_segments(lock) {
+        Ok(raws) => raws,
+        Err(e) => {
+            error!(spool = %spool.dir().display(), error = %e, "cannot list the spool's input; it waits for a later run");
+            return;
+        }
+    };
+    for raw in raws {
         // The input is safe in the spool already: a lookup that fails or is slow costs only
         // the MAC addresses, within its share of the deadline.
         let macs = match &options.flowmon_api {
@@ -200,7 +218,6 @@ async fn convert_raw(
             error!(segment = %raw.display(), error = %e, "cannot convert spooled input; it stays spooled");
         }
     }
-    Ok(())
 }
 
 /// The ADS event ids of a raw segment's lines (what Flowmon's REST API knows MACs by), at most
@@ -316,7 +333,9 @@ fn count_records(segments: &[PathBuf]) -> u64 {
         .sum()
 }
 
-/// Kafka errors that no retry will cure: the record goes to the dead-letter topic instead.
+/// Kafka errors that no retry will cure, because the message itself is wrong: the record goes
+/// to the dead-letter topic instead. A missing permission is not one of them (an operator
+/// grants it, and the spool delivers): the record stays spooled.
 pub fn refused_for_good(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode as C;
     matches!(
@@ -325,7 +344,6 @@ pub fn refused_for_good(code: RDKafkaErrorCode) -> bool {
             | C::InvalidMessageSize
             | C::InvalidMessage
             | C::InvalidRecord
-            | C::TopicAuthorizationFailed
             | C::InvalidTopic
     )
 }
@@ -415,12 +433,7 @@ impl<'a> Delivery<'a> {
     }
 
     /// Delivers input that only memory holds; what is not acknowledged is lost, and said so.
-    async fn memory(
-        &mut self,
-        header: &RawHeader,
-        bytes: &[u8],
-        report: &mut ShimReport,
-    ) -> Result<(), ShimError> {
+    async fn memory(&mut self, header: &RawHeader, bytes: &[u8], report: &mut ShimReport) {
         let mut input: &[u8] = bytes;
         // Input only memory holds gets no MAC lookups: its time goes to delivering it.
         let none = HashMap::new();
@@ -439,7 +452,6 @@ impl<'a> Delivery<'a> {
             report.lost += lost as u64;
             error!(lost, "no spool directory could keep this run's input and Kafka did not take all of it: these events are lost");
         }
-        Ok(())
     }
 
     /// Sends `records` (a refused one to the dead-letter topic instead); returns the indices of
@@ -517,6 +529,9 @@ impl<'a> Delivery<'a> {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     match in_flight.pop_front() {
                         Some((i, future)) => self.settle(i, future, kept, refused, report).await,
+                        // Full of what an earlier segment left to librdkafka (or of nothing a
+                        // message this large fits in): wait, but never past the deadline.
+                        None if Instant::now() >= self.deadline => return Err(None),
                         None => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
                 }
@@ -563,17 +578,25 @@ impl<'a> Delivery<'a> {
             record.topic
         );
         error!(topic = record.topic, bytes = record.value.len(), error = %code, "Kafka refused a message for good; sending it to the dead-letter topic");
-        if record.topic == self.options.dlq_topic {
-            return false; // a dead letter refused for good: the topic's settings need a fix
-        }
-        let value = record.value.as_bytes();
-        let dead = DeadLetter::new(
-            DeadLetterStage::Shim,
-            "kafka_refused",
-            reason,
-            &value[..value.len().min(REFUSED_RAW_LIMIT)],
-            value.len(),
-        );
+        let dead = if record.topic == self.options.dlq_topic {
+            // A dead letter refused: once more with its input cut short (a bad line keeps up
+            // to 64 KiB, more as JSON). Refused again, it stays spooled: the topic needs a fix.
+            match serde_json::from_str::<DeadLetter>(&record.value) {
+                Ok(dead) if dead.raw.len() > REFUSED_RAW_LIMIT / 4 => {
+                    dead.shortened(REFUSED_RAW_LIMIT / 4)
+                }
+                _ => return false,
+            }
+        } else {
+            let value = record.value.as_bytes();
+            DeadLetter::new(
+                DeadLetterStage::Shim,
+                "kafka_refused",
+                reason,
+                &value[..value.len().min(REFUSED_RAW_LIMIT)],
+                value.len(),
+            )
+        };
         let value = serde_json::to_string(&dead).expect("dead letters serialize");
         let message = FutureRecord::to(&self.options.dlq_topic)
             .key(&record.key)
@@ -590,7 +613,7 @@ impl<'a> Delivery<'a> {
 
 /// A whole run in one call, for callers with the input in hand (the demo, tests): capture into
 /// the spool, then deliver.
-pub async fn run<R>(options: &ShimOptions, input: R) -> Result<ShimReport, ShimError>
+pub async fn run<R>(options: &ShimOptions, input: R) -> ShimReport
 where
     R: std::io::Read + Send + 'static,
 {
@@ -614,7 +637,7 @@ where
 }
 
 /// `samgate shim --flush-spool`: delivers what earlier runs left, reads no input.
-pub async fn flush_spool(options: &ShimOptions) -> Result<ShimReport, ShimError> {
+pub async fn flush_spool(options: &ShimOptions) -> ShimReport {
     deliver(options, None).await
 }
 
@@ -667,7 +690,7 @@ mod tests {
 
         let mut input = lines(500);
         input.extend_from_slice(b"not an event\n");
-        let report = run(&options, std::io::Cursor::new(input)).await.unwrap();
+        let report = run(&options, std::io::Cursor::new(input)).await;
         assert_eq!(
             (
                 report.lines,
@@ -680,14 +703,61 @@ mod tests {
         );
 
         cluster.broker_down(1).unwrap();
-        let report = run(&options, std::io::Cursor::new(lines(20)))
-            .await
-            .unwrap();
+        let report = run(&options, std::io::Cursor::new(lines(20))).await;
         assert_eq!((report.delivered, report.spooled), (0, 20), "{report:?}");
 
         cluster.broker_up(1).unwrap();
-        let report = flush_spool(&options).await.unwrap();
+        let report = flush_spool(&options).await;
         assert_eq!((report.lines, report.delivered, report.spooled), (0, 20, 0));
+    }
+
+    /// Input no spool could keep goes first, whole (the header is not a line), whatever
+    /// the spool holds; an unreadable spool segment does not hold back the next one.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn memory_input_goes_first_and_a_bad_segment_holds_nothing_back() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("events", 1, 1).unwrap();
+        cluster.create_topic("dlq", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let options = options(cluster.bootstrap_servers(), dir.path());
+        // Two spooled segments: the first has an undecodable line, then one of the second's.
+        cluster.broker_down(1).unwrap();
+        run(&options, std::io::Cursor::new(lines(3))).await;
+        run(&options, std::io::Cursor::new(lines(2))).await;
+        cluster.broker_up(1).unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let segments = {
+            let lock = spool.lock(Duration::ZERO).unwrap().unwrap();
+            spool.segments(&lock).unwrap()
+        };
+        assert_eq!(segments.len(), 2);
+        let mut first = std::fs::read(&segments[0]).unwrap();
+        first.extend_from_slice(b"\xff\xfe not a record\n");
+        std::fs::write(&segments[0], first).unwrap();
+
+        let header = RawHeader {
+            received_at: chrono::Utc::now(),
+            collector: "test-host".into(),
+            site: None,
+            events_topic: None,
+            dlq_topic: None,
+        };
+        let report = deliver(&options, Some((header, lines(4)))).await;
+        assert_eq!(
+            (
+                report.lines,
+                report.events,
+                report.dead_letters,
+                report.lost
+            ),
+            (4, 4, 0, 0),
+            "the memory input, its header not read as a line: {report:?}"
+        );
+        assert_eq!(
+            (report.delivered, report.spooled),
+            (4 + 3 + 2, 0),
+            "{report:?}"
+        );
     }
 
     /// A spool directory that cannot be used at all (here a file stands where it should be)
@@ -703,7 +773,7 @@ mod tests {
         let mut options = options(cluster.bootstrap_servers(), &blocked.join("spool"));
         let fallback = dir.path().join("fallback");
         options.spool_dirs.push(fallback.clone());
-        let report = run(&options, std::io::Cursor::new(lines(5))).await.unwrap();
+        let report = run(&options, std::io::Cursor::new(lines(5))).await;
         assert_eq!(
             (report.events, report.delivered, report.spooled, report.lost),
             (5, 5, 0, 0)
@@ -715,7 +785,7 @@ mod tests {
         use RDKafkaErrorCode as C;
         for (code, for_good) in [
             (C::MessageSizeTooLarge, true),
-            (C::TopicAuthorizationFailed, true),
+            (C::TopicAuthorizationFailed, false), // granted later, the spool delivers
             (C::InvalidRecord, true),
             (C::MessageTimedOut, false),
             (C::BrokerTransportFailure, false),

@@ -62,7 +62,8 @@ pub enum Captured {
     Empty,
     /// In a raw segment of this directory.
     Spooled { dir: PathBuf, bytes: u64 },
-    /// No spool directory could keep it: only this process holds it now.
+    /// No spool directory could keep it: only this process holds it now (the input alone,
+    /// without the header).
     InMemory(Vec<u8>),
 }
 
@@ -107,7 +108,16 @@ pub fn capture(
         sink.discard();
         Captured::Empty
     } else {
-        sink.finish(dirs, &stem, &mut failures, bytes)
+        match sink.finish(dirs, &stem, &mut failures, bytes) {
+            // Memory holds the header too (it moved from directory to directory with the
+            // input): the caller has the header already, and wants the input alone.
+            Captured::InMemory(mut kept) => {
+                debug_assert!(kept.starts_with(&head));
+                kept.drain(..head.len().min(kept.len()));
+                Captured::InMemory(kept)
+            }
+            captured => captured,
+        }
     };
     (captured, failures, read_error)
 }
@@ -527,12 +537,13 @@ pub fn segment_records(
 ) -> std::io::Result<impl Iterator<Item = std::io::Result<SpoolRecord>>> {
     let reader = BufReader::new(File::open(path)?);
     let path = path.to_owned();
+    // Bytes, not `lines()`: a line that is not UTF-8 is one undecodable line, not an error.
     Ok(reader
-        .lines()
+        .split(b'\n')
         .enumerate()
         .filter_map(move |(i, line)| match line {
             Err(e) => Some(Err(e)),
-            Ok(line) => match serde_json::from_str(&line) {
+            Ok(line) => match serde_json::from_slice(&line) {
                 Ok(record) => Some(Ok(record)),
                 Err(e) => {
                     warn!(segment = %path.display(), line = i + 1, error = %e, "skipping undecodable spool line");
@@ -586,6 +597,19 @@ mod tests {
         spool.settle(&lock, &second, &[record(3)]).unwrap();
         assert_eq!(spool.segments(&lock).unwrap(), vec![second.clone()]);
         assert_eq!(read_segment(&second).unwrap(), vec![record(3)]);
+    }
+
+    #[test]
+    fn a_corrupt_line_is_skipped_and_the_rest_of_its_segment_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment.jsonl");
+        let mut bytes = Vec::new();
+        write_record(&mut bytes, &record(1)).unwrap();
+        bytes.extend_from_slice(b"{\"topic\":\"t\",\xff\xfe}\n"); // not UTF-8
+        bytes.extend_from_slice(b"not json\n");
+        write_record(&mut bytes, &record(2)).unwrap();
+        fs::write(&path, bytes).unwrap();
+        assert_eq!(read_segment(&path).unwrap(), vec![record(1), record(2)]);
     }
 
     #[test]
@@ -702,7 +726,7 @@ mod tests {
         let Captured::InMemory(bytes) = captured else {
             panic!("no directory left: memory");
         };
-        assert!(bytes.ends_with(b"}\nx\n"), "the header, then the input");
+        assert_eq!(bytes, b"x\n", "the input alone: the header is the caller's");
         assert_eq!(failures.len(), 1);
         let (captured, _, _) = capture(&dirs, &header(), &b""[..]);
         assert!(matches!(captured, Captured::Empty));

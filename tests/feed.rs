@@ -424,6 +424,26 @@ async fn detections_and_operator_commands_change_the_feed_and_protected_addresse
         metrics.contains("samgate_feed_entries{feed=\"blocklist\"} 4"),
         "{metrics}"
     );
+    // The reader follows the state topic: Kafka answers its check (every 30 s), and once
+    // the pipeline is quiet it is not behind.
+    let state_series = |metrics: &str, name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    let started = Instant::now();
+    loop {
+        let now = metrics_now(&client, &feed).await;
+        let lag = state_series(&now, "samgate_feed_state_lag_records{");
+        let checked = state_series(&now, "samgate_feed_state_checked_timestamp_seconds{");
+        if lag == Some(0) && checked.is_some_and(|c| c > chrono::Utc::now().timestamp() - 120) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(75), "{now}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let clients: Value = fetch(&client, &format!("{}/feeds/blocklist/clients", feed.url))
         .await
         .json()

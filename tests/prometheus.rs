@@ -137,7 +137,7 @@ async fn the_dashboard_and_alerts_work_on_prometheus_scraping_samgate() {
                 .iter()
                 .flat_map(|g| g["rules"].as_array().unwrap())
                 .collect();
-            assert_eq!(rules.len(), 10, "{data}");
+            assert_eq!(rules.len(), 11, "{data}");
             for rule in &rules {
                 assert_ne!(rule["health"], "err", "{rule}");
             }

@@ -239,6 +239,7 @@ fn follow(
     consumer.assign(&assignment)?;
     let names: Vec<String> = feeds.access.keys().cloned().collect();
     let mut store = FeedStore::new(names);
+    let mut lag_check = Instant::now(); // the first once loaded
     let delay = config.feed.rebuild_delay;
     let (mut dirty_since, mut next_change): (Option<Instant>, Option<i64>) = (None, None);
     let started = Instant::now();
@@ -261,6 +262,10 @@ fn follow(
         let loaded = at_end.iter().all(|e| *e);
         if !loaded {
             continue;
+        }
+        if Instant::now() >= lag_check {
+            lag_check = Instant::now() + LAG_CHECK_EVERY;
+            check_lag(&consumer, topic, partitions, &feeds.metrics);
         }
         let now = now_ms();
         let first = !feeds.ready.get();
@@ -286,6 +291,43 @@ fn follow(
     }
     feeds.ready.set(false);
     Ok(())
+}
+
+/// How often the state reader measures how far behind the state topic it is.
+const LAG_CHECK_EVERY: Duration = Duration::from_secs(30);
+
+/// Measures how far behind the state topic's end the reader is, into
+/// `samgate_feed_state_lag_records` and, when Kafka answered for every partition,
+/// `samgate_feed_state_checked_timestamp_seconds`: a feed server that lost Kafka keeps serving
+/// what it read last (gateways keep polling it), and the alert `SamgateFeedStale` says so.
+fn check_lag(
+    consumer: &BaseConsumer<ReaderContext>,
+    topic: &str,
+    partitions: i32,
+    metrics: &Metrics,
+) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let mut lag = 0i64;
+    for p in 0..partitions {
+        let Ok((low, high)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(5)) else {
+            return;
+        };
+        let at = positions
+            .find_partition(topic, p)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(at) => Some(at),
+                _ => None, // nothing read yet: from the start
+            })
+            .unwrap_or(low);
+        lag += (high - at.max(low)).max(0);
+    }
+    metrics.feed_state_lag.with_label_values(&[topic]).set(lag);
+    metrics
+        .feed_state_checked
+        .with_label_values(&[topic])
+        .set(now_ms() / 1000);
 }
 
 /// The state reader's client: reaching a partition's end is how it knows it is loaded, not an
@@ -515,8 +557,9 @@ impl Feeds {
 /// `X-Forwarded-For`, the one the proxy in front of the feeds appended (the ones before it are
 /// the client's own say, and anyone could claim to be a gateway there).
 fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
+    // The last line too: a proxy may add a line of its own rather than append to the client's.
     let forwarded = trust_forwarded_for
-        .then(|| headers.get("x-forwarded-for"))
+        .then(|| headers.get_all("x-forwarded-for").iter().next_back())
         .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.rsplit(',').next())
@@ -743,6 +786,15 @@ mod tests {
             (xff("not an address"), true, "192.0.2.1"),
             (xff("::ffff:198.51.100.7"), true, "198.51.100.7"),
             (headers(&[]), true, "192.0.2.1"),
+            // A proxy that adds a line of its own: the client's line comes first.
+            (
+                headers(&[
+                    ("x-forwarded-for", "192.0.2.10"),
+                    ("x-forwarded-for", "198.51.100.7"),
+                ]),
+                true,
+                "198.51.100.7",
+            ),
         ];
         for (h, trust, want) in cases {
             assert_eq!(
