@@ -564,6 +564,27 @@ async fn conditional_gets_cost_nothing_and_two_servers_serve_the_same_bytes() {
         assert!(count > 0.0, "{series} in\n{metrics}");
     }
 
+    // A client that never finishes its request head (slow-loris) is cut off, and holds up no
+    // one meanwhile.
+    let port = one.url.rsplit(':').next().unwrap().to_owned();
+    let mut slow = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    slow.write_all(b"GET /feeds/blocklist HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    assert!(
+        !listed(&client, &one).await.is_empty(),
+        "others are served meanwhile"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(60), slow.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "an unfinished request head keeps its connection open"
+    );
+
     one.stop().await;
     two.stop().await;
     lab.pipeline.stop().await;

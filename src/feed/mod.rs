@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -160,25 +159,13 @@ pub async fn run(
                 read
             })?
     };
-    let shutdown = cancel.clone().cancelled_owned();
-    let served = match tls {
-        None => {
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<ClientAddr>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
-        }
+    match tls {
+        None => serve_connections(listener, router, cancel.clone()).await,
         Some(tls) => {
-            axum::serve(
-                TlsListener::start(listener, tls, cancel.clone()),
-                router.into_make_service_with_connect_info::<ClientAddr>(),
-            )
-            .with_graceful_shutdown(shutdown)
-            .await
+            let listener = TlsListener::start(listener, tls, cancel.clone());
+            serve_connections(listener, router, cancel.clone()).await
         }
-    };
+    }
     cancel.cancel();
     let joined = tokio::task::spawn_blocking(move || reader.join()).await;
     match joined {
@@ -186,7 +173,64 @@ pub async fn run(
         Ok(Err(_)) => anyhow::bail!("the state reader panicked"),
         _ => {}
     }
-    served.context("the feed listener failed")
+    Ok(())
+}
+
+/// Connections served at once; the rest wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take to send a request's head (the first, or the next on a kept-alive
+/// connection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection lives: a client that stops reading a response holds neither its
+/// slot nor the bytes of a feed since replaced for longer. (A gateway's fetch takes seconds.)
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Serves `router` on what `listener` accepts, until `cancel`, with the limits a server open
+/// to any client needs and `axum::serve` does not set: [`MAX_CONNECTIONS`], [`HEADER_TIMEOUT`]
+/// (slow-loris), [`CONNECTION_LIFETIME`]. On `cancel`, connections finish the request they
+/// serve (for up to 5 s).
+async fn serve_connections<L>(mut listener: L, router: Router, cancel: CancellationToken)
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let slot = tokio::select! {
+            _ = cancel.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let (io, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        // What the handlers read as the client's address (`ConnectInfo<ClientAddr>`).
+        let app = router
+            .clone()
+            .layer(axum::Extension(ConnectInfo(ClientAddr(peer))));
+        let cancel = cancel.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                    tracing::debug!(%peer, "feed connection closed at its lifetime's end");
+                }
+                _ = cancel.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }
 
 /// Reads the state topic and rebuilds the feeds, until `cancel`.
@@ -634,18 +678,6 @@ fn http_date(ms: i64) -> String {
 /// The remote address of a connection, plain or TLS.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
-
-impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for ClientAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
-
-impl Connected<axum::serve::IncomingStream<'_, TlsListener>> for ClientAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
 
 /// The server certificate and key of `feed.tls`.
 fn tls_config(tls: &crate::config::FeedTlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {
