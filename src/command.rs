@@ -83,12 +83,14 @@ pub enum Invalid {
     NeedsDuration(&'static str, &'static str),
     #[error("`id` must be 32 hex digits")]
     BadId,
-    #[error("`{0}` is longer than a SAM timeout can be (136 years)")]
+    #[error("`{0}` is longer than a rule's timeout can safely be (68 years)")]
     TooLong(&'static str),
 }
 
-/// The longest duration a command may carry: what a SAM rule's `-t` can (`u32` seconds).
-pub const MAX_SECONDS: u64 = u32::MAX as u64;
+/// The longest duration a rule may have: `i32` seconds (68 years). `fw samp` shows a rule
+/// without expiry as 2147483647, and a firewall reading seconds as a signed number would take
+/// more as negative (FortiOS: 0 or less is *forever*).
+pub const MAX_SECONDS: u64 = i32::MAX as u64;
 
 impl Command {
     /// A new command with a random id, issued now.

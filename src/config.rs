@@ -1035,12 +1035,12 @@ impl Config {
         }
         if p.durations
             .iter()
-            .any(|d| d.0.as_secs() > u64::from(u32::MAX))
+            .any(|d| d.0.as_secs() > crate::command::MAX_SECONDS)
         {
             return Err(invalid(
                 "policy.durations",
-                "has a step too long for a SAM timeout",
-                "keep steps under 136 years",
+                "has a step too long for a rule's timeout",
+                "keep steps under 68 years",
             ));
         }
         for m in &p.methods {
@@ -1546,6 +1546,26 @@ fn validate_server(name: &str, s: &ManagementServerConfig) -> Result<(), ConfigE
             "use 10s to 1h (the server's own limits)",
         ));
     }
+    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&s.request_timeout) {
+        return Err(invalid(
+            "checkpoint.servers.request_timeout",
+            named(format!(
+                "{} is out of range",
+                humantime::format_duration(s.request_timeout)
+            )),
+            "use 1s to 5m",
+        ));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&s.task_timeout) {
+        return Err(invalid(
+            "checkpoint.servers.task_timeout",
+            named(format!(
+                "{} is out of range",
+                humantime::format_duration(s.task_timeout)
+            )),
+            "use 1s to 1h (how long a gateway may take to run a script; it also bounds how long a send whose answer was lost is waited for)",
+        ));
+    }
     if !(1..=60).contains(&s.logins_per_minute) {
         return Err(invalid(
             "checkpoint.servers.logins_per_minute",
@@ -1750,6 +1770,8 @@ mod tests {
             ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nlogins_per_minute = 0", "checkpoint.servers.logins_per_minute"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nlogin_share = 4", "checkpoint.servers.login_share"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nsession_timeout = \"2h\"", "checkpoint.servers.session_timeout"),
+            ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\ntask_timeout = \"0s\"", "checkpoint.servers.task_timeout"),
+            ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\nrequest_timeout = \"1h\"", "checkpoint.servers.request_timeout"),
             ("[checkpoint.servers.a]\nurl = \"https://x\"\napi_key = \"k\"\n[checkpoint.servers.a.tls]\nfingerprint_sha256 = \"AB:CD\"", "checkpoint.servers.tls.fingerprint_sha256"),
         ];
         for (toml, field) in cases {

@@ -104,6 +104,11 @@ pub enum BackendError {
     /// A rule cannot be expressed in the target's command form (a configuration matter).
     #[error("unrenderable rule: {0}")]
     Unrenderable(String),
+    /// A call was accepted, but following it to its end failed (a task the server forgot, a
+    /// session lost while polling): whatever the reason, what it did is unknown, and the
+    /// gateways are asked, never a failure concluded from the polling alone.
+    #[error("the call was accepted, then could not be followed to its end: {0}")]
+    Unfollowed(Box<BackendError>),
 }
 
 impl BackendError {
@@ -113,6 +118,10 @@ impl BackendError {
             Self::CheckPoint(e) => crate::checkpoint::classify(e),
             Self::FortiGate(e) => crate::fortigate::classify(e),
             Self::Unrenderable(_) => ErrorClass::Permanent,
+            Self::Unfollowed(e) => match e.class() {
+                ErrorClass::RateLimited(at_least) => ErrorClass::RateLimited(at_least),
+                _ => ErrorClass::Retryable,
+            },
         }
     }
 }
@@ -176,5 +185,40 @@ pub trait Enforcer: Send + Sync {
     /// of the server's rate limit).
     fn unblock_calls(&self, _gateways: usize) -> u32 {
         1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_that_could_not_be_followed_is_asked_about_never_failed() {
+        let api = |status: u16, code: &str| {
+            BackendError::CheckPoint(ApiError::Api {
+                server: "mgmt".into(),
+                command: "show-task".into(),
+                status,
+                code: code.into(),
+                message: "m".into(),
+            })
+        };
+        let unfollowed = |e: BackendError| BackendError::Unfollowed(Box::new(e)).class();
+        // On its own, a task the server forgot is permanent, and a login refused is auth.
+        assert_eq!(
+            api(404, "generic_err_object_not_found").class(),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            unfollowed(api(404, "generic_err_object_not_found")),
+            ErrorClass::Retryable
+        );
+        assert_eq!(
+            unfollowed(api(400, "err_login_failed")),
+            ErrorClass::Retryable
+        );
+        let limited = api(429, "err_too_many_requests").class();
+        assert!(matches!(limited, ErrorClass::RateLimited(_)), "{limited:?}");
+        assert_eq!(unfollowed(api(429, "err_too_many_requests")), limited);
     }
 }

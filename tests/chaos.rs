@@ -905,8 +905,9 @@ async fn chaos(plan: Plan) -> Summary {
                 lost_answers_next: Some(1),
                 ..Default::default()
             }),
+            // More than a wait asks again after (three), so some sends are left unfollowed.
             Fault::ShowTaskErrors => update(FaultsUpdate {
-                show_task_errors_next: Some(3),
+                show_task_errors_next: Some(6),
                 ..Default::default()
             }),
             Fault::WipeGateway => update(FaultsUpdate {

@@ -796,9 +796,10 @@ async fn lost_answers_are_settled_by_asking_the_gateways_not_by_resending() {
         ..Default::default()
     });
 
-    // The run-script is accepted, following its tasks fails twice: the send's own wait, then
-    // samgate's question whether that send's tasks ended, before it asks the gateways.
-    sim_faults(&sim.url, json!({"show_task_errors_next": 2})).await;
+    // The run-script is accepted, and following its tasks keeps failing: the send's own wait
+    // (its first look and three more), then samgate's question whether that send's tasks
+    // ended, before it asks the gateways.
+    sim_faults(&sim.url, json!({"show_task_errors_next": 5})).await;
     shim(
         "prague",
         &t.events,
@@ -809,6 +810,18 @@ async fn lost_answers_are_settled_by_asking_the_gateways_not_by_resending() {
     assert_eq!(r["outcome"], "blocked", "{r}");
     assert_eq!(r["attempts"], 2, "sent once, then asked: {r}");
 
+    // Two failed looks in a row are only passing: the wait asks again, and the send stands.
+    sim_faults(&sim.url, json!({"show_task_errors_next": 2})).await;
+    shim(
+        "prague",
+        &t.events,
+        &t.dlq,
+        &[ads(4, "SCANS", "High", "198.51.100.44")],
+    );
+    let r = result_of(&read_topic(&t.results, 3), "4").clone();
+    assert_eq!(r["outcome"], "blocked", "{r}");
+    assert_eq!(r["attempts"], 1, "sent once, followed to its end: {r}");
+
     // An answer with no tasks at all proves nothing: the rule is asked about, then sent.
     sim_faults(&sim.url, json!({"no_tasks_next": 1})).await;
     shim(
@@ -817,10 +830,15 @@ async fn lost_answers_are_settled_by_asking_the_gateways_not_by_resending() {
         &t.dlq,
         &[ads(3, "SCANS", "High", "198.51.100.43")],
     );
-    let r = result_of(&read_topic(&t.results, 3), "3").clone();
+    let r = result_of(&read_topic(&t.results, 4), "3").clone();
     assert_eq!(r["outcome"], "blocked", "{r}");
 
-    for ip in ["198.51.100.41", "198.51.100.42", "198.51.100.43"] {
+    for ip in [
+        "198.51.100.41",
+        "198.51.100.42",
+        "198.51.100.43",
+        "198.51.100.44",
+    ] {
         let adds = adds_for(&sim, ip);
         assert_eq!(adds["gw-1"], 1, "{ip}: {adds:?}");
         assert_eq!(adds["gw-2"], 1, "{ip}: {adds:?}");

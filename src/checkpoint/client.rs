@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::error::ApiError;
+use super::error::{classify, ApiError, ErrorClass};
 use super::tls;
 use crate::config::ManagementServerConfig;
 use crate::secret::Secret;
@@ -56,6 +56,24 @@ struct LoginWindow {
 }
 
 const WINDOW: Duration = Duration::from_secs(60);
+
+/// The first of `task_ids` not known to have ended: still running, or left out of the answer
+/// (a task the answer does not name has not ended as far as samgate knows).
+fn first_unended<'a>(task_ids: &'a [String], tasks: &'a [Task]) -> Option<&'a str> {
+    tasks
+        .iter()
+        .find(|t| !t.status.is_terminal())
+        .map(|t| t.task_id.as_str())
+        .or_else(|| {
+            task_ids
+                .iter()
+                .find(|id| !tasks.iter().any(|t| &t.task_id == *id))
+                .map(String::as_str)
+        })
+}
+
+/// Failed `show-task` polls in a row a wait asks again after (the Python SDK retries five).
+const SHOW_TASK_RETRIES: u32 = 3;
 
 impl LoginWindow {
     fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
@@ -433,15 +451,35 @@ impl ManagementClient {
             .first_wait(&self.polling);
         tokio::time::sleep(first.min(self.task_timeout)).await;
         let (mut polls, mut previous_at, mut delay) = (0, Duration::ZERO, self.polling.initial);
+        let mut failures = 0;
         loop {
             let asked_at = started.elapsed();
-            let tasks = self.show_tasks(task_ids).await?;
+            let tasks = match self.show_tasks(task_ids).await {
+                Ok(tasks) => tasks,
+                // A passing failure of one poll (a 502, a timeout) is asked again, a few
+                // times, within the deadline: ending the wait would leave every rule unknown.
+                Err(e)
+                    if failures < SHOW_TASK_RETRIES
+                        && Instant::now() < deadline
+                        && matches!(classify(&e), ErrorClass::Retryable) =>
+                {
+                    failures += 1;
+                    warn!(server = self.name, error = %e, "show-task failed; asking again");
+                    tokio::time::sleep(
+                        delay.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            failures = 0;
             polls += 1;
-            if let Some(pending) = tasks.iter().find(|t| !t.status.is_terminal()) {
+            if let Some(pending) = first_unended(task_ids, &tasks) {
                 if Instant::now() >= deadline {
                     return Err(ApiError::TaskTimeout {
                         server: self.name.clone(),
-                        task_id: pending.task_id.clone(),
+                        task_id: pending.to_owned(),
                         waited: started.elapsed(),
                     });
                 }
@@ -458,13 +496,20 @@ impl ManagementClient {
     }
 
     /// `keepalive` if the session has been idle for a third of its timeout.
+    /// Only a session still fresh is kept alive: keeping alive never logs in (with credentials
+    /// gone wrong, that would be a failed login every tick for as long as samgate idles; the
+    /// next call that needs a session logs in).
     pub async fn keepalive_if_idle(&self) -> Result<(), ApiError> {
-        let current = self.session.lock().expect("session").clone();
-        if let Some(session) = current {
-            if session.idle() >= self.session_timeout / 3 {
-                self.call("keepalive", &json!({})).await?;
-                debug!(server = self.name, "session kept alive");
+        let Some(session) = self.fresh_session() else {
+            let stale = self.session.lock().expect("session").clone();
+            if let Some(stale) = stale {
+                self.forget(stale.generation);
             }
+            return Ok(());
+        };
+        if session.idle() >= self.session_timeout / 3 {
+            self.call("keepalive", &json!({})).await?;
+            debug!(server = self.name, "session kept alive");
         }
         Ok(())
     }
@@ -923,6 +968,21 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn a_task_is_ended_only_when_the_answer_says_so() {
+        let task = |id: &str, status: &str| {
+            parse_task(&json!({"task-id": id, "status": status, "task-details": []}))
+        };
+        let ids: Vec<String> = ["t1", "t2"].map(String::from).to_vec();
+        let done = [task("t1", "succeeded"), task("t2", "failed")];
+        assert_eq!(first_unended(&ids, &done), None);
+        let running = [task("t1", "succeeded"), task("t2", "in progress")];
+        assert_eq!(first_unended(&ids, &running), Some("t2"));
+        let left_out = [task("t1", "succeeded")];
+        assert_eq!(first_unended(&ids, &left_out), Some("t2"));
+        assert_eq!(first_unended(&ids, &[]), Some("t1"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use super::client::settle_targets;
 use super::sam::{self, Operation, SamAction, SamMode, SamRule};
 use super::unsettled::Unsettled;
-use super::{ManagementClient, RunScript, Task, TaskRef};
+use super::{ApiError, ManagementClient, RunScript, Task, TaskRef};
 use crate::enforcer::{
     Answer, BackendError, Enforcer, Failed, Handle, Listing, Listings, Removal, Verified,
 };
@@ -196,7 +196,6 @@ impl CheckPointEnforcer {
         gateways: &[String],
         rules: &[SamRule],
     ) -> Result<(Vec<TaskRef>, Vec<Task>), Failed> {
-        let at = Instant::now();
         let (answer, tasks) = self
             .run_script_naming_tasks("samgate block", script, gateways, rules.len())
             .await;
@@ -204,7 +203,9 @@ impl CheckPointEnforcer {
             if failed.delivery == Delivery::MaybeSent {
                 let keys = rules.iter().filter_map(|r| r.key);
                 let mut unsettled = self.unsettled.lock().expect("unsettled");
-                unsettled.record(gateways, keys, tasks, at);
+                // From now, when the answer was given up on: the server may have taken the
+                // request at any moment until then.
+                unsettled.record(gateways, keys, tasks, Instant::now());
             }
         }
         answer
@@ -245,26 +246,30 @@ impl CheckPointEnforcer {
             unsettled.tasks()
         };
         let mut ended = HashSet::new();
-        if let Ok(tasks) = self.client.show_tasks(&follow).await {
-            ended.extend(
+        match self.client.show_tasks(&follow).await {
+            Ok(tasks) => ended.extend(
                 tasks
                     .into_iter()
                     .filter(|t| t.status.is_terminal())
                     .map(|t| t.task_id),
-            );
-        } else {
+            ),
+            // Any other failure (the server down, say) would fail each question too: they stay
+            // unsettled until their time runs out, or the next verify asks again.
+            Err(e) if !e.is_not_found() => {}
             // One id the server forgot fails the whole question: ask one by one.
-            for id in follow {
-                match self.client.show_tasks(std::slice::from_ref(&id)).await {
-                    Ok(tasks) if tasks.iter().all(|t| !t.status.is_terminal()) => {}
-                    Ok(_) => {
-                        ended.insert(id);
+            Err(_) => {
+                for id in follow {
+                    match self.client.show_tasks(std::slice::from_ref(&id)).await {
+                        Ok(tasks) if tasks.iter().all(|t| !t.status.is_terminal()) => {}
+                        Ok(_) => {
+                            ended.insert(id);
+                        }
+                        Err(e) if e.is_not_found() => {
+                            ended.insert(id);
+                        }
+                        // Unknown: unsettled until its time runs out.
+                        Err(_) => {}
                     }
-                    Err(e) if e.is_not_found() => {
-                        ended.insert(id);
-                    }
-                    // Unknown: unsettled until its time runs out.
-                    Err(_) => {}
                 }
             }
         }
@@ -319,7 +324,12 @@ impl CheckPointEnforcer {
                 settle_targets(&mut refs, &tasks, name, gateways);
                 (Ok((refs, tasks)), ids)
             }
-            Err(e) => (Err(Failed::maybe_sent(e)), ids),
+            // A task that timed out is what it is; any other polling failure leaves it unknown.
+            Err(e @ ApiError::TaskTimeout { .. }) => (Err(Failed::maybe_sent(e)), ids),
+            Err(e) => {
+                let unfollowed = BackendError::Unfollowed(Box::new(e.into()));
+                (Err(Failed::maybe_sent(unfollowed)), ids)
+            }
         }
     }
 }
@@ -391,8 +401,8 @@ pub fn listing_script(mode: SamMode, action: SamAction) -> String {
                 SamAction::Notify => "-n",
             };
             [
-                format!("fw sam -M {class} all"),
-                format!("fw6 sam -M {class} all"),
+                format!("fw sam -M {class} all 2>&1"),
+                format!("fw6 sam -M {class} all 2>&1"),
             ]
         }
     };

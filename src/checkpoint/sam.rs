@@ -530,8 +530,11 @@ pub fn verify_script(rules: &[SamRule], mode: SamMode) -> String {
                     SamAction::Reject => "-i",
                     SamAction::Notify => "-n",
                 };
+                // Both streams: where `fw sam -M` prints is undocumented, and a listing it
+                // printed to stderr would otherwise read as "no rule" (an unblock confirmed
+                // that was never sent). Anything unexpected there makes the answer unknown.
                 format!(
-                    "{} sam -M {class} {}",
+                    "{} sam -M {class} {} 2>&1",
                     rule.fw(),
                     rule.criteria.fw_sam_words()
                 )
@@ -1057,8 +1060,8 @@ mod tests {
             ],
             SamMode::FwSam,
         );
-        assert!(script.contains("fw sam -M -j src 192.0.2.1; echo \"samgate-rule 0 $?\""));
-        assert!(script.contains("fw6 sam -M -i src 2001:db8::1; echo \"samgate-rule 1 $?\""));
+        assert!(script.contains("fw sam -M -j src 192.0.2.1 2>&1; echo \"samgate-rule 0 $?\""));
+        assert!(script.contains("fw6 sam -M -i src 2001:db8::1 2>&1; echo \"samgate-rule 1 $?\""));
         let samp = verify_script(&[r], SamMode::FwSamp);
         assert!(samp
             .contains("fw samp get -k comment -t in -v samgate:0123456789abcdef0123456789abcdef"));

@@ -506,6 +506,15 @@ async fn serve_feed(
     let (body, content_type) = match format {
         Format::Text => (&feed.text, "text/plain; charset=utf-8"),
         Format::Csv => {
+            // Built on first request, once per content: tens of megabytes at a million
+            // entries, so off the async workers (which serve the 304s and the probes).
+            if !feed.csv_built() {
+                let building = feed.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    building.csv();
+                })
+                .await;
+            }
             let csv = feed.csv();
             let bytes = csv.bytes.len() as i64;
             feeds

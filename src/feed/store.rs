@@ -99,6 +99,11 @@ impl Rendered {
     pub fn csv(&self) -> &Body {
         self.csv.get_or_init(|| Body::new(csv_of(&self.text.bytes)))
     }
+
+    /// Whether the CSV is built already (asking for it costs nothing then).
+    pub fn csv_built(&self) -> bool {
+        self.csv.get().is_some()
+    }
 }
 
 /// The feeds at one instant, and when they next change by time alone (an expiry, an

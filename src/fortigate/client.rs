@@ -27,11 +27,31 @@ pub struct BannedEntry {
     #[serde(default)]
     pub source: Option<String>,
     /// Epoch seconds.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_seconds")]
     pub created: Option<i64>,
     /// Epoch seconds; 0 (or absent) for a ban without expiry.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_seconds")]
     pub expires: Option<i64>,
+}
+
+/// Epoch seconds as FortiOS versions write them: an integer, a float, or a numeric string
+/// (an entry samgate cannot read makes the whole listing unreadable, never a missing ban).
+fn lenient_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().map(|f| f as i64))
+            .map(Some)
+            .ok_or_else(|| D::Error::custom(format!("{n} is not a time"))),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .map(|f| Some(f as i64))
+            .map_err(|_| D::Error::custom(format!("{s:?} is not a time"))),
+        Some(other) => Err(D::Error::custom(format!("{other} is not a time"))),
+    }
 }
 
 /// A client for one FortiGate (one VDOM).
@@ -121,10 +141,23 @@ impl FortiClient {
             .await?;
         let results = envelope.get("results").cloned().unwrap_or(Value::Null);
         match results {
-            Value::Array(items) => Ok(items
+            // One entry it cannot read and the listing proves nothing: a ban it dropped would
+            // read as absent (an unblock confirmed, a block sent again).
+            Value::Array(items) => match items
                 .into_iter()
-                .filter_map(|item| serde_json::from_value(item).ok())
-                .collect()),
+                .map(serde_json::from_value)
+                .collect::<Result<Vec<BannedEntry>, _>>()
+            {
+                Ok(entries) => Ok(entries),
+                Err(e) => {
+                    tracing::warn!(device = self.name, error = %e, "a banned-list entry samgate cannot read: the listing proves nothing");
+                    Err(FortiError::Protocol {
+                        device: self.name.clone(),
+                        call: "banned",
+                        status: 200,
+                    })
+                }
+            },
             _ => Err(FortiError::Protocol {
                 device: self.name.clone(),
                 call: "banned",
@@ -269,5 +302,41 @@ fn status_hint(status: u16) -> &'static str {
         429 => "rate limited",
         502..=504 => "something in front of the FortiGate answered; it may be restarting",
         _ => "a non-JSON answer",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn banned_entries_read_every_time_format_and_refuse_the_rest() {
+        let read = |v: Value| serde_json::from_value::<BannedEntry>(v).map(|e| e.expires);
+        for (entry, expires) in [
+            (
+                json!({"ip_address": "192.0.2.7", "expires": 1800000000}),
+                Some(1800000000),
+            ),
+            (
+                json!({"ip_address": "192.0.2.7", "expires": 1800000000.0}),
+                Some(1800000000),
+            ),
+            (
+                json!({"ip_address": "192.0.2.7", "expires": "1800000000"}),
+                Some(1800000000),
+            ),
+            (json!({"ip_address": "192.0.2.7", "expires": 0}), Some(0)),
+            (json!({"ip_address": "192.0.2.7"}), None),
+            (json!({"ip_address": "192.0.2.7", "expires": null}), None),
+        ] {
+            assert_eq!(read(entry.clone()).unwrap(), expires, "{entry}");
+        }
+        for entry in [
+            json!({"ip_address": "192.0.2.7", "expires": "soon"}),
+            json!({"ip_address": "192.0.2.7", "expires": [1]}),
+            json!({"ip_address": "not an address"}),
+        ] {
+            assert!(read(entry.clone()).is_err(), "{entry}");
+        }
     }
 }

@@ -56,7 +56,8 @@ fn address(enforce: &Enforce) -> IpAddr {
 
 /// FortiOS's `expiry`: seconds, where 0 would mean *never*: a rule always has a time.
 fn expiry(enforce: &Enforce) -> u32 {
-    enforce.rule.timeout_secs.unwrap_or(u32::MAX).max(1)
+    let most = crate::command::MAX_SECONDS as u32;
+    enforce.rule.timeout_secs.unwrap_or(most).clamp(1, most)
 }
 
 #[async_trait]

@@ -116,7 +116,7 @@ impl Target {
                 CriteriaKind::Src => Criteria::Src(source),
                 CriteriaKind::Any => Criteria::Any(source),
             },
-            timeout_secs: Some(duration.as_secs().clamp(1, u64::from(u32::MAX)) as u32),
+            timeout_secs: Some(duration.as_secs().clamp(1, crate::command::MAX_SECONDS) as u32),
             log: self.log,
             key: Some(key),
         }
