@@ -94,7 +94,12 @@ impl Enforcer for FortiGateEnforcer {
                 let mut verdicts = Vec::with_capacity(rules.len());
                 for (i, rule) in rules.iter().enumerate() {
                     let verdict = match self.client.webhook(stitch, address(rule), rule.mac).await {
-                        Ok(()) => Sent::Confirmed,
+                        // A 200 says the stitch was triggered, not that its IP Ban ran (the
+                        // stitch may have none, or it may fail): the banned list says.
+                        Ok(()) => Sent::Unknown(
+                            "the stitch was triggered; its ban is read back from the banned list"
+                                .into(),
+                        ),
                         Err(e) if i == 0 => return Err(failed(e)),
                         Err(e) => verdict_of_failure(&e),
                     };
