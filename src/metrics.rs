@@ -86,6 +86,8 @@ pub struct Metrics {
     /// `samgate feed`: when the state reader last reached Kafka and measured its lag (unix
     /// seconds), by topic: a feed server cut off from Kafka serves what it last read.
     pub feed_state_checked: IntGaugeVec,
+    /// `samgate feed`: state records read, by topic (behind and not reading is stuck).
+    pub feed_state_records: IntCounterVec,
 }
 
 impl Metrics {
@@ -355,6 +357,11 @@ impl Metrics {
                 "When the feed server last reached Kafka and measured how far behind the state topic it is (unix seconds).",
                 &["topic"],
             ),
+            feed_state_records: counter(
+                "samgate_feed_state_records_total",
+                "State records the feed server has read.",
+                &["topic"],
+            ),
             registry,
         }
     }
@@ -367,7 +374,7 @@ impl Metrics {
     /// Every metric's name with its label names: what a dashboard or an alert may select on.
     pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 34] = [
+        let collectors: [&dyn Collector; 35] = [
             &self.build_info,
             &self.events_consumed,
             &self.decisions,
@@ -402,6 +409,7 @@ impl Metrics {
             &self.feed_last_poll,
             &self.feed_state_lag,
             &self.feed_state_checked,
+            &self.feed_state_records,
         ];
         collectors
             .iter()

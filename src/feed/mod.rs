@@ -284,12 +284,14 @@ fn follow(
     let names: Vec<String> = feeds.access.keys().cloned().collect();
     let mut store = FeedStore::new(names);
     let mut lag_check = Instant::now(); // the first once loaded
+    let records = feeds.metrics.feed_state_records.with_label_values(&[topic]);
     let delay = config.feed.rebuild_delay;
     let (mut dirty_since, mut next_change): (Option<Instant>, Option<i64>) = (None, None);
     let started = Instant::now();
     while !cancel.is_cancelled() {
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
+                records.inc();
                 let at = m.timestamp().to_millis().unwrap_or_else(now_ms);
                 if store.fold(crate::pipeline::rebuild::decode(&m), at) {
                     dirty_since.get_or_insert_with(Instant::now);

@@ -149,14 +149,10 @@ impl FortiClient {
                 .collect::<Result<Vec<BannedEntry>, _>>()
             {
                 Ok(entries) => Ok(entries),
-                Err(e) => {
-                    tracing::warn!(device = self.name, error = %e, "a banned-list entry samgate cannot read: the listing proves nothing");
-                    Err(FortiError::Protocol {
-                        device: self.name.clone(),
-                        call: "banned",
-                        status: 200,
-                    })
-                }
+                Err(e) => Err(FortiError::Unreadable {
+                    device: self.name.clone(),
+                    detail: e.to_string(),
+                }),
             },
             _ => Err(FortiError::Protocol {
                 device: self.name.clone(),
@@ -203,7 +199,7 @@ impl FortiClient {
                 Ok(_) => "ok",
                 Err(FortiError::Transport { .. }) => "transport",
                 Err(FortiError::Status { .. }) => "api",
-                Err(FortiError::Protocol { .. }) => "protocol",
+                Err(FortiError::Protocol { .. } | FortiError::Unreadable { .. }) => "protocol",
             };
             m.api_requests
                 .with_label_values(&[&self.name, call, status])

@@ -48,6 +48,10 @@ pub enum FortiError {
         call: &'static str,
         status: u16,
     },
+    /// The banned list answered, with an entry samgate cannot read: the list proves nothing
+    /// this time (asked again, as after any passing failure).
+    #[error("{device}: the banned list has an entry samgate cannot read: {detail}")]
+    Unreadable { device: String, detail: String },
 }
 
 /// How long to wait after a FortiGate's 429: FortiOS rate-limits repeated failures (bad
@@ -68,6 +72,7 @@ pub fn classify(error: &FortiError) -> ErrorClass {
             _ => ErrorClass::Permanent,
         },
         FortiError::Protocol { .. } => ErrorClass::Permanent,
+        FortiError::Unreadable { .. } => ErrorClass::Retryable,
     }
 }
 
@@ -83,6 +88,8 @@ pub fn delivery(error: &FortiError) -> Delivery {
         },
         FortiError::Status { status, .. } if *status < 500 => Delivery::NotSent,
         FortiError::Status { .. } | FortiError::Protocol { .. } => Delivery::MaybeSent,
+        // Only a listing reads entries: it changed nothing.
+        FortiError::Unreadable { .. } => Delivery::NotSent,
     }
 }
 
@@ -146,6 +153,14 @@ mod tests {
                 Delivery::NotSent,
             ),
             (protocol, ErrorClass::Permanent, Delivery::MaybeSent),
+            (
+                FortiError::Unreadable {
+                    device: "branch".into(),
+                    detail: "x".into(),
+                },
+                ErrorClass::Retryable,
+                Delivery::NotSent,
+            ),
         ];
         for (error, class, sent) in table {
             assert_eq!(classify(&error), class, "{error}");
