@@ -215,6 +215,8 @@ struct Entry {
     removing: bool,
     /// Reconcile is re-asserting the rule: a later reconcile must not queue it again.
     reasserting: bool,
+    /// The block was unconfirmed when the send in flight began: what an abort goes back to.
+    unconfirmed_before: bool,
     level: u32,
     blocked_ms: i64,
     expires_ms: i64,
@@ -343,6 +345,7 @@ impl BlockState {
             expiry_reported: false,
             removing: false,
             reasserting: false,
+            unconfirmed_before: false,
             level: 0,
             blocked_ms: 0,
             expires_ms: 0,
@@ -392,6 +395,7 @@ impl BlockState {
         now: DateTime<Utc>,
     ) -> Result<(), Full> {
         if let Some(entry) = self.entries.get_mut(&key) {
+            entry.unconfirmed_before = entry.status == Status::Unconfirmed;
             entry.status = Status::InFlight;
             entry.contested = false;
             entry.removing = false;
@@ -407,10 +411,15 @@ impl BlockState {
     }
 
     /// The block was not sent anywhere (dropped, or refused for good): back to what was known.
+    /// A block that was unconfirmed stays unconfirmed (its fate is still to be asked), never
+    /// taken for a settled, active one.
     pub fn abort(&mut self, key: &RuleKey) {
         let forget = match self.entries.get_mut(key) {
             Some(entry) if entry.status == Status::InFlight => {
-                entry.status = Status::Settled;
+                entry.status = match entry.unconfirmed_before {
+                    true => Status::Unconfirmed,
+                    false => Status::Settled,
+                };
                 !entry.known
             }
             _ => false,
@@ -667,6 +676,11 @@ impl BlockState {
         })
     }
 
+    /// Whether `key` has an entry at all (a tombstone for it would forget a block).
+    pub fn knows(&self, key: &RuleKey) -> bool {
+        self.entries.contains_key(key)
+    }
+
     /// Whether `key` is tracked in any status (a rule with its tag is explained).
     pub fn tracks(&self, key: &RuleKey, now: DateTime<Utc>) -> bool {
         let now = now.timestamp_millis();
@@ -683,6 +697,13 @@ impl BlockState {
         let mut sweep = Sweep::default();
         let mut ended = Vec::new();
         for (key, e) in &mut self.entries {
+            if e.status == Status::Unconfirmed && e.expires_ms <= now && owned(e.partition) {
+                // Its fate was never settled, and its time has run out wherever it landed
+                // (`-t`): nothing is left to ask, and an entry no one asks about again would
+                // hold memory (and its pending record) for good.
+                sweep.forgotten.push((*key, e.partition));
+                continue;
+            }
             if !e.known || e.status != Status::Settled || e.expires_ms > now || !owned(e.partition)
             {
                 continue;
@@ -860,6 +881,16 @@ mod tests {
             Check::Repeat { level: 3 },
             "once it would have expired, it is gone either way"
         );
+        // A send that then fails before reaching any gateway leaves it unconfirmed, never
+        // taken for the active block its old record describes.
+        s.begin(key(1), 0, &subject(), now).unwrap();
+        s.abort(&key(1));
+        assert_eq!(s.check(&key(1), now), Check::Unconfirmed(b.clone()));
+        // Past its expiry, a sweep forgets it (nothing is left to ask).
+        let sweep = s.sweep(expired, |_| true);
+        assert_eq!(sweep.forgotten, vec![(key(1), 0)]);
+        assert!(s.is_empty());
+        s.unconfirm(key(1), 0, &subject(), &b);
         s.confirm(key(1), 0, &subject(), &b);
         assert_eq!(s.check(&key(1), now), Check::Active(b));
     }

@@ -453,6 +453,20 @@ impl Batcher {
                 }
                 continue;
             }
+            if removal
+                && work.enforce.origin == Origin::Reconcile
+                && self
+                    .shared
+                    .state
+                    .lock()
+                    .expect("state")
+                    .tracks(&work.enforce.key, Utc::now())
+            {
+                // An orphan no more: a block of its key began since reconcile listed it (the
+                // scanner that left it scans on). Removing it would take out that block.
+                tracing::debug!(key = %work.enforce.key, "not removing a rule a new block now explains");
+                continue;
+            }
             if reconciled && !self.still_expected(&work) {
                 // Unblocked, expired or replaced since reconcile listed it: nothing to repair.
                 self.shared
@@ -699,23 +713,35 @@ impl Batcher {
         }
         // Written only when Kafka said so: a write that failed, or whose task died, is not.
         let mut written: Vec<bool> = works.iter().map(|w| w.pending_written).collect();
+        let mut refused: Vec<Option<String>> = vec![None; works.len()];
         while let Some(joined) = writes.join_next().await {
             match joined {
                 Ok((i, Ok(_))) => written[i] = true,
-                Ok((_, Err(e))) => {
-                    warn!(error = %e, "a pending state record was not written; its rule is not sent")
+                Ok((i, Err(e))) => {
+                    warn!(error = %e, "a pending state record was not written; its rule is not sent");
+                    if matches!(e, WriteError::Refused(_)) {
+                        refused[i] = Some(e.to_string());
+                    }
                 }
                 Err(e) => error!(error = %e, "a state write failed"),
             }
         }
         let mut ready = Vec::new();
-        for (mut work, written) in works.into_iter().zip(written) {
-            match written {
-                false => abandon(&self.shared, work, "its pending record was not written"),
-                true => {
+        for ((mut work, written), refused) in works.into_iter().zip(written).zip(refused) {
+            match (written, refused) {
+                (true, _) => {
                     work.pending_written = true;
                     ready.push(work);
                 }
+                // Refused for good (no retry mends it): answered `failed`, not left unanswered
+                // (a redelivery would meet the same refusal, and its offset would hold back
+                // the partition's commits).
+                (false, Some(why)) if self.shared.ownership.is_current(work.completion.claim) => {
+                    work.progress.last_problem =
+                        Some(format!("its pending state record was refused: {why}"));
+                    failed(&self.shared, work, Code::Permanent).await;
+                }
+                (false, _) => abandon(&self.shared, work, "its pending record was not written"),
             }
         }
         ready
@@ -852,12 +878,16 @@ async fn unblocked(shared: &Arc<Shared>, mut work: Work) {
             .remove_unless_in_flight(&key);
     if forgotten && work.enforce.origin != Origin::Reconcile {
         let topic = &shared.config.kafka.topics.state;
+        let still_forgotten = || {
+            shared.ownership.is_current(claim) && !shared.state.lock().expect("state").knows(&key)
+        };
         match report::write_tombstone(
             &shared.producer,
             topic,
             &key.to_string(),
             claim.partition,
             &shared.stopping,
+            &still_forgotten,
         )
         .await
         {

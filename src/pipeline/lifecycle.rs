@@ -126,8 +126,19 @@ pub fn sweep(shared: &Arc<Shared>, policy: &Policy) {
         tokio::spawn(async move {
             let topic = &shared.config.kafka.topics.state;
             let stop = &shared.stopping;
+            let still_forgotten = || {
+                owned(&shared, partition).is_some()
+                    && !shared.state.lock().expect("state").knows(&key)
+            };
             let key = key.to_string();
-            let written = report::write_tombstone(&shared.producer, topic, &key, partition, stop);
+            let written = report::write_tombstone(
+                &shared.producer,
+                topic,
+                &key,
+                partition,
+                stop,
+                &still_forgotten,
+            );
             if let Err(e @ WriteError::Refused(_)) = written.await {
                 error!(error = %e, "a tombstone was refused");
             }
@@ -153,11 +164,24 @@ pub fn sweep(shared: &Arc<Shared>, policy: &Policy) {
             let topic = &shared.config.kafka.topics.state;
             let key = super::dedupe::exemption_key(&site, ip);
             let stop = &shared.stopping;
-            match report::write_tombstone(&shared.producer, topic, &key, partition, stop).await {
-                Ok(_) => {
+            // Not over a new exemption of the address made meanwhile.
+            let still_ended = || {
+                let state = shared.state.lock().expect("state");
+                state.exemption(&site, ip, Utc::now()).is_none()
+            };
+            let tombstone = report::write_tombstone(
+                &shared.producer,
+                topic,
+                &key,
+                partition,
+                stop,
+                &still_ended,
+            );
+            match tombstone.await {
+                Ok(Some(_)) => {
                     finish(&shared, &Completion::own(claim, 1), result).await;
                 }
-                Err(WriteError::Stopping) => {}
+                Ok(None) | Err(WriteError::Stopping) => {} // a new exemption began meanwhile
                 Err(e) => error!(error = %e, "an exemption's tombstone was refused"),
             }
         });

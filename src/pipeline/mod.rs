@@ -813,14 +813,21 @@ impl Pipeline {
                 }
                 let key = dedupe::exemption_key(site, ip);
                 let completion = completion.clone();
+                let site = site.to_owned();
                 tokio::spawn(async move {
                     let topic = &shared.config.kafka.topics.state;
+                    // Not over a new exemption of the address made meanwhile.
+                    let still_released = || {
+                        let state = shared.state.lock().expect("state");
+                        state.exemption(&site, ip, Utc::now()).is_none()
+                    };
                     match report::write_tombstone(
                         &shared.producer,
                         topic,
                         &key,
                         partition,
                         &shared.stopping,
+                        &still_released,
                     )
                     .await
                     {
@@ -1085,16 +1092,21 @@ async fn write_claim(
     };
     let payload = serde_json::to_string(&record).expect("claims serialize");
     let topic = &shared.config.kafka.topics.state;
-    let written = report::write(
+    // Only while the partition is still ours: a claim retried after a revoke could land after
+    // its new owner's and fence it.
+    let ours = || shared.ownership.is_current(claim);
+    let written = report::write_while_current(
         &shared.producer,
         topic,
         ownership::CLAIM_KEY,
         &payload,
         Some(claim.partition),
         &shared.stopping,
+        &ours,
     );
     match written.await {
-        Ok(offset) => {
+        Ok(None) => {} // the partition went meanwhile
+        Ok(Some(offset)) => {
             // A replica that still works on the partition (unaware it lost it) watches the state
             // topic within milliseconds: give it the time to see the claim and stop.
             tokio::time::sleep(CLAIM_GRACE).await;

@@ -634,16 +634,18 @@ pub async fn write_while_current(
     .await
 }
 
-/// [`write`] of a tombstone (no payload): compaction forgets the key.
+/// [`write_while_current`] of a tombstone (no payload): compaction forgets the key. `current`
+/// says the key is still forgotten: a retry that landed after a new block's record would make
+/// compaction forget that block.
 pub async fn write_tombstone(
     producer: &FutureProducer,
     topic: &str,
     key: &str,
     partition: i32,
     stop: &tokio_util::sync::CancellationToken,
-) -> Result<i64, WriteError> {
-    let written = write_record(producer, topic, key, None, Some(partition), stop, &|| true);
-    Ok(written.await?.expect("always current"))
+    current: &(dyn Fn() -> bool + Sync),
+) -> Result<Option<i64>, WriteError> {
+    write_record(producer, topic, key, None, Some(partition), stop, current).await
 }
 
 async fn write_record(
