@@ -840,6 +840,13 @@ async fn blocked(shared: &Arc<Shared>, mut work: Work) {
     }
     {
         let mut state = shared.state.lock().expect("state");
+        // Asked under the state's lock, which a revoke takes to drop the partition's entries
+        // (after it revoked the claim): a block confirmed for a partition gone meanwhile would
+        // come back, stale, if the partition came back here.
+        if !shared.ownership.is_current(claim) {
+            shared.metrics.fenced.inc();
+            return; // its next owner answers the event
+        }
         match work.enforce.origin {
             Origin::Reconcile => state.set_reasserting(&work.enforce.key, false),
             _ => state.confirm(work.enforce.key, claim.partition, &work.subject(), &block),

@@ -144,19 +144,19 @@ fn read(
             watched.changed = true;
             let _ = control.send(Control::Fenced(p, claim.replica));
         }
-        StateMessage::Block(record)
-            if record.writer.as_deref() != Some(&shared.replica)
-                && shared.ownership.claim(p).is_some() =>
-        {
+        // Ownership is asked under the state's lock, which a revoke takes to drop the
+        // partition's entries: nothing is added for a partition gone meanwhile.
+        StateMessage::Block(record) if record.writer.as_deref() != Some(&shared.replica) => {
             let mut state = shared.state.lock().expect("state");
-            state.foreign(p, &record, Utc::now());
+            if shared.ownership.claim(p).is_some() {
+                state.foreign(p, &record, Utc::now());
+            }
         }
-        StateMessage::Exemption(record)
-            if record.writer.as_deref() != Some(&shared.replica)
-                && shared.ownership.claim(p).is_some() =>
-        {
+        StateMessage::Exemption(record) if record.writer.as_deref() != Some(&shared.replica) => {
             let mut state = shared.state.lock().expect("state");
-            state.load_exemption(p, &record);
+            if shared.ownership.claim(p).is_some() {
+                state.load_exemption(p, &record);
+            }
         }
         _ => {}
     }
