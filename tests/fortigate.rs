@@ -36,10 +36,17 @@ async fn lab(fortigate_mode: &str, extra: &str) -> Lab {
     .await
     .unwrap();
     let fg = fgsim::start(FortiGateConfig {
-        stitches: vec![Stitch {
-            name: "Flowmon ADS".into(),
-            ban_seconds: Some(3600),
-        }],
+        stitches: vec![
+            Stitch {
+                name: "Flowmon ADS".into(),
+                ban_seconds: Some(3600),
+            },
+            // A stitch that only notifies: no IP Ban, nothing on the banned list.
+            Stitch {
+                name: "Notify".into(),
+                ban_seconds: None,
+            },
+        ],
         ..FortiGateConfig::default()
     })
     .await
@@ -507,5 +514,35 @@ fingerprint_sha256 = "{fp}"
         assert!(token.iter().all(|t| !text.contains(t.as_str())));
     }
     flowmon.stop().await;
+    lab.stop().await;
+}
+
+/// A stitch's 200 says only that it was triggered: a stitch without an IP Ban action never puts
+/// the address on the banned list, so the block is never confirmed and ends `failed`, not
+/// `blocked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stitch_that_bans_nothing_never_confirms_a_block() {
+    let lab = lab("mode = \"webhook\"\nstitch = \"Notify\"", "").await;
+    lab.shim(&[ads(601, "192.0.2.71")], None).await;
+    let results = read_topic_within(&lab.results, 2, Duration::from_secs(120));
+    let branch: Vec<&Received> = results
+        .iter()
+        .filter(|r| r.value["target"] == "branch")
+        .collect();
+    assert_eq!(branch.len(), 1, "{results:#?}");
+    assert_eq!(
+        (
+            branch[0].value["outcome"].as_str(),
+            branch[0].value["code"].as_str()
+        ),
+        (Some("failed"), Some("retries_exhausted")),
+        "{:#}",
+        branch[0].value
+    );
+    assert!(
+        !lab.fg.webhook_calls().is_empty(),
+        "the stitch was triggered"
+    );
+    assert!(lab.banned().is_empty());
     lab.stop().await;
 }
