@@ -1536,35 +1536,36 @@ fn validate_server(name: &str, s: &ManagementServerConfig) -> Result<(), ConfigE
             ))
         }
     }
-    if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&s.session_timeout) {
-        return Err(invalid(
+    for (field, value, (min_s, max_s), fix) in [
+        (
             "checkpoint.servers.session_timeout",
-            named(format!(
-                "{} is out of range",
-                humantime::format_duration(s.session_timeout)
-            )),
+            s.session_timeout,
+            (10, 3600),
             "use 10s to 1h (the server's own limits)",
-        ));
-    }
-    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&s.request_timeout) {
-        return Err(invalid(
+        ),
+        (
             "checkpoint.servers.request_timeout",
-            named(format!(
-                "{} is out of range",
-                humantime::format_duration(s.request_timeout)
-            )),
+            s.request_timeout,
+            (1, 300),
             "use 1s to 5m",
-        ));
-    }
-    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&s.task_timeout) {
-        return Err(invalid(
+        ),
+        (
             "checkpoint.servers.task_timeout",
-            named(format!(
-                "{} is out of range",
-                humantime::format_duration(s.task_timeout)
-            )),
+            s.task_timeout,
+            (1, 3600),
             "use 1s to 1h (how long a gateway may take to run a script; it also bounds how long a send whose answer was lost is waited for)",
-        ));
+        ),
+    ] {
+        if !(Duration::from_secs(min_s)..=Duration::from_secs(max_s)).contains(&value) {
+            return Err(invalid(
+                field,
+                named(format!(
+                    "{} is out of range",
+                    humantime::format_duration(value)
+                )),
+                fix,
+            ));
+        }
     }
     if !(1..=60).contains(&s.logins_per_minute) {
         return Err(invalid(

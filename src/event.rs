@@ -185,17 +185,19 @@ impl Event {
         }
         // Last: the other free-text fields (a port list of a wide scan can be longer than the
         // message), each to a sixteenth, largest first. Never the method: it is decided on.
-        let mut texts: Vec<(&'static str, usize)> = CUTTABLE_FIELDS
+        let mut texts: Vec<(&str, TextField, usize)> = CUTTABLE_FIELDS
             .iter()
-            .filter_map(|name| Some((*name, text_field(&mut self.flowmon, name)?.len())))
-            .filter(|(_, len)| *len > max / 16)
+            .filter_map(|&(name, field)| {
+                Some((name, field, field(&mut self.flowmon).as_ref()?.len()))
+            })
+            .filter(|(_, _, len)| *len > max / 16)
             .collect();
-        texts.sort_by_key(|(_, len)| std::cmp::Reverse(*len));
-        for (name, _) in texts {
+        texts.sort_by_key(|(_, _, len)| std::cmp::Reverse(*len));
+        for (name, field, _) in texts {
             if size(&self) <= max {
                 break;
             }
-            if let Some(text) = text_field(&mut self.flowmon, name) {
+            if let Some(text) = field(&mut self.flowmon) {
                 truncate_utf8(text, max / 16);
             }
             cut.fields.push(name.to_owned());
@@ -216,31 +218,19 @@ impl Event {
 
 /// The free-text fields [`Event::fit`] may shorten last (never the method, the source or the
 /// priority).
-const CUTTABLE_FIELDS: [&str; 8] = [
-    "ports",
-    "description",
-    "source_name",
-    "user_identity",
-    "mitre",
-    "data_feed",
-    "perspective",
-    "protocol",
+const CUTTABLE_FIELDS: [(&str, TextField); 8] = [
+    ("ports", |f| &mut f.ports),
+    ("description", |f| &mut f.description),
+    ("source_name", |f| &mut f.source_name),
+    ("user_identity", |f| &mut f.user_identity),
+    ("mitre", |f| &mut f.mitre),
+    ("data_feed", |f| &mut f.data_feed),
+    ("perspective", |f| &mut f.perspective),
+    ("protocol", |f| &mut f.protocol),
 ];
 
-/// One of [`CUTTABLE_FIELDS`] of `f`, when it is set.
-fn text_field<'a>(f: &'a mut FlowmonEvent, name: &str) -> Option<&'a mut String> {
-    match name {
-        "ports" => f.ports.as_mut(),
-        "description" => f.description.as_mut(),
-        "source_name" => f.source_name.as_mut(),
-        "user_identity" => f.user_identity.as_mut(),
-        "mitre" => f.mitre.as_mut(),
-        "data_feed" => f.data_feed.as_mut(),
-        "perspective" => f.perspective.as_mut(),
-        "protocol" => f.protocol.as_mut(),
-        _ => None,
-    }
-}
+/// One free-text field of an event, by reference.
+type TextField = fn(&mut FlowmonEvent) -> &mut Option<String>;
 
 /// Shortens `text` to at most `max` bytes, at a character boundary.
 fn truncate_utf8(text: &mut String, max: usize) {

@@ -318,9 +318,7 @@ fn follow(
         let changed = dirty_since.is_some_and(|d| d.elapsed() >= delay);
         if first || changed || next_change.is_some_and(|n| n <= now) {
             let built = Instant::now();
-            let rendering = store.render(now, |site, ip| {
-                policy.never_block(site, ip).is_some() || policy.not_blockable(ip).is_some()
-            });
+            let rendering = store.render(now, |site, ip| policy.protects(site, ip));
             next_change = rendering.next_change_ms;
             dirty_since = None;
             publish(feeds, rendering.feeds);

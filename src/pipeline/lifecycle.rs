@@ -625,10 +625,7 @@ fn unprotected(policy: &Policy, blocks: Vec<Ended>) -> (Vec<Ended>, usize) {
     let all = blocks.len();
     let kept: Vec<Ended> = blocks
         .into_iter()
-        .filter(|b| {
-            let (site, ip) = (&b.subject.site, b.subject.ip);
-            policy.never_block(site, ip).is_none() && policy.not_blockable(ip).is_none()
-        })
+        .filter(|b| !policy.protects(&b.subject.site, b.subject.ip))
         .collect();
     let protected = all - kept.len();
     (kept, protected)
@@ -700,8 +697,10 @@ mod tests {
     use crate::config::Config;
     use crate::pipeline::dedupe::{Subject, TrackedBlock};
 
-    fn target(mode: &str) -> Target {
-        let config = Config::from_toml(&format!(
+    /// Site `s` routes to target `edge` (gw-1, gw-2, `mode`) on server hq; `site` is added to
+    /// the site's section.
+    fn config(mode: &str, site: &str) -> Config {
+        Config::from_toml(&format!(
             r#"
             [checkpoint.servers.hq]
             url = "https://192.0.2.250"
@@ -712,12 +711,19 @@ mod tests {
             mode = "{mode}"
             [sites.s]
             targets = ["edge"]
+            {site}
             "#
         ))
         .unwrap()
         .validate()
-        .unwrap();
-        Policy::new(&config, &[]).target("edge").unwrap().clone()
+        .unwrap()
+    }
+
+    fn target(mode: &str) -> Target {
+        Policy::new(&config(mode, ""), &[])
+            .target("edge")
+            .unwrap()
+            .clone()
     }
 
     fn ended(t: &Target, ip: &str) -> Ended {
@@ -745,24 +751,8 @@ mod tests {
     #[test]
     fn blocks_of_addresses_protected_since_are_not_expected() {
         let t = target("fw_sam");
-        let config = Config::from_toml(
-            r#"
-            [policy]
-            never_block = ["198.51.100.0/28"]
-            [checkpoint.servers.hq]
-            url = "https://192.0.2.250"
-            api_key = "k"
-            [targets.edge]
-            server = "hq"
-            gateways = ["gw-1", "gw-2"]
-            [sites.s]
-            targets = ["edge"]
-            never_block = ["203.0.113.0/24"]
-            "#,
-        )
-        .unwrap()
-        .validate()
-        .unwrap();
+        let mut config = config("fw_sam", "never_block = [\"203.0.113.0/24\"]");
+        config.policy.never_block = vec!["198.51.100.0/28".parse().unwrap()];
         let policy = Policy::new(&config, &[("hq".into(), "192.0.2.250".parse().unwrap())]);
         let blocks = [
             "198.51.100.1",

@@ -333,6 +333,12 @@ impl Policy {
             .copied()
     }
 
+    /// Whether no rule may name `ip` for `site`: a never-block network or a not-blockable
+    /// address (what reconcile and the feeds leave out of what they expect or list).
+    pub fn protects(&self, site: &str, ip: IpAddr) -> bool {
+        self.never_block(site, ip).is_some() || self.not_blockable(ip).is_some()
+    }
+
     /// Whether `mac`, seen by `site`'s probes for `source`, may be passed on to a firewall: a
     /// host's own (unicast) address, for a source in one of the site's `mac_networks` (beyond
     /// a router, the MAC Flowmon saw is the router's, which must never be quarantined).
